@@ -1,0 +1,196 @@
+"""The block-sequential calibration engine, shared by every method.
+
+1. The inputs of block 0 are captured once for every calibration window (a pre-hook records the
+   block's arguments and stops the forward).
+2. For block ``i``: the method calibrates the block's linears (``method.calibrate_block(ctx)``), leaving
+   their weights at the quantized values; then the quantized block runs on its inputs and its outputs
+   become the inputs of block ``i+1`` (the *quantized chain*, as in GPTQ).
+3. Methods that train against the float model set ``needs_float_stream``; the engine then also keeps
+   the float chain (``ctx.float_inputs`` -> ``ctx.float_targets``).
+
+Memory is one block's work plus the activation cache (``nsamples x seqlen x hidden`` per stream). The
+original float weights of every compressed linear are kept aside (``Calibration.float_weights``) and
+restored into the model at the end, so the exported graph starts from float and verification can
+compare against it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import LowbitError
+from .models import find_blocks, is_linear_like, linear_weight, set_linear_weight
+
+
+class _Captured(Exception):
+    pass
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Calibration:
+    """What the engine produced: formats, original float weights and per-linear diagnostics."""
+
+    results: dict = field(default_factory=dict)  # module name -> format
+    float_weights: dict = field(default_factory=dict)  # module name -> (out, in) float weight
+    info: dict = field(default_factory=dict)  # module name -> method diagnostics
+    block_times: list = field(default_factory=list)
+
+
+class BlockContext:
+    """Handed to ``Method.calibrate_block``: the block, its linears and the cached activations."""
+
+    def __init__(self, engine: "Engine", index: int, block: nn.Module, prefix: str):
+        self.engine = engine
+        self.index = index
+        self.block = block
+        self.prefix = prefix
+        self.linears = {f"{prefix}.{n}": m for n, m in block.named_modules() if is_linear_like(m)}
+        self.quant_inputs = engine.quant_inputs
+        self.float_inputs = engine.float_inputs
+        self.float_targets = None
+        self.kwargs = engine.kwargs
+
+    weight_of = staticmethod(linear_weight)
+    set_weight = staticmethod(set_linear_weight)
+
+    def run_block(self, inputs):
+        return [self.engine.call_block(self.block, x) for x in inputs]
+
+    def hessians(self, names) -> dict:
+        """``{name: 2/n * sum x x^T}`` over the quantized-chain inputs (float32, ``(in, in)``)."""
+        if self.quant_inputs is None:
+            raise RuntimeError("this method was declared data-free but asked for Hessians")
+        hs, counts, hooks = {}, {}, []
+        for name in names:
+            mod = self.linears[name]
+            k = linear_weight(mod).shape[1]
+            hs[name] = torch.zeros(k, k)
+            counts[name] = 0
+
+            def hook(m, args, out, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                hs[name].addmm_(x.t(), x)
+                counts[name] += x.shape[0]
+
+            hooks.append(mod.register_forward_hook(hook))
+        try:
+            self.run_block(self.quant_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in names:
+            hs[name] *= 2.0 / max(counts[name], 1)
+            if not torch.isfinite(hs[name]).all():
+                raise LowbitError(f"calibration activations entering {name} contain NaN/Inf")
+        return hs
+
+    def record(self, name: str, info: dict) -> None:
+        self.engine.calibration.info.setdefault(name, {}).update(info)
+
+
+class Engine:
+    """Runs a method over every decoder block of ``model`` on calibration ``windows``."""
+
+    def __init__(self, model: nn.Module, method, windows: torch.Tensor | None, progress: bool = True):
+        self.model = model
+        self.method = method
+        self.windows = windows
+        self.progress = progress
+        self.prefix, self.blocks = find_blocks(model)
+        self.quant_inputs = None
+        self.float_inputs = None
+        self.kwargs = {}
+        self.extra_args = ()
+        self.calibration = Calibration()
+
+    # -- block I/O -------------------------------------------------------------------------------
+    def call_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = block(x, *self.extra_args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _capture_inputs(self) -> list:
+        first = self.blocks[0]
+        store = []
+
+        def pre_hook(mod, args, kwargs):
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if not store:
+                self.extra_args = rest
+                self.kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states",)}
+            store.append(hidden.detach())
+            raise _Captured
+
+        h = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            for i in range(self.windows.shape[0]):
+                try:
+                    self.model(input_ids=self.windows[i : i + 1], use_cache=False)
+                except _Captured:
+                    pass
+        finally:
+            h.remove()
+        # Caches must not leak state between windows.
+        for k in ("past_key_values", "past_key_value", "layer_past", "use_cache"):
+            self.kwargs.pop(k, None)
+        if not store:
+            raise LowbitError("no calibration input reached the first decoder block")
+        for i, x in enumerate(store):
+            if not torch.isfinite(x).all():
+                raise LowbitError(f"calibration window {i}: embeddings produced NaN/Inf")
+        return store
+
+    # -- main loop -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self) -> Calibration:
+        cal = self.calibration
+        n = len(self.blocks)
+        if self.method.needs_data:
+            if self.windows is None:
+                raise LowbitError(f"method {self.method.name!r} needs calibration data")
+            t0 = time.perf_counter()
+            self.quant_inputs = self._capture_inputs()
+            if getattr(self.method, "needs_float_stream", False):
+                self.float_inputs = [x.clone() for x in self.quant_inputs]
+            if self.progress:
+                _log(f"[calibrate] captured {len(self.quant_inputs)} windows x {self.windows.shape[1]} tokens "
+                     f"at block 0 in {time.perf_counter() - t0:.1f}s")
+        for i, block in enumerate(self.blocks):
+            t0 = time.perf_counter()
+            ctx = BlockContext(self, i, block, f"{self.prefix}.{i}")
+            for name, mod in ctx.linears.items():
+                w = linear_weight(mod)
+                if not torch.isfinite(w).all():
+                    raise LowbitError(f"weight of {name} contains NaN/Inf")
+                cal.float_weights[name] = w.clone()
+            if self.float_inputs is not None:
+                ctx.float_targets = ctx.run_block(self.float_inputs)
+            cal.results.update(self.method.calibrate_block(ctx))
+            if self.quant_inputs is not None:
+                self.quant_inputs = ctx.run_block(self.quant_inputs)
+                ctx.quant_inputs = self.quant_inputs
+                if not all(torch.isfinite(x).all() for x in self.quant_inputs):
+                    raise LowbitError(f"block {ctx.prefix} produced NaN/Inf after quantization")
+            if self.float_inputs is not None:
+                self.float_inputs = ctx.float_targets
+            dt = time.perf_counter() - t0
+            cal.block_times.append(dt)
+            if self.progress:
+                _log(f"[calibrate] block {i + 1}/{n} {ctx.prefix}: {len(ctx.linears)} linears, {dt:.1f}s")
+        # Put the float weights back: the graph is captured from float, the rewrite inserts the packed ops.
+        mods = dict(self.model.named_modules())
+        for name, w in cal.float_weights.items():
+            set_linear_weight(mods[name], w)
+        return cal

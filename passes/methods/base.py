@@ -1,0 +1,81 @@
+"""Method protocol and registry.
+
+A method decides the values of every compressed linear; a format stores them. Methods run inside
+the block-sequential calibration engine (:mod:`lowbit.compiler.calibrate`), which calls
+``calibrate_block`` once per decoder block with a :class:`BlockContext`-like object offering:
+
+* ``linears``: ``{qualified name: module}`` of the block's linear-like modules (``nn.Linear`` or
+  GPT-2's ``Conv1D``), with ``weight_of(module)`` / ``set_weight(module, w)`` in ``(out, in)`` layout;
+* ``hessians(names)``: ``{name: X^T X / n}`` over the block's quantized-chain inputs;
+* ``float_inputs`` / ``float_targets`` / ``quant_inputs``: cached activations for training methods.
+
+``calibrate_block`` returns ``{name: format}`` and must leave each linear's weight set to the
+dequantized value, so that the next block is calibrated on the quantized chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class UniformConfig:
+    """Shared options of the uniform (AffineIntK) methods."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise ValueError(f"--bits must be an integer in 1..8, got {self.bits}")
+        if not isinstance(self.group_size, int) or not 1 <= self.group_size <= 65536:
+            raise ValueError(f"--group-size must be an integer in 1..65536, got {self.group_size}")
+
+    def tag(self) -> str:
+        return f"w{self.bits}g{self.group_size}" + ("sym" if self.symmetric else "")
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``Config`` and implement :meth:`calibrate_block`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = UniformConfig
+    needs_data: ClassVar[bool] = True  # False: data-free (calibration data only used for verification)
+    needs_hessian: ClassVar[bool] = False
+
+    def __init__(self, config):
+        config.validate()
+        self.config = config
+
+    def calibrate_block(self, ctx) -> dict:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"method": self.name, **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
+
+
+def get_method(name: str) -> type[Method]:
+    from . import gptq, rtn  # noqa: F401  (populate the registry)
+
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def build_method(name: str, **options) -> Method:
+    """Instantiate a method from keyword options; unknown options raise a clear error."""
+    cls = get_method(name)
+    known = {f.name for f in fields(cls.Config)}
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"method {name!r} does not take option(s) {sorted(unknown)}; it takes {sorted(known)}")
+    return cls(cls.Config(**options))

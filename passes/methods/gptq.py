@@ -1,0 +1,139 @@
+"""``gptq``: GPTQ (Frantar et al., 2022) with group-wise scales, lazy block updates and optional act-order.
+
+Per linear, with ``H = 2/n * sum x x^T`` over the quantized-chain inputs of its block:
+
+1. dead inputs (``H[i,i] == 0``) get ``H[i,i] = 1`` and their weight column zeroed;
+2. damping ``H += damp * mean(diag H) * I`` (retried with 10x more damping if Cholesky fails);
+3. ``U = chol(H^-1)^T`` (upper); columns are quantized left to right, each one's error
+   ``(w - q) / U[i,i]`` is spread over the not-yet-quantized columns through row ``i`` of ``U``; updates
+   are applied lazily per block of ``block_size`` columns (the GPTQ paper's trick);
+4. group parameters are computed when a group starts, from the already-updated weights.
+
+With ``act_order`` columns are visited in decreasing ``diag(H)``. To keep groups contiguous in the
+stored format (no per-column group index) the group parameters are then computed up front from the
+original weights ("static groups", as GPTQModel's ``static_groups``): the format stays plain
+``AffineIntK`` and every kernel and lowering runs it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Method, UniformConfig, register
+from .quant import GroupParams, assemble, dequantize_codes, group_params, quantize_codes
+
+
+@dataclass
+class GPTQConfig(UniformConfig):
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.damp < 1:
+            raise ValueError(f"--damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"--gptq-block-size must be >= 1, got {self.block_size}")
+
+
+def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + d I)^-1``; raises damping until it factorizes."""
+    mean_diag = float(torch.diag(h).mean())
+    idx = torch.arange(h.shape[0])
+    for attempt in range(6):
+        d = damp * (10**attempt) * mean_diag
+        hd = h.clone()
+        hd[idx, idx] += d
+        l, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(l)
+            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0:
+                return u, damp * (10**attempt)
+    raise RuntimeError("Hessian is not positive definite even with heavy damping")
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
+    """Quantize ``w (N, K)`` given Hessian ``h (K, K)``; returns ``(AffineIntK, info dict)``."""
+    w = w.detach().clone().double()
+    h = h.detach().clone().double()
+    n, k = w.shape
+    bits, gs, sym = cfg.bits, cfg.group_size, cfg.symmetric
+    if not torch.isfinite(h).all():
+        raise ValueError("Hessian contains NaN/Inf: calibration activations are not finite")
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    ngroups = math.ceil(k / gs)
+    group_of = torch.arange(k) // gs
+    scales = torch.empty(n, ngroups, dtype=torch.float64)
+    zeros = torch.empty(n, ngroups, dtype=torch.float64)
+    have_params = torch.zeros(ngroups, dtype=torch.bool)
+
+    if cfg.act_order:
+        # Static groups: parameters from the original (un-updated) weights, in natural column order.
+        for g in range(ngroups):
+            p = group_params(w[:, g * gs : (g + 1) * gs], bits, sym)
+            scales[:, g], zeros[:, g] = p.scale.double(), p.zero.double()
+        have_params[:] = True
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(k)
+    invperm = torch.argsort(perm)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+
+    u, used_damp = _inverse_cholesky_upper(h, cfg.damp)
+    q_all = torch.zeros(n, k, dtype=torch.float64)
+    loss = torch.zeros(n, dtype=torch.float64)
+    bs = cfg.block_size
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = int(group_of[col])
+            if not have_params[g]:
+                # Group starts here (natural order): parameters from the current, updated weights.
+                cols = slice(i1 + i, min(i1 + i + gs, k))
+                p = group_params(torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : cols.stop - cols.start], bits, sym)
+                scales[:, g], zeros[:, g] = p.scale.double(), p.zero.double()
+                have_params[g] = True
+            p = GroupParams(scales[:, g], zeros[:, g])
+            wcol = w1[:, i]
+            q = quantize_codes(wcol[:, None], p, bits)
+            deq = dequantize_codes(q, p)[:, 0].double()
+            q_all[:, i1 + i] = q[:, 0].double()
+            d = u1[i, i]
+            e = (wcol - deq) / d
+            loss += (wcol - deq) ** 2 / d**2 / 2
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    codes = q_all[:, invperm]
+    fmt = assemble(codes, scales.float(), None if sym else zeros, bits, gs)
+    return fmt, {"damp": used_damp, "gptq_loss": float(loss.sum()), "dead_inputs": int(dead.sum())}
+
+
+@register
+class GPTQ(Method):
+    name = "gptq"
+    Config = GPTQConfig
+    needs_hessian = True
+
+    def calibrate_block(self, ctx) -> dict:
+        hs = ctx.hessians(list(ctx.linears))
+        out = {}
+        for name, mod in ctx.linears.items():
+            fmt, info = gptq_quantize(ctx.weight_of(mod), hs.pop(name), self.config)
+            ctx.set_weight(mod, fmt.dequantize())
+            ctx.record(name, info)
+            out[name] = fmt
+        return out

@@ -1,0 +1,238 @@
+"""Packed weight formats.
+
+A *method* (rtn, gptq, ...) decides values; a *format* stores them. Kernels, lowerings and the
+artifact depend on formats only. Every format knows its tensors (``tensors()``), how to rebuild
+itself from them (``from_tensors``), its dense float equivalent (``dequantize``) and its exact storage
+cost (``nbytes``), from which bits per weight are counted honestly.
+
+``AffineIntK`` -- uniform k-bit, group-wise (1 <= k <= 8)
+-----------------------------------------------------------
+Weight ``W`` of shape ``(N, K)`` (out_features, in_features, as ``nn.Linear``). Columns are cut into
+``G = ceil(K / group_size)`` contiguous groups; the last group may be shorter when ``group_size`` does
+not divide ``K`` (SmolLM2 has K = 576 with group 128: groups of 128,128,128,128,64).
+
+* ``qweight``: ``uint8 (N, ceil(K*bits/8))`` -- codes ``q[n, k]`` in ``[0, 2**bits-1]``, packed per row
+  in the order of :mod:`lowbit.runtime.packing`.
+* ``scales``:  ``float16 (N, G)``.
+* ``zeros``:   ``uint8 (N, ceil(G*bits/8))`` -- integer zero points ``z[n, g]`` in ``[0, 2**bits-1]``, packed
+  the same way; or ``None`` for symmetric formats, where the zero point is the midpoint
+  ``(2**bits - 1) / 2`` (a half-integer, so levels are symmetric about 0: at 1 bit, ``+-scale/2``).
+
+``W[n, k] = scales[n, g] * (q[n, k] - z[n, g])`` with ``g = k // group_size``.
+
+``LowRank`` -- optional correction ``W += B @ A``
+----------------------------------------------
+* ``lora_a``: ``float16 (r, K)``, ``lora_b``: ``float16 (N, r)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .packing import pack_rows, packed_row_bytes, unpack_rows
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LowRank:
+    """Low-rank correction ``B @ A`` added to a weight (both fp16)."""
+
+    lora_a: torch.Tensor  # (r, K)
+    lora_b: torch.Tensor  # (N, r)
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        return self.lora_b.float() @ self.lora_a.float()
+
+
+@dataclass
+class AffineIntK:
+    """Uniform k-bit group-wise weight (see module docstring for the exact layout)."""
+
+    kind = "affine_int"
+
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    lowrank: Optional[LowRank] = None
+
+    # -- construction -------------------------------------------------------------------------
+    @staticmethod
+    def num_groups(in_features: int, group_size: int) -> int:
+        return math.ceil(in_features / group_size)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: Optional[torch.Tensor],
+        bits: int,
+        group_size: int,
+        lowrank: Optional[LowRank] = None,
+    ) -> "AffineIntK":
+        """Pack unpacked integer ``codes (N, K)``, ``scales (N, G)`` and integer ``zeros (N, G)``."""
+        n, k = codes.shape
+        fmt = cls(
+            bits=bits,
+            group_size=group_size,
+            in_features=k,
+            out_features=n,
+            qweight=pack_rows(codes, bits),
+            scales=scales.to(torch.float16).contiguous(),
+            zeros=None if zeros is None else pack_rows(zeros, bits),
+            lowrank=lowrank,
+        )
+        fmt.validate()
+        return fmt
+
+    # -- views --------------------------------------------------------------------------------
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    def codes(self) -> torch.Tensor:
+        return unpack_rows(self.qweight, self.bits, self.in_features)
+
+    def zero_points(self) -> torch.Tensor:
+        """Zero points as float ``(N, G)`` (the midpoint for symmetric formats)."""
+        g = self.num_groups(self.in_features, self.group_size)
+        if self.zeros is None:
+            return torch.full((self.out_features, g), ((1 << self.bits) - 1) / 2.0)
+        return unpack_rows(self.zeros, self.bits, g).float()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``(N, K)`` weight, low-rank correction included."""
+        return dequantize_affine(
+            self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
+            None if self.lowrank is None else self.lowrank.lora_a,
+            None if self.lowrank is None else self.lowrank.lora_b,
+        ).to(dtype)
+
+    # -- storage ------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        if self.lowrank is not None:
+            out["lora_a"] = self.lowrank.lora_a
+            out["lora_b"] = self.lowrank.lora_b
+        return out
+
+    def meta(self) -> dict:
+        return {
+            "kind": self.kind,
+            "version": FORMAT_VERSION,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "symmetric": self.symmetric,
+            "rank": 0 if self.lowrank is None else self.lowrank.rank,
+        }
+
+    @classmethod
+    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "AffineIntK":
+        lowrank = None
+        if "lora_a" in tensors:
+            lowrank = LowRank(tensors["lora_a"], tensors["lora_b"])
+        fmt = cls(
+            bits=int(meta["bits"]),
+            group_size=int(meta["group_size"]),
+            in_features=int(meta["in_features"]),
+            out_features=int(meta["out_features"]),
+            qweight=tensors["qweight"],
+            scales=tensors["scales"],
+            zeros=tensors.get("zeros"),
+            lowrank=lowrank,
+        )
+        fmt.validate()
+        return fmt
+
+    def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        n, k = self.out_features, self.in_features
+        g = self.num_groups(k, self.group_size)
+        out = {
+            "qweight": ((n, packed_row_bytes(k, self.bits)), torch.uint8),
+            "scales": ((n, g), torch.float16),
+        }
+        if self.zeros is not None:
+            out["zeros"] = ((n, packed_row_bytes(g, self.bits)), torch.uint8)
+        if self.lowrank is not None:
+            r = self.lowrank.rank
+            out["lora_a"] = ((r, k), torch.float16)
+            out["lora_b"] = ((n, r), torch.float16)
+        return out
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the tensor whose shape or dtype disagrees with the header."""
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 1..8, got {self.bits}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        have = self.tensors()
+        for name, (shape, dtype) in self.expected_shapes().items():
+            t = have[name]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(
+                    f"{name}: expected {dtype} {shape} for a {self.bits}-bit g{self.group_size} "
+                    f"{self.out_features}x{self.in_features} weight, got {t.dtype} {tuple(t.shape)}"
+                )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes() / (self.in_features * self.out_features)
+
+
+def dequantize_affine(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Readable reference dequantization of an :class:`AffineIntK` weight to float32 ``(N, K)``."""
+    n = scales.shape[0]
+    g = scales.shape[1]
+    codes = unpack_rows(qweight, bits, in_features).float()
+    if zeros is None:
+        z = torch.full((n, g), ((1 << bits) - 1) / 2.0)
+    else:
+        z = unpack_rows(zeros, bits, g).float()
+    padded = g * group_size
+    if padded != in_features:
+        codes = torch.nn.functional.pad(codes, (0, padded - in_features))
+    w = (codes.view(n, g, group_size) - z.unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    w = w.reshape(n, padded)[:, :in_features]
+    if lora_a is not None:
+        w = w + lora_b.float() @ lora_a.float()
+    return w
+
+
+FORMATS = {AffineIntK.kind: AffineIntK}
+
+
+def format_from_meta(meta: dict, tensors: dict[str, torch.Tensor]):
+    kind = meta.get("kind")
+    if kind not in FORMATS:
+        raise ValueError(f"unknown format kind {kind!r} (known: {sorted(FORMATS)})")
+    if int(meta.get("version", -1)) > FORMAT_VERSION:
+        raise ValueError(f"format {kind} version {meta.get('version')} is newer than this lowbit ({FORMAT_VERSION})")
+    return FORMATS[kind].from_tensors(meta, tensors)
