@@ -63,7 +63,7 @@ class BlockContext:
     set_weight = staticmethod(set_linear_weight)
 
     def run_block(self, inputs):
-        return [self.engine.call_block(self.block, x) for x in inputs]
+        return self.engine.run_block(self.block, inputs)
 
     def hessians(self, names) -> dict:
         """``{name: 2/n * sum x x^T}`` over the quantized-chain inputs (float32, ``(in, in)``)."""
@@ -100,7 +100,9 @@ class BlockContext:
 class Engine:
     """Runs a method over every decoder block of ``model`` on calibration ``windows``."""
 
-    def __init__(self, model: nn.Module, method, windows: torch.Tensor | None, progress: bool = True):
+    def __init__(self, model: nn.Module, method, windows: torch.Tensor | None, progress: bool = True,
+                 batch_size: int = 1):
+        self.batch_size = batch_size
         self.model = model
         self.method = method
         self.windows = windows
@@ -116,6 +118,29 @@ class Engine:
     def call_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = block(x, *self.extra_args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def run_block(self, block: nn.Module, inputs: list) -> list:
+        """Run ``block`` over cached windows, ``batch_size`` windows per call.
+
+        The cached keyword arguments (rotary tables, masks) have batch 1 and broadcast; an architecture
+        where they do not falls back to one window per call.
+        """
+        outs = []
+        bs = self.batch_size
+        i = 0
+        while i < len(inputs):
+            chunk = inputs[i : i + bs]
+            if len(chunk) == 1:
+                outs.append(self.call_block(block, chunk[0]))
+            else:
+                try:
+                    y = self.call_block(block, torch.cat(chunk, 0))
+                except RuntimeError:
+                    self.batch_size = bs = 1
+                    continue
+                outs.extend(y.split(1, 0))
+            i += len(chunk)
+        return outs
 
     def _capture_inputs(self) -> list:
         first = self.blocks[0]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, UniformConfig, register
-from .quant import GroupParams, assemble, dequantize_codes, group_params, quantize_codes
+from .quant import assemble, group_params
 
 
 @dataclass
@@ -58,11 +58,15 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor,
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
-    """Quantize ``w (N, K)`` given Hessian ``h (K, K)``; returns ``(AffineIntK, info dict)``."""
-    w = w.detach().clone().double()
+    """Quantize ``w (N, K)`` given Hessian ``h (K, K)``; returns ``(AffineIntK, info dict)``.
+
+    The column loop runs in float32 like the reference GPTQ; the Cholesky factorization in float64.
+    """
+    w = w.detach().clone().float()
     h = h.detach().clone().double()
     n, k = w.shape
     bits, gs, sym = cfg.bits, cfg.group_size, cfg.symmetric
+    maxq = (1 << bits) - 1
     if not torch.isfinite(h).all():
         raise ValueError("Hessian contains NaN/Inf: calibration activations are not finite")
     dead = torch.diag(h) == 0
@@ -70,27 +74,29 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
     w[:, dead] = 0.0
 
     ngroups = math.ceil(k / gs)
-    group_of = torch.arange(k) // gs
-    scales = torch.empty(n, ngroups, dtype=torch.float64)
-    zeros = torch.empty(n, ngroups, dtype=torch.float64)
-    have_params = torch.zeros(ngroups, dtype=torch.bool)
+    group_of = (torch.arange(k) // gs).tolist()
+    scales = torch.empty(n, ngroups)
+    zeros = torch.empty(n, ngroups)
+    have_params = [False] * ngroups
 
     if cfg.act_order:
         # Static groups: parameters from the original (un-updated) weights, in natural column order.
         for g in range(ngroups):
             p = group_params(w[:, g * gs : (g + 1) * gs], bits, sym)
-            scales[:, g], zeros[:, g] = p.scale.double(), p.zero.double()
-        have_params[:] = True
+            scales[:, g], zeros[:, g] = p.scale, p.zero
+        have_params = [True] * ngroups
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
         perm = torch.arange(k)
+    perm_list = perm.tolist()
     invperm = torch.argsort(perm)
     w = w[:, perm]
     h = h[perm][:, perm]
 
-    u, used_damp = _inverse_cholesky_upper(h, cfg.damp)
-    q_all = torch.zeros(n, k, dtype=torch.float64)
-    loss = torch.zeros(n, dtype=torch.float64)
+    u64, used_damp = _inverse_cholesky_upper(h, cfg.damp)
+    u = u64.float()
+    q_all = torch.zeros(n, k)
+    loss = torch.zeros(n)
     bs = cfg.block_size
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
@@ -98,27 +104,26 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = int(group_of[col])
+            g = group_of[perm_list[i1 + i]]
             if not have_params[g]:
                 # Group starts here (natural order): parameters from the current, updated weights.
-                cols = slice(i1 + i, min(i1 + i + gs, k))
-                p = group_params(torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : cols.stop - cols.start], bits, sym)
-                scales[:, g], zeros[:, g] = p.scale.double(), p.zero.double()
+                width = min(gs, k - (i1 + i))
+                p = group_params(torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :width], bits, sym)
+                scales[:, g], zeros[:, g] = p.scale, p.zero
                 have_params[g] = True
-            p = GroupParams(scales[:, g], zeros[:, g])
+            s, z = scales[:, g], zeros[:, g]
             wcol = w1[:, i]
-            q = quantize_codes(wcol[:, None], p, bits)
-            deq = dequantize_codes(q, p)[:, 0].double()
-            q_all[:, i1 + i] = q[:, 0].double()
+            q = torch.clamp(torch.round(wcol / s + z), 0, maxq)
+            deq = (q - z) * s
+            q_all[:, i1 + i] = q
             d = u1[i, i]
             e = (wcol - deq) / d
-            loss += (wcol - deq) ** 2 / d**2 / 2
+            loss += e * e / 2
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     codes = q_all[:, invperm]
-    fmt = assemble(codes, scales.float(), None if sym else zeros, bits, gs)
+    fmt = assemble(codes, scales, None if sym else zeros, bits, gs)
     return fmt, {"damp": used_damp, "gptq_loss": float(loss.sum()), "dead_inputs": int(dead.sum())}
 
 

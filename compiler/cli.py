@@ -1,0 +1,144 @@
+"""Command-line tools: ``lowbit-compile`` and ``lowbit-run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import LowbitError
+
+EPILOG = """\
+examples:
+  lowbit-compile smollm2-135m --method gptq --bits 4 --group-size 128 --eval wikitext2
+  lowbit-compile ./my-hf-model --method rtn --bits 3 --group-size 64 -o out/rtn3
+  lowbit-compile model.gguf --method gptq --bits 2 --group-size 64 --act-order --eval wikitext2,c4 --eval-windows 32
+  lowbit-run out/smollm2-135m-gptq-w4g128 --prompt "The capital of France is"
+
+models: a Hugging Face directory (safetensors), a .gguf file, or the alias smollm2-135m (bundled).
+data: c4 (documents 0-999 calibrate, 1000-1999 evaluate), wikitext2 (evaluation only), or a .txt/.jsonl file.
+"""
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    from lowbit.passes.methods import REGISTRY, get_method
+
+    get_method("rtn")
+    p = argparse.ArgumentParser(
+        prog="lowbit-compile",
+        description="Compress a causal LM to low-bit packed weights: load, calibrate block by block, torch.export, "
+        "rewrite every linear into a lowbit op, save an artifact directory with a report.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="HF model directory, .gguf file, or alias (smollm2-135m)")
+    p.add_argument("--method", default="gptq", choices=sorted(REGISTRY), help="calibration method (default: gptq)")
+    q = p.add_argument_group("uniform quantization (rtn, gptq)")
+    q.add_argument("--bits", type=int, default=4, help="bits per weight code, 1-8 (default 4)")
+    q.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group (default 128)")
+    q.add_argument("--sym", action="store_true", help="symmetric (no stored zero points); default asymmetric")
+    g = p.add_argument_group("gptq")
+    g.add_argument("--damp", type=float, default=None, help="Hessian damping as a fraction of mean diag (default 0.01)")
+    g.add_argument("--gptq-block-size", type=int, default=None, help="lazy-update block size (default 128)")
+    g.add_argument("--act-order", action="store_true", default=None,
+                   help="quantize columns in decreasing Hessian diagonal (static groups)")
+    c = p.add_argument_group("calibration data")
+    c.add_argument("--calib", default="c4", help="c4 or a .txt/.jsonl file (default c4)")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--seed", type=int, default=0, help="seed for drawing windows (default 0)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", default="", help="comma-separated: wikitext2, c4, or a file (default: none)")
+    e.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (default 2048)")
+    e.add_argument("--no-eval-float", action="store_true", help="skip the float (before) perplexity")
+    o = p.add_argument_group("output")
+    o.add_argument("-o", "--output", default=None, help="artifact directory (default out/MODEL-METHOD-TAG)")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    o.add_argument("--target", default="torch", choices=["torch", "onnx", "mlir"], help="lowering (default torch)")
+    o.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the parameters that stay float (default float16)")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def compile_main(argv=None) -> int:
+    args = _compile_parser().parse_args(argv)
+    from .pipeline import CompileOptions, compile_model, summary_text
+
+    method_options = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.sym}
+    for flag, key in (("damp", "damp"), ("gptq_block_size", "block_size"), ("act_order", "act_order")):
+        if getattr(args, flag) is not None:
+            method_options[key] = getattr(args, flag)
+    opts = CompileOptions(
+        model=args.model, method=args.method, method_options=method_options, output=args.output,
+        overwrite=args.overwrite, target=args.target, calib=args.calib, nsamples=args.nsamples,
+        seqlen=args.seqlen, seed=args.seed, eval=tuple(x for x in args.eval.split(",") if x),
+        eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, eval_float=not args.no_eval_float,
+        float_dtype=args.float_dtype, progress=not args.quiet,
+    )
+    try:
+        report = compile_model(opts)
+    except LowbitError as e:
+        print(f"lowbit-compile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit-compile: interrupted; no artifact was written", file=sys.stderr)
+        return 130
+    print(summary_text(report))
+    return 0
+
+
+def run_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lowbit-run", description="Generate text from a lowbit artifact directory.")
+    p.add_argument("artifact", help="artifact directory written by lowbit-compile")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runtime", default="torch", choices=["torch"], help="runtime (default torch)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from lowbit.runtime.artifact import ArtifactError, load
+
+    try:
+        a = load(args.artifact)
+    except ArtifactError as e:
+        print(f"lowbit-run: error: {e}", file=sys.stderr)
+        return 2
+    tok = a.tokenizer
+    ids = torch.tensor([tok(args.prompt)["input_ids"]], dtype=torch.long)
+    if ids.shape[1] == 0:
+        print("lowbit-run: error: the prompt encodes to no tokens", file=sys.stderr)
+        return 2
+    gen = torch.Generator().manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    shown = args.prompt
+    start_len = ids.shape[1]
+    t0 = time.perf_counter()
+    # The torch program has no KV cache: each step recomputes the whole sequence.
+    for _ in range(args.max_new_tokens):
+        logits = a(ids)[0, -1].float()
+        if args.temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits / args.temperature, -1), 1, generator=gen)
+        else:
+            nxt = logits.argmax().view(1)
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        text = tok.decode(ids[0], skip_special_tokens=True)
+        if text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+        if tok.eos_token_id is not None and int(nxt) == tok.eos_token_id:
+            break
+    dt = time.perf_counter() - t0
+    n = ids.shape[1] - start_len
+    print(f"\n[lowbit-run] {n} tokens in {dt:.2f}s ({n / dt:.2f} tokens/s, no KV cache)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(compile_main())

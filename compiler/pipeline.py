@@ -1,0 +1,222 @@
+"""The compile pipeline as a library call: load -> calibrate -> capture -> passes -> lower -> artifact.
+
+``compile_model(CompileOptions(...))`` is what ``lowbit-compile`` runs. Cheap checks (options, output
+directory, data files) happen before the model is loaded, so bad input fails in seconds. The artifact
+is written under a hidden temporary name and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowbit import __version__
+from lowbit.passes import PassContext, PassManager, default_passes
+from lowbit.passes.methods import build_method
+from lowbit.runtime import artifact as art
+
+from . import capture, data, models
+from . import report as report_mod
+from .calibrate import Engine
+from .errors import LowbitError
+from .evaluate import perplexity
+
+TARGETS = ("torch", "onnx", "mlir")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class CompileOptions:
+    model: str
+    method: str = "gptq"
+    method_options: dict = field(default_factory=dict)  # e.g. bits, group_size, symmetric, damp
+    output: str | None = None
+    overwrite: bool = False
+    target: str = "torch"
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    eval: tuple = ()  # ("wikitext2", "c4")
+    eval_windows: int | None = None
+    eval_seqlen: int = 2048
+    eval_float: bool = True
+    float_dtype: str = "float16"  # storage dtype of the parameters that stay float
+    progress: bool = True
+
+
+def default_output(opts: CompileOptions, tag: str) -> Path:
+    name = Path(opts.model).stem if os.sep in opts.model or opts.model.endswith(".gguf") else opts.model
+    return Path("out") / f"{name}-{opts.method}-{tag}"
+
+
+class _Timer:
+    def __init__(self):
+        self.times = {}
+
+    def stage(self, name):
+        timer = self
+
+        class _S:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _S()
+
+
+def compile_model(opts: CompileOptions) -> dict:
+    """Run the whole pipeline; returns the report dict (also written into the artifact)."""
+    say = log if opts.progress else (lambda m: None)
+    t_all = time.perf_counter()
+    # -- cheap validation first ----------------------------------------------------------------------
+    if opts.target not in TARGETS:
+        raise LowbitError(f"--target must be one of {TARGETS}, got {opts.target!r}")
+    if opts.target != "torch":
+        raise LowbitError(f"--target {opts.target} is not implemented yet; only 'torch' lowering exists in this version")
+    try:
+        method = build_method(opts.method, **opts.method_options)
+    except (ValueError, TypeError) as e:
+        raise LowbitError(str(e)) from e
+    tag = method.config.tag() if hasattr(method.config, "tag") else opts.method
+    out = Path(opts.output) if opts.output else default_output(opts, tag)
+    if out.exists() and not opts.overwrite:
+        raise LowbitError(f"output directory {out} already exists (use --overwrite to replace it)")
+    float_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}.get(opts.float_dtype, "bad")
+    if float_dtype == "bad":
+        raise LowbitError(f"--float-dtype must be float16, bfloat16 or float32, got {opts.float_dtype!r}")
+    models.resolve(opts.model)
+    data.load_text(opts.calib, "calib")
+    for e in opts.eval:
+        data.load_text(e, "eval")
+    if opts.eval_windows is not None and opts.eval_windows < 1:
+        raise LowbitError("--eval-windows must be >= 1")
+
+    timer = _Timer()
+    with timer.stage("load"):
+        say(f"[load] {opts.model}")
+        model, tokenizer, src = models.load(opts.model)
+    float_params = {id(p): p for p in model.parameters()}
+    n_params = sum(p.numel() for p in float_params.values())
+
+    report = {
+        "lowbit_version": __version__,
+        "model": {"id": src.model_id, "source": str(src.path), "kind": src.kind, "class": type(model).__name__,
+                  "params": n_params},
+        "method": {**method.describe(), "tag": tag},
+        "eval": {},
+    }
+    eval_tokens = {}
+    for e in opts.eval:
+        eval_tokens[e] = data.eval_tokens(tokenizer, e)
+        if opts.eval_float:
+            with timer.stage("eval float"):
+                r = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_tokens[e][0],
+                               opts.eval_seqlen, opts.eval_windows, label=f"eval {e} float", progress=opts.progress)
+            report["eval"][e] = {"data": eval_tokens[e][1], "before": r}
+            say(f"[eval] {e} float perplexity {r['ppl']:.3f} over {r['windows']} windows")
+
+    with timer.stage("data"):
+        windows, calib_info = data.calibration_windows(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
+    report["calibration"] = calib_info
+    with timer.stage("calibrate"):
+        say(f"[calibrate] {opts.method} {tag} on {windows.shape[0]} x {windows.shape[1]} tokens of {calib_info['source']}")
+        cal = Engine(model, method, windows if method.needs_data else None, progress=opts.progress).run()
+    with timer.stage("export"):
+        ep = capture.capture(model)
+        gm = ep.module()
+    with timer.stage("passes"):
+        ctx = PassContext(results=cal.results, float_weights=cal.float_weights, calib_batch=windows[:1])
+        reports = PassManager(default_passes(), log=say).run(gm, ctx)
+        del ep
+    with timer.stage("lower"):
+        program = capture.recapture(gm)
+
+    layers = {}
+    for name, fmt in cal.results.items():
+        layers[name] = {**fmt.meta(), "nbytes": fmt.nbytes(), "bits_per_weight": fmt.bits_per_weight(),
+                        **ctx.metrics.get(name, {}), **cal.info.get(name, {})}
+    comp_params = sum(f.in_features * f.out_features for f in cal.results.values())
+    comp_bytes = sum(f.nbytes() for f in cal.results.values())
+    manifest_extra = {
+        "model": report["model"],
+        "method": report["method"],
+        "calibration": calib_info,
+        "versions": {"lowbit": __version__, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        "float_storage_dtype": opts.float_dtype,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    attrs = {m: v["attrs"] for m, v in ctx.replaced.items()}
+    try:
+        with art.staging_dir(out, overwrite=opts.overwrite) as tmp:
+            with timer.stage("save"):
+                art.write(tmp, program, cal.results, attrs, manifest_extra, float_dtype=float_dtype)
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+                loaded = art.load(tmp)  # what ships is what we evaluate
+            packed_file = (tmp / art.PACKED_FILE).stat().st_size
+            artifact_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+            for e in opts.eval:
+                with timer.stage("eval quantized"):
+                    r = perplexity(loaded, eval_tokens[e][0], opts.eval_seqlen, opts.eval_windows,
+                                   label=f"eval {e} {opts.method}", progress=opts.progress)
+                report["eval"].setdefault(e, {"data": eval_tokens[e][1]})["after"] = r
+                say(f"[eval] {e} {opts.method} {tag} perplexity {r['ppl']:.3f}")
+            report.update({
+                "calibration": calib_info,
+                "passes": [r.to_json() for r in reports],
+                "layers": layers,
+                "summary": {
+                    "compressed_linears": len(cal.results),
+                    "compressed_params": comp_params,
+                    "bits_per_weight": 8 * comp_bytes / max(comp_params, 1),
+                    "bits_per_weight_on_disk": 8 * packed_file / max(comp_params, 1),
+                    "code_bits_per_weight": float(getattr(method.config, "bits", float("nan"))),
+                    "linears_packed_bytes": comp_bytes,
+                    "linears_fp16_bytes": 2 * comp_params,
+                    "packed_file_bytes": packed_file,
+                    "float_fp16_bytes": 2 * n_params,
+                    "float_fp32_bytes": 4 * n_params,
+                    "artifact_bytes": artifact_bytes,
+                    "output": str(out),
+                },
+            })
+            report["times"] = {**timer.times, "total": time.perf_counter() - t_all}
+            report_mod.write(report, tmp)
+    except FileExistsError as e:
+        raise LowbitError(str(e)) from e
+    report["summary"]["output"] = str(out)
+    return report
+
+
+def summary_text(report: dict) -> str:
+    s = report["summary"]
+    mb = 1 << 20
+    lines = [
+        f"lowbit: {report['model']['id']} -> {s['output']}  ({report['method']['method']} {report['method']['tag']})",
+        f"  compressed linears : {s['compressed_linears']} ({s['compressed_params']:,} weights)",
+        f"  bits per weight    : {s['bits_per_weight']:.3f} with scales/zeros counted "
+        f"({s['bits_per_weight_on_disk']:.3f} from {s['packed_file_bytes']:,} bytes on disk; codes alone {s['code_bits_per_weight']:g})",
+        f"  linears            : {s['linears_fp16_bytes'] / mb:.1f} MiB fp16 -> {s['linears_packed_bytes'] / mb:.1f} MiB packed",
+        f"  checkpoint         : {s['float_fp16_bytes'] / mb:.1f} MiB fp16 ({s['float_fp32_bytes'] / mb:.1f} MiB fp32) "
+        f"-> artifact {s['artifact_bytes'] / mb:.1f} MiB",
+    ]
+    for k, v in report.get("eval", {}).items():
+        b, a = v.get("before"), v.get("after")
+        w = (a or b)
+        lines.append(f"  perplexity {k:9s}: {b['ppl']:.3f} -> " if b else f"  perplexity {k:9s}: (float skipped) -> ")
+        lines[-1] += f"{a['ppl']:.3f}" if a else "n/a"
+        lines[-1] += f"  ({w['windows']} windows x {w['seqlen']} tokens)"
+    lines.append("  time               : " + ", ".join(f"{k} {v:.1f}s" for k, v in report["times"].items()))
+    return "\n".join(lines)
