@@ -32,16 +32,29 @@ def _compile_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="HF model directory, .gguf file, or alias (smollm2-135m)")
-    p.add_argument("--method", default="gptq", choices=sorted(REGISTRY), help="calibration method (default: gptq)")
+    p.add_argument("--method", default="gptq", choices=sorted(REGISTRY),
+                   help="gptq, rtn, billm (1-bit), sign (naive 1-bit baseline); default gptq")
     q = p.add_argument_group("uniform quantization (rtn, gptq)")
-    q.add_argument("--bits", type=int, default=4, help="bits per weight code, 1-8 (default 4)")
-    q.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group (default 128)")
-    q.add_argument("--sym", action="store_true", help="symmetric (no stored zero points); default asymmetric")
+    q.add_argument("--bits", type=int, default=None, help="bits per weight code, 1-8 (default 4)")
+    q.add_argument("--group-size", type=int, default=None, help="columns per scale/zero group (default 128)")
+    q.add_argument("--sym", action="store_true", default=None,
+                   help="symmetric (no stored zero points); default asymmetric")
     g = p.add_argument_group("gptq")
     g.add_argument("--damp", type=float, default=None, help="Hessian damping as a fraction of mean diag (default 0.01)")
     g.add_argument("--gptq-block-size", type=int, default=None, help="lazy-update block size (default 128)")
     g.add_argument("--act-order", action="store_true", default=None,
                    help="quantize columns in decreasing Hessian diagonal (static groups)")
+    b = p.add_argument_group("billm")
+    b.add_argument("--billm-block-size", type=int, default=None, choices=[32, 64, 128, 256],
+                   help="columns per binarization block (default 128)")
+    b.add_argument("--billm-mean-shift", default=None, action=argparse.BooleanOptionalAction,
+                   help="per-row mean shift of each binarized part (official code: on; paper: off)")
+    b.add_argument("--billm-search-on", default=None, choices=["s", "w"],
+                   help="measure search error on the salience matrix S (official code) or on W (paper)")
+    b.add_argument("--billm-search-ranges", default=None, choices=["code", "paper"],
+                   help="candidates: code = 1-49 columns, 81 quantiles; paper = 3-30 columns, 9 x max|W|")
+    b.add_argument("--billm-search-rows", type=int, default=None,
+                   help="rows sampled for the candidate searches (default 256; 0 = all)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="c4", help="c4 or a .txt/.jsonl file (default c4)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -66,10 +79,12 @@ def compile_main(argv=None) -> int:
     args = _compile_parser().parse_args(argv)
     from .pipeline import CompileOptions, compile_model, summary_text
 
-    method_options = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.sym}
-    for flag, key in (("damp", "damp"), ("gptq_block_size", "block_size"), ("act_order", "act_order")):
-        if getattr(args, flag) is not None:
-            method_options[key] = getattr(args, flag)
+    # Only the flags the user gave are passed; a method refuses options it does not take.
+    flags = {"bits": "bits", "group_size": "group_size", "sym": "symmetric", "damp": "damp",
+             "gptq_block_size": "block_size", "act_order": "act_order", "billm_block_size": "block_size",
+             "billm_mean_shift": "mean_shift", "billm_search_on": "search_on",
+             "billm_search_ranges": "search_ranges", "billm_search_rows": "search_rows"}
+    method_options = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
     opts = CompileOptions(
         model=args.model, method=args.method, method_options=method_options, output=args.output,
         overwrite=args.overwrite, target=args.target, calib=args.calib, nsamples=args.nsamples,

@@ -46,7 +46,7 @@ def markdown(report: dict) -> str:
     lines += ["| | |", "|---|---|"]
     lines.append(f"| compressed linears | {s['compressed_linears']} ({s['compressed_params']:,} weights) |")
     lines.append(f"| bits per weight (everything stored) | {s['bits_per_weight']:.3f} |")
-    lines.append(f"| bits per weight (codes only) | {s['code_bits_per_weight']:.3f} |")
+    lines.append(f"| bits per weight (codes/signs only, the papers' count) | {s['code_bits_per_weight']:.3f} |")
     lines.append(f"| compressed linears: fp16 → packed | {_fmt_bytes(s['linears_fp16_bytes'])} → {_fmt_bytes(s['linears_packed_bytes'])} |")
     lines.append(f"| float checkpoint (fp16 / fp32) | {_fmt_bytes(s['float_fp16_bytes'])} / {_fmt_bytes(s['float_fp32_bytes'])} |")
     lines.append(f"| artifact on disk | {_fmt_bytes(s['artifact_bytes'])} |")
@@ -63,9 +63,10 @@ def markdown(report: dict) -> str:
         lines.append(f"- **{p['name']}**: {ch}")
         for sk in p["skipped"]:
             lines.append(f"  - skipped `{sk['site']}`: {sk['reason']}")
-    lines += ["", "## Layers", "", "| layer | shape | bits | group | bytes | bits/weight | SQNR (dB) |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Layers", "", "| layer | format | shape | bits | group/block | bytes | bits/weight | SQNR (dB) |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, l in report["layers"].items():
-        lines.append(f"| {name} | {l['out_features']}x{l['in_features']} | {l['bits']} | {l['group_size']} | "
+        lines.append(f"| {name} | {l['kind']} | {l['out_features']}x{l['in_features']} | {l['bits']} | {l['group_size']} | "
                      f"{l['nbytes']} | {l['bits_per_weight']:.3f} | {l.get('sqnr_db', float('nan')):.2f} |")
     lines += ["", "![per-layer error](layer_error.png)", ""]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.runtime.formats import AffineIntK
+from lowbit.runtime.formats import AffineIntK, BinaryResidual
 
 from .base import PassContext, PassReport
 
@@ -30,7 +30,21 @@ def _emit_affine(gm, site, fmt: AffineIntK, attrs: dict) -> torch.fx.Node:
     )
 
 
-EMITTERS = {AffineIntK.kind: _emit_affine}
+def _emit_binary(gm, site, fmt: BinaryResidual, attrs: dict) -> torch.fx.Node:
+    g = gm.graph
+    get = {k: g.get_attr(v) for k, v in attrs.items()}
+    bias = site.bias if isinstance(site.bias, torch.fx.Node) else None
+    return g.call_function(
+        torch.ops.lowbit.binary_linear.default,
+        (site.x, get["signs"], get["residual_signs"], get["salient_cols"], get["group"], get["alphas"],
+         get.get("mus"), bias, fmt.block_size, fmt.in_features),
+    )
+
+
+EMITTERS = {AffineIntK.kind: _emit_affine, BinaryResidual.kind: _emit_binary}
+
+# Position of the bias argument of each op (the verify pass reads it).
+BIAS_ARG = {torch.ops.lowbit.affine_linear.default: 4, torch.ops.lowbit.binary_linear.default: 7}
 
 
 class ReplaceLinears:
@@ -70,7 +84,7 @@ class ReplaceLinears:
             ctx.replaced[site.module_name] = {"attrs": attrs, "float_weight": site.weight.target,
                                               "node": new.name, "format": fmt.kind}
             used.add(site.module_name)
-            key = f"{fmt.kind}:{fmt.bits}bit"
+            key = f"{fmt.kind}:{getattr(fmt, 'bits', 1)}bit"
             rep.changed[key] = rep.changed.get(key, 0) + 1
         missing = set(ctx.results) - used
         for m in sorted(missing):

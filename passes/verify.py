@@ -13,6 +13,7 @@ import math
 import torch
 
 from .base import PassContext, PassReport
+from .rewrite import BIAS_ARG
 
 
 class Verify:
@@ -35,7 +36,8 @@ class Verify:
                 module = by_node.get(n.name)
                 if module is not None:
                     x = self.env[n.args[0]]
-                    bias = self.env[n.args[4]] if isinstance(n.args[4], torch.fx.Node) else None
+                    b = n.args[BIAS_ARG[n.target]]
+                    bias = self.env[b] if isinstance(b, torch.fx.Node) else None
                     w = ctx.float_weights[module].to(x.dtype)
                     ref = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
                     sig = float(ref.double().pow(2).sum())

@@ -197,6 +197,10 @@ class AffineIntK:
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes() / (self.in_features * self.out_features)
 
+    def paper_bits_per_weight(self) -> float:
+        """The usual narrow count: code bits only."""
+        return float(self.bits)
+
 
 def dequantize_affine(
     qweight: torch.Tensor,
@@ -226,7 +230,144 @@ def dequantize_affine(
     return w
 
 
-FORMATS = {AffineIntK.kind: AffineIntK}
+@dataclass
+class BinaryResidual:
+    """BiLLM binary-residual weight (``lowbit::binary_linear``).
+
+    ``W (N, K)``, columns in blocks of ``block_size``. Each weight belongs to one of three parts:
+    *salient* (whole columns, chosen per block), *concentrated* or *sparse* (the two halves of the
+    non-salient weights of a row-block). Tensors:
+
+    * ``signs``          ``uint8 (N, ceil(K/8))``: sign plane of every weight (bit 1 = +1, 0 = -1),
+      packed per row LSB first (:mod:`lowbit.runtime.packing`);
+    * ``residual_signs`` ``uint8 (N, ceil(S/8))``: second-order sign plane of the ``S`` salient columns
+      (in increasing column order);
+    * ``salient_cols``   ``int32 (S,)``: indices of the salient columns, increasing;
+    * ``group``          ``uint8 (N, ceil((K-S)/8))``: for the non-salient columns in increasing order,
+      bit 1 = sparse group, 0 = concentrated group;
+    * ``alphas``         ``float16 (N, nblocks, 4)``: per row-block scales of the parts
+      ``[salient order 1, salient order 2, concentrated, sparse]``;
+    * ``mus``            ``float16 (N, nblocks, 4)`` or absent: per row-block means (mean-shifted variant).
+
+    Dequantization, with ``s = +-1`` from ``signs``, ``r = +-1`` from ``residual_signs`` and ``c`` the
+    part of the weight: ``W = alpha[c]*s + mu[c]``, plus ``alpha[1]*r + mu[1]`` for salient weights.
+    """
+
+    kind = "binary_residual"
+
+    block_size: int
+    in_features: int
+    out_features: int
+    signs: torch.Tensor
+    residual_signs: torch.Tensor
+    salient_cols: torch.Tensor
+    group: torch.Tensor
+    alphas: torch.Tensor
+    mus: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_planes(cls, signs, residual_signs, salient, group, alphas, mus, block_size):
+        """Pack bool planes: ``signs (N,K)``, ``residual_signs (N,S)``, ``salient (K,)``, ``group (N,K)``."""
+        n, k = signs.shape
+        fmt = cls(
+            block_size=block_size, in_features=k, out_features=n,
+            signs=pack_rows(signs.to(torch.uint8), 1),
+            residual_signs=pack_rows(residual_signs.to(torch.uint8), 1),
+            salient_cols=torch.nonzero(salient).flatten().to(torch.int32),
+            group=pack_rows(group[:, ~salient].to(torch.uint8), 1),
+            alphas=alphas.to(torch.float16).contiguous(),
+            mus=None if mus is None else mus.to(torch.float16).contiguous(),
+        )
+        fmt.validate()
+        return fmt
+
+    @property
+    def num_salient(self) -> int:
+        return int(self.salient_cols.numel())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_binary(self.signs, self.residual_signs, self.salient_cols, self.group, self.alphas,
+                                 self.mus, self.block_size, self.in_features).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"signs": self.signs, "residual_signs": self.residual_signs, "salient_cols": self.salient_cols,
+               "group": self.group, "alphas": self.alphas}
+        if self.mus is not None:
+            out["mus"] = self.mus
+        return out
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "version": FORMAT_VERSION, "block_size": self.block_size,
+                "in_features": self.in_features, "out_features": self.out_features,
+                "num_salient": self.num_salient, "mean_shift": self.mus is not None,
+                "bits": 1, "group_size": self.block_size}
+
+    @classmethod
+    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "BinaryResidual":
+        fmt = cls(block_size=int(meta["block_size"]), in_features=int(meta["in_features"]),
+                  out_features=int(meta["out_features"]), signs=tensors["signs"],
+                  residual_signs=tensors["residual_signs"], salient_cols=tensors["salient_cols"],
+                  group=tensors["group"], alphas=tensors["alphas"], mus=tensors.get("mus"))
+        if fmt.num_salient != int(meta.get("num_salient", fmt.num_salient)):
+            raise ValueError(f"salient_cols: {fmt.num_salient} columns, header says {meta['num_salient']}")
+        fmt.validate()
+        return fmt
+
+    def expected_shapes(self) -> dict:
+        n, k, s = self.out_features, self.in_features, self.num_salient
+        nb = math.ceil(k / self.block_size)
+        out = {"signs": ((n, packed_row_bytes(k, 1)), torch.uint8),
+               "residual_signs": ((n, packed_row_bytes(s, 1)), torch.uint8),
+               "salient_cols": ((s,), torch.int32),
+               "group": ((n, packed_row_bytes(k - s, 1)), torch.uint8),
+               "alphas": ((n, nb, 4), torch.float16)}
+        if self.mus is not None:
+            out["mus"] = ((n, nb, 4), torch.float16)
+        return out
+
+    def validate(self) -> None:
+        have = self.tensors()
+        for name, (shape, dtype) in self.expected_shapes().items():
+            t = have[name]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"{name}: expected {dtype} {shape} for a binary {self.out_features}x"
+                                 f"{self.in_features} weight, got {t.dtype} {tuple(t.shape)}")
+        sc = self.salient_cols
+        if sc.numel() and (int(sc.min()) < 0 or int(sc.max()) >= self.in_features or bool((sc[1:] <= sc[:-1]).any())):
+            raise ValueError("salient_cols must be increasing column indices within the weight")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes() / (self.in_features * self.out_features)
+
+    def paper_bits_per_weight(self) -> float:
+        """BiLLM's own count (Eq. 14, N_param): sign bits only, 2 for salient weights, 1 otherwise."""
+        return 1.0 + self.num_salient / self.in_features
+
+
+def dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, block_size, in_features):
+    """Readable reference dequantization of a :class:`BinaryResidual` weight to float32 ``(N, K)``."""
+    n, k = signs.shape[0], in_features
+    s = unpack_rows(signs, 1, k).float() * 2 - 1
+    sal = torch.zeros(k, dtype=torch.bool)
+    sal[salient_cols.long()] = True
+    nsal = int(salient_cols.numel())
+    sparse = torch.zeros(n, k, dtype=torch.bool)
+    sparse[:, ~sal] = unpack_rows(group, 1, k - nsal).bool()
+    r = torch.zeros(n, k)
+    r[:, sal] = unpack_rows(residual_signs, 1, nsal).float() * 2 - 1
+    blk = torch.arange(k) // block_size
+    a = alphas.float()[:, blk, :]  # (N, K, 4)
+    m = mus.float()[:, blk, :] if mus is not None else torch.zeros_like(a)
+    part = torch.where(sal.unsqueeze(0), 0, torch.where(sparse, 3, 2)).unsqueeze(-1)
+    w = a.gather(-1, part).squeeze(-1) * s + m.gather(-1, part).squeeze(-1)
+    w = w + sal.float().unsqueeze(0) * (a[..., 1] * r + m[..., 1])
+    return w
+
+
+FORMATS = {AffineIntK.kind: AffineIntK, BinaryResidual.kind: BinaryResidual}
 
 
 def format_from_meta(meta: dict, tensors: dict[str, torch.Tensor]):

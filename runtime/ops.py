@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .formats import dequantize_affine
+from .formats import dequantize_affine, dequantize_binary
 
 _LIB = "lowbit"
 
@@ -76,3 +76,51 @@ def affine_linear_from_format(x: torch.Tensor, fmt, bias: Optional[torch.Tensor]
         None if lr is None else lr.lora_a, None if lr is None else lr.lora_b,
         fmt.bits, fmt.group_size, fmt.in_features,
     )
+
+
+# -- lowbit::binary_linear --------------------------------------------------------------------------
+# ``x @ W.T + bias`` for a BiLLM :class:`~lowbit.runtime.formats.BinaryResidual` weight. The eager
+# implementation (dequantize, then matmul) is the specification; differentiable with respect to ``x``.
+
+
+@torch.library.custom_op(f"{_LIB}::binary_linear", mutates_args=())
+def binary_linear(
+    x: torch.Tensor,
+    signs: torch.Tensor,
+    residual_signs: torch.Tensor,
+    salient_cols: torch.Tensor,
+    group: torch.Tensor,
+    alphas: torch.Tensor,
+    mus: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    block_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    w = dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, block_size, in_features)
+    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@binary_linear.register_fake
+def _binary_linear_fake(x, signs, residual_signs, salient_cols, group, alphas, mus, bias, block_size, in_features):
+    torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
+    return x.new_empty((*x.shape[:-1], alphas.shape[0]))
+
+
+def _binary_linear_setup(ctx, inputs, output):
+    x, signs, residual_signs, salient_cols, group, alphas, mus, bias, block_size, in_features = inputs
+    ctx.save_for_backward(signs, residual_signs, salient_cols, group, alphas, mus)
+    ctx.meta = (block_size, in_features)
+
+
+def _binary_linear_backward(ctx, grad):
+    signs, residual_signs, salient_cols, group, alphas, mus = ctx.saved_tensors
+    w = dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, *ctx.meta)
+    return (grad @ w.to(grad.dtype),) + (None,) * 9
+
+
+binary_linear.register_autograd(_binary_linear_backward, setup_context=_binary_linear_setup)
+
+
+def binary_linear_from_format(x: torch.Tensor, fmt, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.lowbit.binary_linear(x, fmt.signs, fmt.residual_signs, fmt.salient_cols, fmt.group,
+                                          fmt.alphas, fmt.mus, bias, fmt.block_size, fmt.in_features)

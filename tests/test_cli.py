@@ -183,3 +183,31 @@ def test_overwrite_replaces_and_rtn_runs(tiny_dir, text_file, tmp_path):
     a = load(out)
     assert all(f.bits == 3 for f in a.formats.values())
     assert a(torch.randint(0, 256, (2, 9))).shape == (2, 9, 260)
+
+
+def test_billm_artifact_round_trip(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "b"
+    assert compile_main([str(tiny_dir("llama")), "--method", "billm", "--billm-block-size", "32", "--calib",
+                         str(text_file), "--nsamples", "4", "--seqlen", "64", "-o", str(out), "-q",
+                         "--float-dtype", "float32"]) == 0
+    a = load(out)
+    man = json.loads((out / "manifest.json").read_text())
+    assert {m["format"]["kind"] for m in man["modules"].values()} == {"binary_residual"}
+    rep = json.loads((out / "report.json").read_text())
+    s = rep["summary"]
+    # The packed file holds exactly the format tensors: 8-byte length + JSON header + tensor bytes.
+    with open(out / "packed.safetensors", "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    assert s["packed_file_bytes"] == 8 + header + s["linears_packed_bytes"]
+    assert 1.0 < s["code_bits_per_weight"] < s["bits_per_weight"]
+    ids = torch.randint(0, 256, (1, 30))
+    code = ("import sys, torch; from lowbit.runtime import load; a = load(sys.argv[1]); "
+            "torch.save(a(torch.load(sys.argv[2])), sys.argv[3])")
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")], check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "o.pt"), a(ids), rtol=0, atol=0)
+
+
+def test_method_refuses_foreign_flags(tiny_dir, text_file, tmp_path, capsys):
+    _fails(capsys, [str(tiny_dir("llama")), "--method", "billm", "--bits", "2", "--calib", str(text_file),
+                    "-o", str(tmp_path / "x")], "does not take", tmp_path / "x")

@@ -86,3 +86,16 @@ def test_pass_errors_name_the_pass_and_history(bad, match, tiny_dir):
         PassManager([FindLinearSites(), bad]).run(gm, PassContext())
     assert ei.value.pass_name == bad.name
     assert ei.value.ran_before == ["find-linear-sites"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_rewrite_billm(arch, tiny_dir):
+    model, cal, gm, ctx, reports, ids = _compile(arch, tiny_dir, method="billm", block_size=32)
+    ops = [n for n in gm.graph.nodes if n.target == torch.ops.lowbit.binary_linear.default]
+    assert len(ops) == len(cal.results) > 0
+    assert all(ctx.metrics[m]["sqnr_db"] > 0 for m in cal.results)
+    mods = dict(model.named_modules())
+    for m, f in cal.results.items():
+        models.set_linear_weight(mods[m], f.dequantize())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), model(input_ids=ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)

@@ -64,7 +64,7 @@ class Method:
 
 
 def get_method(name: str) -> type[Method]:
-    from . import gptq, rtn  # noqa: F401  (populate the registry)
+    from . import billm, gptq, rtn  # noqa: F401  (populate the registry)
 
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")

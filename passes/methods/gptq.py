@@ -50,7 +50,7 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor,
         hd[idx, idx] += d
         l, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(l)
+            hinv = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype), l)  # faster than cholesky_inverse on CPU
             u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info2) == 0:
                 return u, damp * (10**attempt)
