@@ -348,22 +348,36 @@ class BinaryResidual:
 
 
 def dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, block_size, in_features):
-    """Readable reference dequantization of a :class:`BinaryResidual` weight to float32 ``(N, K)``."""
+    """Readable reference dequantization of a :class:`BinaryResidual` weight to float32 ``(N, K)``.
+
+    Non-salient weights: ``alpha*s + mu`` of their group (concentrated or sparse); the few salient
+    columns are then overwritten with ``alpha0*s + mu0 + alpha1*r + mu1``.
+    """
     n, k = signs.shape[0], in_features
     s = unpack_rows(signs, 1, k).float() * 2 - 1
-    sal = torch.zeros(k, dtype=torch.bool)
-    sal[salient_cols.long()] = True
-    nsal = int(salient_cols.numel())
-    sparse = torch.zeros(n, k, dtype=torch.bool)
-    sparse[:, ~sal] = unpack_rows(group, 1, k - nsal).bool()
-    r = torch.zeros(n, k)
-    r[:, sal] = unpack_rows(residual_signs, 1, nsal).float() * 2 - 1
-    blk = torch.arange(k) // block_size
-    a = alphas.float()[:, blk, :]  # (N, K, 4)
-    m = mus.float()[:, blk, :] if mus is not None else torch.zeros_like(a)
-    part = torch.where(sal.unsqueeze(0), 0, torch.where(sparse, 3, 2)).unsqueeze(-1)
-    w = a.gather(-1, part).squeeze(-1) * s + m.gather(-1, part).squeeze(-1)
-    w = w + sal.float().unsqueeze(0) * (a[..., 1] * r + m[..., 1])
+    sal = salient_cols.long()
+    nsal = int(sal.numel())
+    non_sal_mask = torch.ones(k, dtype=torch.bool)
+    non_sal_mask[sal] = False
+    non_sal = torch.nonzero(non_sal_mask).flatten()
+
+    def per_column(t):  # (N, nblocks) -> (N, K): each block's value repeated over its columns
+        return t.float().repeat_interleave(block_size, dim=1)[:, :k]
+
+    sparse = torch.zeros(n, k, dtype=torch.uint8).index_copy_(1, non_sal, unpack_rows(group, 1, k - nsal)).bool()
+    alpha = torch.where(sparse, per_column(alphas[..., 3]), per_column(alphas[..., 2]))
+    w = alpha * s
+    if mus is not None:
+        w += torch.where(sparse, per_column(mus[..., 3]), per_column(mus[..., 2]))
+    if nsal:
+        blk = sal // block_size
+        r = unpack_rows(residual_signs, 1, nsal).float() * 2 - 1
+        a = alphas.float()[:, blk]  # (N, S, 4)
+        ws = a[..., 0] * s[:, sal] + a[..., 1] * r
+        if mus is not None:
+            m = mus.float()[:, blk]
+            ws += m[..., 0] + m[..., 1]
+        w[:, sal] = ws
     return w
 
 

@@ -58,6 +58,18 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream << torch.arange(8, dtype=torch.int64)).sum(-1).to(torch.uint8)
 
 
+_TABLES: dict[int, torch.Tensor] = {}
+
+
+def _byte_table(bits: int) -> torch.Tensor:
+    """``(256, 8 // bits)`` uint8: the codes held by each byte value, in packing order."""
+    if bits not in _TABLES:
+        per = 8 // bits
+        shifts = torch.arange(per) * bits
+        _TABLES[bits] = ((torch.arange(256).unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
+    return _TABLES[bits]
+
+
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: ``uint8`` ``(rows, nbytes)`` to ``uint8`` codes ``(rows, n)``."""
     _check_bits(bits)
@@ -68,12 +80,12 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(
             f"packed rows hold {nbytes} bytes, but {n} codes of {bits} bits need {packed_row_bytes(n, bits)}"
         )
-    p = packed.to(torch.int32)
     if 8 % bits == 0:
+        # Whole codes per byte: look each byte up in a 256-entry table of its codes (fastest on CPU).
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int32) * bits
-        codes = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(rows, nbytes * per)[:, :n].to(torch.uint8)
+        codes = _byte_table(bits).index_select(0, packed.reshape(-1).long())
+        return codes.view(rows, nbytes * per)[:, :n]
+    p = packed.to(torch.int32)
     stream = ((p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(rows, nbytes * 8)
     stream = stream[:, : n * bits].reshape(rows, n, bits)
     codes = (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)

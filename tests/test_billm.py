@@ -19,7 +19,7 @@ def _layer(n=48, k=200, seed=0):
 
 
 VARIANTS = [BiLLMConfig(block_size=128), BiLLMConfig(block_size=64, search_rows=0),
-            BiLLMConfig(block_size=32, mean_shift=False, search_on="w", search_ranges="paper")]
+            BiLLMConfig(block_size=32, mean_shift=True, search_on="s", search_ranges="code")]
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: c.tag())
