@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.runtime.artifact import sha256_file
+
 from .errors import LowbitError
 
 _C4 = "c4/c4_validation_2k.jsonl"
@@ -55,14 +57,6 @@ class TextSource:
     selection: str  # which documents were used
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_file(path: Path) -> list[str]:
     if not path.is_file():
         raise LowbitError(f"text file not found: {path}")
@@ -91,19 +85,19 @@ def load_text(spec: str, purpose: str) -> TextSource:
         path = data_root() / _C4
         docs = _read_file(path)
         sel = slice(0, 1000) if purpose == "calib" else slice(1000, 2000)
-        return TextSource("c4", path, docs[sel], _sha256(path), f"documents {sel.start}-{sel.stop - 1}")
+        return TextSource("c4", path, docs[sel], sha256_file(path), f"documents {sel.start}-{sel.stop - 1}")
     if spec in ("wikitext2", "wikitext-2"):
         if purpose == "calib":
             raise LowbitError("wikitext2 is the evaluation set; calibrate on c4 or your own file (--calib FILE)")
         path = data_root() / _WIKI
-        return TextSource("wikitext2", path, _read_file(path), _sha256(path), "test split, joined")
+        return TextSource("wikitext2", path, _read_file(path), sha256_file(path), "test split, joined")
     path = Path(spec).expanduser()
     if not path.exists():
         raise LowbitError(f"{purpose} data not found: {spec!r} is neither a built-in set (c4, wikitext2) nor a file")
     docs = _read_file(path)
     if not any(d.strip() for d in docs):
         raise LowbitError(f"{purpose} data file {path} is empty")
-    return TextSource(path.name, path.resolve(), docs, _sha256(path), "all documents")
+    return TextSource(path.name, path.resolve(), docs, sha256_file(path), "all documents")
 
 
 def _encode(tokenizer, text: str) -> torch.Tensor:

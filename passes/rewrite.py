@@ -19,32 +19,35 @@ def buffer_prefix(module_name: str) -> str:
     return "lowbit__" + module_name.replace(".", "__")
 
 
-def _emit_affine(gm, site, fmt: AffineIntK, attrs: dict) -> torch.fx.Node:
-    g = gm.graph
-    get = {k: g.get_attr(v) for k, v in attrs.items()}
-    bias = site.bias if isinstance(site.bias, torch.fx.Node) else None
-    return g.call_function(
-        torch.ops.lowbit.affine_linear.default,
-        (site.x, get["qweight"], get["scales"], get.get("zeros"), bias,
-         get.get("lora_a"), get.get("lora_b"), fmt.bits, fmt.group_size, fmt.in_features),
-    )
-
-
-def _emit_binary(gm, site, fmt: BinaryResidual, attrs: dict) -> torch.fx.Node:
-    g = gm.graph
-    get = {k: g.get_attr(v) for k, v in attrs.items()}
-    bias = site.bias if isinstance(site.bias, torch.fx.Node) else None
-    return g.call_function(
-        torch.ops.lowbit.binary_linear.default,
-        (site.x, get["signs"], get["residual_signs"], get["salient_cols"], get["group"], get["alphas"],
-         get.get("mus"), bias, fmt.block_size, fmt.in_features),
-    )
-
-
-EMITTERS = {AffineIntK.kind: _emit_affine, BinaryResidual.kind: _emit_binary}
+# Argument list of each format's op: "x" and "bias" come from the site, other strings name the
+# format's tensors (None when absent), and ("attr", name) takes an integer attribute of the format.
+OP_SIGNATURES = {
+    AffineIntK.kind: (torch.ops.lowbit.affine_linear.default,
+                      ["x", "qweight", "scales", "zeros", "bias", "lora_a", "lora_b",
+                       ("attr", "bits"), ("attr", "group_size"), ("attr", "in_features")]),
+    BinaryResidual.kind: (torch.ops.lowbit.binary_linear.default,
+                          ["x", "signs", "residual_signs", "salient_cols", "group", "alphas", "mus", "bias",
+                           ("attr", "block_size"), ("attr", "in_features")]),
+}
 
 # Position of the bias argument of each op (the verify pass reads it).
-BIAS_ARG = {torch.ops.lowbit.affine_linear.default: 4, torch.ops.lowbit.binary_linear.default: 7}
+BIAS_ARG = {op: args.index("bias") for op, args in OP_SIGNATURES.values()}
+
+
+def emit(gm, site, fmt, attrs: dict) -> torch.fx.Node:
+    """Insert the op call for ``fmt`` at ``site`` (``attrs``: tensor name -> graph buffer name)."""
+    op, signature = OP_SIGNATURES[fmt.kind]
+    args = []
+    for a in signature:
+        if a == "x":
+            args.append(site.x)
+        elif a == "bias":
+            args.append(site.bias if isinstance(site.bias, torch.fx.Node) else None)
+        elif isinstance(a, tuple):
+            args.append(getattr(fmt, a[1]))
+        else:
+            args.append(gm.graph.get_attr(attrs[a]) if a in attrs else None)
+    return gm.graph.call_function(op, tuple(args))
 
 
 class ReplaceLinears:
@@ -65,8 +68,7 @@ class ReplaceLinears:
             if site.module_name in used:
                 rep.skipped.append((site.module_name, "module called more than once; replaced at first call only"))
                 continue
-            emitter = EMITTERS.get(fmt.kind)
-            if emitter is None:
+            if fmt.kind not in OP_SIGNATURES:
                 rep.skipped.append((site.module_name, f"no emitter for format {fmt.kind!r}"))
                 continue
             pre = buffer_prefix(site.module_name)
@@ -76,7 +78,7 @@ class ReplaceLinears:
                 gm.register_buffer(attr, t.contiguous())
                 attrs[tname] = attr
             with gm.graph.inserting_before(site.node):
-                new = emitter(gm, site, fmt, attrs)
+                new = emit(gm, site, fmt, attrs)
             new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "val", "stack_trace", "source_fn_stack")})
             new.meta["lowbit_module"] = site.module_name
             site.node.replace_all_uses_with(new)

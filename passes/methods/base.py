@@ -63,6 +63,32 @@ class Method:
         return {"method": self.name, **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
 
 
+class HessianMethod(Method):
+    """A method that quantizes each linear of a block from its weight and Hessian alone.
+
+    Subclasses implement ``quantize_linear(w, h) -> (format, info)``; this class collects the block's
+    Hessians, writes the dequantized weights back (the quantized chain) and records diagnostics.
+    """
+
+    needs_hessian = True
+
+    def quantize_linear(self, w, h):
+        raise NotImplementedError
+
+    def calibrate_block(self, ctx) -> dict:
+        hs = ctx.hessians(list(ctx.linears))
+        out = {}
+        for name, mod in ctx.linears.items():
+            try:
+                fmt, info = self.quantize_linear(ctx.weight_of(mod), hs.pop(name))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from e
+            ctx.set_weight(mod, fmt.dequantize())
+            ctx.record(name, info)
+            out[name] = fmt
+        return out
+
+
 def get_method(name: str) -> type[Method]:
     from . import billm, gptq, rtn  # noqa: F401  (populate the registry)
 

@@ -37,7 +37,7 @@ import torch
 
 from lowbit.runtime.formats import BinaryResidual
 
-from .base import Method, register
+from .base import HessianMethod, register
 from .gptq import _inverse_cholesky_upper
 
 BLOCK_SIZES = (32, 64, 128, 256)
@@ -223,20 +223,9 @@ def billm_quantize(w: torch.Tensor, h: torch.Tensor, cfg: BiLLMConfig):
 
 
 @register
-class BiLLM(Method):
+class BiLLM(HessianMethod):
     name = "billm"
     Config = BiLLMConfig
-    needs_hessian = True
 
-    def calibrate_block(self, ctx) -> dict:
-        hs = ctx.hessians(list(ctx.linears))
-        out = {}
-        for name, mod in ctx.linears.items():
-            try:
-                fmt, info = billm_quantize(ctx.weight_of(mod), hs.pop(name), self.config)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from e
-            ctx.set_weight(mod, fmt.dequantize())
-            ctx.record(name, info)
-            out[name] = fmt
-        return out
+    def quantize_linear(self, w, h):
+        return billm_quantize(w, h, self.config)

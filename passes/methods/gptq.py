@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, UniformConfig, register
+from .base import HessianMethod, UniformConfig, register
 from .quant import assemble, group_params
 
 
@@ -128,17 +128,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
 
 
 @register
-class GPTQ(Method):
+class GPTQ(HessianMethod):
     name = "gptq"
     Config = GPTQConfig
-    needs_hessian = True
 
-    def calibrate_block(self, ctx) -> dict:
-        hs = ctx.hessians(list(ctx.linears))
-        out = {}
-        for name, mod in ctx.linears.items():
-            fmt, info = gptq_quantize(ctx.weight_of(mod), hs.pop(name), self.config)
-            ctx.set_weight(mod, fmt.dequantize())
-            ctx.record(name, info)
-            out[name] = fmt
-        return out
+    def quantize_linear(self, w, h):
+        return gptq_quantize(w, h, self.config)
