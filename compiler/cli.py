@@ -42,8 +42,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("gptq")
     g.add_argument("--damp", type=float, default=None, help="Hessian damping as a fraction of mean diag (default 0.01)")
     g.add_argument("--gptq-block-size", type=int, default=None, help="lazy-update block size (default 128)")
-    g.add_argument("--act-order", action="store_true", default=None,
-                   help="quantize columns in decreasing Hessian diagonal (static groups)")
+    g.add_argument("--act-order", default=None, action=argparse.BooleanOptionalAction,
+                   help="quantize columns in decreasing Hessian diagonal, static groups (default on)")
     b = p.add_argument_group("billm")
     b.add_argument("--billm-block-size", type=int, default=None, choices=[32, 64, 128, 256],
                    help="columns per binarization block (default 128)")

@@ -30,7 +30,9 @@ from .quant import assemble, group_params
 class GPTQConfig(UniformConfig):
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    # On by default: on SmolLM2 w4g128 it is what makes GPTQ beat RTN end to end (WikiText-2 ppl, see
+    # README), and it lowers the Hessian-weighted layer error ~10% at 3 and 4 bits (held-out C4).
+    act_order: bool = True
 
     def validate(self) -> None:
         super().validate()
