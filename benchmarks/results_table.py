@@ -25,8 +25,9 @@ def main(dirs):
             if not a:
                 continue
             t = r["times"]
-            rows.append((r["method"]["tag"], r["method"]["method"],
-                         f"| {r['method']['method']} {r['method']['tag']} | {s['code_bits_per_weight']:.3f} | "
+            label = r["method"]["tag"] + (" act-order" if r["method"].get("act_order") else "")
+            rows.append((label, r["method"]["method"],
+                         f"| {r['method']['method']} {label} | {s['code_bits_per_weight']:.3f} | "
                          f"{s['bits_per_weight_on_disk']:.3f} | {a['ppl']:.2f} | {a['windows']}x{a['seqlen']} | "
                          f"{t.get('calibrate', 0):.0f} | {s['packed_file_bytes'] / 2**20:.1f} |"))
     print("| model | code bits | true bits/weight (disk) | WikiText-2 ppl | windows | calibrate (s) | packed linears (MiB) |")
