@@ -50,7 +50,6 @@ class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = UniformConfig
     needs_data: ClassVar[bool] = True  # False: data-free (calibration data only used for verification)
-    needs_hessian: ClassVar[bool] = False
 
     def __init__(self, config):
         config.validate()
@@ -69,8 +68,6 @@ class HessianMethod(Method):
     Subclasses implement ``quantize_linear(w, h) -> (format, info)``; this class collects the block's
     Hessians, writes the dequantized weights back (the quantized chain) and records diagnostics.
     """
-
-    needs_hessian = True
 
     def quantize_linear(self, w, h):
         raise NotImplementedError

@@ -59,10 +59,6 @@ def quantize_codes(w: torch.Tensor, p: GroupParams, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(w.float() / p.scale[:, None] + p.zero[:, None]), 0, maxq)
 
 
-def dequantize_codes(q: torch.Tensor, p: GroupParams) -> torch.Tensor:
-    return (q - p.zero[:, None]) * p.scale[:, None]
-
-
 def assemble(
     codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], bits: int, group_size: int
 ):
