@@ -55,6 +55,10 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="candidates: code = 1-49 columns, 81 quantiles; paper = 3-30 columns, 9 x max|W|")
     b.add_argument("--billm-search-rows", type=int, default=None,
                    help="rows sampled for the candidate searches (default 256; 0 = all)")
+    b.add_argument("--billm-outlier-ratio", type=float, default=None,
+                   help="keep input channels whose Hessian diagonal exceeds this x its median (massive "
+                        "activations) as fp16 columns, at most 1/64 of the columns (default 100; 0 = the "
+                        "paper's algorithm, everything binarized)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="c4", help="c4 or a .txt/.jsonl file (default c4)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -83,7 +87,8 @@ def compile_main(argv=None) -> int:
     flags = {"bits": "bits", "group_size": "group_size", "sym": "symmetric", "damp": "damp",
              "gptq_block_size": "block_size", "act_order": "act_order", "billm_block_size": "block_size",
              "billm_mean_shift": "mean_shift", "billm_search_on": "search_on",
-             "billm_search_ranges": "search_ranges", "billm_search_rows": "search_rows"}
+             "billm_search_ranges": "search_ranges", "billm_search_rows": "search_rows",
+             "billm_outlier_ratio": "outlier_ratio"}
     method_options = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
     opts = CompileOptions(
         model=args.model, method=args.method, method_options=method_options, output=args.output,

@@ -26,7 +26,8 @@ OP_SIGNATURES = {
                       ["x", "qweight", "scales", "zeros", "bias", "lora_a", "lora_b",
                        ("attr", "bits"), ("attr", "group_size"), ("attr", "in_features")]),
     BinaryResidual.kind: (torch.ops.lowbit.binary_linear.default,
-                          ["x", "signs", "residual_signs", "salient_cols", "group", "alphas", "mus", "bias",
+                          ["x", "signs", "residual_signs", "salient_cols", "group", "alphas", "mus",
+                           "outlier_cols", "outlier_vals", "bias",
                            ("attr", "block_size"), ("attr", "in_features")]),
 }
 

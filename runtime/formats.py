@@ -247,10 +247,15 @@ class BinaryResidual:
       bit 1 = sparse group, 0 = concentrated group;
     * ``alphas``         ``float16 (N, nblocks, 4)``: per row-block scales of the parts
       ``[salient order 1, salient order 2, concentrated, sparse]``;
-    * ``mus``            ``float16 (N, nblocks, 4)`` or absent: per row-block means (mean-shifted variant).
+    * ``mus``            ``float16 (N, nblocks, 4)`` or absent: per row-block means (mean-shifted variant);
+    * ``outlier_cols``   ``int32 (R,)`` or absent: increasing indices of columns kept in fp16 (input channels
+      with massive activations, an extension of the paper: see :mod:`lowbit.passes.methods.billm`);
+      disjoint from ``salient_cols``. Their bits in ``signs``/``group`` are present but unused;
+    * ``outlier_vals``   ``float16 (N, R)`` or absent: the values of those columns.
 
     Dequantization, with ``s = +-1`` from ``signs``, ``r = +-1`` from ``residual_signs`` and ``c`` the
-    part of the weight: ``W = alpha[c]*s + mu[c]``, plus ``alpha[1]*r + mu[1]`` for salient weights.
+    part of the weight: ``W = alpha[c]*s + mu[c]``, plus ``alpha[1]*r + mu[1]`` for salient weights;
+    outlier columns are then overwritten with ``outlier_vals``.
     """
 
     kind = "binary_residual"
@@ -264,11 +269,16 @@ class BinaryResidual:
     group: torch.Tensor
     alphas: torch.Tensor
     mus: Optional[torch.Tensor] = None
+    outlier_cols: Optional[torch.Tensor] = None
+    outlier_vals: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_planes(cls, signs, residual_signs, salient, group, alphas, mus, block_size):
-        """Pack bool planes: ``signs (N,K)``, ``residual_signs (N,S)``, ``salient (K,)``, ``group (N,K)``."""
+    def from_planes(cls, signs, residual_signs, salient, group, alphas, mus, block_size, outliers=None,
+                    outlier_vals=None):
+        """Pack bool planes: ``signs (N,K)``, ``residual_signs (N,S)``, ``salient (K,)``, ``group (N,K)``;
+        ``outliers (K,)`` bool and ``outlier_vals (N,R)`` for fp16 columns (optional)."""
         n, k = signs.shape
+        has_out = outliers is not None and bool(outliers.any())
         fmt = cls(
             block_size=block_size, in_features=k, out_features=n,
             signs=pack_rows(signs.to(torch.uint8), 1),
@@ -277,6 +287,8 @@ class BinaryResidual:
             group=pack_rows(group[:, ~salient].to(torch.uint8), 1),
             alphas=alphas.to(torch.float16).contiguous(),
             mus=None if mus is None else mus.to(torch.float16).contiguous(),
+            outlier_cols=torch.nonzero(outliers).flatten().to(torch.int32) if has_out else None,
+            outlier_vals=outlier_vals.to(torch.float16).contiguous() if has_out else None,
         )
         fmt.validate()
         return fmt
@@ -285,21 +297,30 @@ class BinaryResidual:
     def num_salient(self) -> int:
         return int(self.salient_cols.numel())
 
+    @property
+    def num_outliers(self) -> int:
+        return 0 if self.outlier_cols is None else int(self.outlier_cols.numel())
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_binary(self.signs, self.residual_signs, self.salient_cols, self.group, self.alphas,
-                                 self.mus, self.block_size, self.in_features).to(dtype)
+                                 self.mus, self.block_size, self.in_features, self.outlier_cols,
+                                 self.outlier_vals).to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"signs": self.signs, "residual_signs": self.residual_signs, "salient_cols": self.salient_cols,
                "group": self.group, "alphas": self.alphas}
         if self.mus is not None:
             out["mus"] = self.mus
+        if self.outlier_cols is not None:
+            out["outlier_cols"] = self.outlier_cols
+            out["outlier_vals"] = self.outlier_vals
         return out
 
     def meta(self) -> dict:
         return {"kind": self.kind, "version": FORMAT_VERSION, "block_size": self.block_size,
                 "in_features": self.in_features, "out_features": self.out_features,
                 "num_salient": self.num_salient, "mean_shift": self.mus is not None,
+                "num_outliers": self.num_outliers,
                 "bits": 1, "group_size": self.block_size}
 
     @classmethod
@@ -307,7 +328,12 @@ class BinaryResidual:
         fmt = cls(block_size=int(meta["block_size"]), in_features=int(meta["in_features"]),
                   out_features=int(meta["out_features"]), signs=tensors["signs"],
                   residual_signs=tensors["residual_signs"], salient_cols=tensors["salient_cols"],
-                  group=tensors["group"], alphas=tensors["alphas"], mus=tensors.get("mus"))
+                  group=tensors["group"], alphas=tensors["alphas"], mus=tensors.get("mus"),
+                  outlier_cols=tensors.get("outlier_cols"), outlier_vals=tensors.get("outlier_vals"))
+        if (fmt.outlier_cols is None) != (fmt.outlier_vals is None):
+            raise ValueError("outlier_cols and outlier_vals must be stored together")
+        if fmt.num_outliers != int(meta.get("num_outliers", fmt.num_outliers)):
+            raise ValueError(f"outlier_cols: {fmt.num_outliers} columns, header says {meta['num_outliers']}")
         if fmt.num_salient != int(meta.get("num_salient", fmt.num_salient)):
             raise ValueError(f"salient_cols: {fmt.num_salient} columns, header says {meta['num_salient']}")
         fmt.validate()
@@ -323,6 +349,10 @@ class BinaryResidual:
                "alphas": ((n, nb, 4), torch.float16)}
         if self.mus is not None:
             out["mus"] = ((n, nb, 4), torch.float16)
+        if self.outlier_cols is not None:
+            r = self.num_outliers
+            out["outlier_cols"] = ((r,), torch.int32)
+            out["outlier_vals"] = ((n, r), torch.float16)
         return out
 
     def validate(self) -> None:
@@ -335,6 +365,12 @@ class BinaryResidual:
         sc = self.salient_cols
         if sc.numel() and (int(sc.min()) < 0 or int(sc.max()) >= self.in_features or bool((sc[1:] <= sc[:-1]).any())):
             raise ValueError("salient_cols must be increasing column indices within the weight")
+        oc = self.outlier_cols
+        if oc is not None and oc.numel():
+            if int(oc.min()) < 0 or int(oc.max()) >= self.in_features or bool((oc[1:] <= oc[:-1]).any()):
+                raise ValueError("outlier_cols must be increasing column indices within the weight")
+            if bool(torch.isin(oc, sc).any()):
+                raise ValueError("outlier_cols and salient_cols must be disjoint")
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -343,11 +379,13 @@ class BinaryResidual:
         return 8.0 * self.nbytes() / (self.in_features * self.out_features)
 
     def paper_bits_per_weight(self) -> float:
-        """BiLLM's own count (Eq. 14, N_param): sign bits only, 2 for salient weights, 1 otherwise."""
-        return 1.0 + self.num_salient / self.in_features
+        """BiLLM's own count (Eq. 14, N_param): sign bits only, 2 for salient weights, 1 otherwise
+        (16 for fp16 outlier columns, which the paper does not have)."""
+        return 1.0 + (self.num_salient + 15 * self.num_outliers) / self.in_features
 
 
-def dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, block_size, in_features):
+def dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, block_size, in_features,
+                      outlier_cols=None, outlier_vals=None):
     """Readable reference dequantization of a :class:`BinaryResidual` weight to float32 ``(N, K)``.
 
     Non-salient weights: ``alpha*s + mu`` of their group (concentrated or sparse); the few salient
@@ -378,6 +416,8 @@ def dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, b
             m = mus.float()[:, blk]
             ws += m[..., 0] + m[..., 1]
         w[:, sal] = ws
+    if outlier_cols is not None:
+        w[:, outlier_cols.long()] = outlier_vals.float()
     return w
 
 

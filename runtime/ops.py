@@ -92,30 +92,36 @@ def binary_linear(
     group: torch.Tensor,
     alphas: torch.Tensor,
     mus: Optional[torch.Tensor],
+    outlier_cols: Optional[torch.Tensor],
+    outlier_vals: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     block_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    w = dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, block_size, in_features)
+    w = dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, block_size, in_features,
+                          outlier_cols, outlier_vals)
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 @binary_linear.register_fake
-def _binary_linear_fake(x, signs, residual_signs, salient_cols, group, alphas, mus, bias, block_size, in_features):
+def _binary_linear_fake(x, signs, residual_signs, salient_cols, group, alphas, mus, outlier_cols, outlier_vals, bias,
+                        block_size, in_features):
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
     return x.new_empty((*x.shape[:-1], alphas.shape[0]))
 
 
 def _binary_linear_setup(ctx, inputs, output):
-    x, signs, residual_signs, salient_cols, group, alphas, mus, bias, block_size, in_features = inputs
-    ctx.save_for_backward(signs, residual_signs, salient_cols, group, alphas, mus)
+    x, signs, residual_signs, salient_cols, group, alphas, mus, outlier_cols, outlier_vals, bias, block_size, \
+        in_features = inputs
+    ctx.save_for_backward(signs, residual_signs, salient_cols, group, alphas, mus, outlier_cols, outlier_vals)
     ctx.meta = (block_size, in_features)
 
 
 def _binary_linear_backward(ctx, grad):
-    signs, residual_signs, salient_cols, group, alphas, mus = ctx.saved_tensors
-    w = dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, *ctx.meta)
-    return (grad @ w.to(grad.dtype),) + (None,) * 9
+    signs, residual_signs, salient_cols, group, alphas, mus, outlier_cols, outlier_vals = ctx.saved_tensors
+    w = dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, *ctx.meta, outlier_cols,
+                          outlier_vals)
+    return (grad @ w.to(grad.dtype),) + (None,) * 11
 
 
 binary_linear.register_autograd(_binary_linear_backward, setup_context=_binary_linear_setup)
@@ -123,4 +129,5 @@ binary_linear.register_autograd(_binary_linear_backward, setup_context=_binary_l
 
 def binary_linear_from_format(x: torch.Tensor, fmt, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.ops.lowbit.binary_linear(x, fmt.signs, fmt.residual_signs, fmt.salient_cols, fmt.group,
-                                          fmt.alphas, fmt.mus, bias, fmt.block_size, fmt.in_features)
+                                          fmt.alphas, fmt.mus, fmt.outlier_cols, fmt.outlier_vals, bias,
+                                          fmt.block_size, fmt.in_features)

@@ -41,13 +41,49 @@ def test_billm_beats_naive_sign_and_op_matches_reference(cfg):
     torch.testing.assert_close(binary_linear_from_format(xx, fmt, bias), xx @ deq.t() + bias, rtol=1e-4, atol=1e-4)
     torch.library.opcheck(torch.ops.lowbit.binary_linear.default,
                           (xx, fmt.signs, fmt.residual_signs, fmt.salient_cols, fmt.group, fmt.alphas, fmt.mus,
-                           bias, fmt.block_size, fmt.in_features))
+                           fmt.outlier_cols, fmt.outlier_vals, bias, fmt.block_size, fmt.in_features))
     # bits: the paper's count is 1 + salient fraction; true storage matches the tensors exactly
     assert abs(fmt.paper_bits_per_weight() - (1 + info["salient_columns"] / w.shape[1])) < 1e-9
     assert fmt.nbytes() == sum(t.numel() * t.element_size() for t in fmt.tensors().values())
     # round trip through tensors/meta
     again = BinaryResidual.from_tensors(fmt.meta(), fmt.tensors())
     assert torch.equal(again.dequantize(), deq)
+
+
+def test_outlier_columns_keep_massive_activation_channels():
+    """A channel with activations 1000x the others (an attention sink) ruins a binarized layer unless its
+    column is kept in fp16; the extension finds it from the Hessian and stores it exactly."""
+    x, w, _ = _layer(n=40, k=160, seed=1)
+    x[:, 33] *= 1000
+    h = 2 * x.t() @ x / x.shape[0]
+
+    def err(f):
+        return float((x @ (f.dequantize() - w).t()).pow(2).mean() / (x @ w.t()).pow(2).mean())
+
+    paper, info0 = billm_quantize(w, h, BiLLMConfig(block_size=64, outlier_ratio=0))
+    ext, info1 = billm_quantize(w, h, BiLLMConfig(block_size=64))
+    assert info0["outlier_columns"] == 0 and paper.outlier_cols is None
+    assert ext.outlier_cols.tolist() == [33] and info1["outlier_columns"] == 1
+    assert err(ext) < 0.1 * err(paper)
+    torch.testing.assert_close(ext.dequantize()[:, 33], ext.outlier_vals[:, 0].float())
+    # honest bits: the fp16 column is counted in both the true and the paper count
+    assert ext.nbytes() - paper.nbytes() >= 40 * 2 + 4
+    assert ext.paper_bits_per_weight() == pytest.approx(1 + (info1["salient_columns"] + 15) / 160)
+    again = BinaryResidual.from_tensors(ext.meta(), ext.tensors())
+    assert torch.equal(again.dequantize(), ext.dequantize())
+    xx = torch.randn(2, 3, 160)
+    torch.testing.assert_close(binary_linear_from_format(xx, ext), xx @ ext.dequantize().t(), rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(torch.ops.lowbit.binary_linear.default,
+                          (xx, ext.signs, ext.residual_signs, ext.salient_cols, ext.group, ext.alphas, ext.mus,
+                           ext.outlier_cols, ext.outlier_vals, None, ext.block_size, ext.in_features))
+    # a header that disagrees with the tensors is refused
+    meta = dict(ext.meta(), num_outliers=2)
+    with pytest.raises(ValueError, match="outlier_cols"):
+        BinaryResidual.from_tensors(meta, ext.tensors())
+    broken = dict(ext.tensors())
+    del broken["outlier_vals"]
+    with pytest.raises(ValueError, match="together"):
+        BinaryResidual.from_tensors(ext.meta(), broken)
 
 
 def test_binarize_matches_definition():
@@ -87,6 +123,8 @@ def test_degenerate_weights_and_hessians_stay_finite():
 def test_billm_options_validated():
     with pytest.raises(ValueError, match="block-size"):
         build_method("billm", block_size=100)
+    with pytest.raises(ValueError, match="outlier-ratio"):
+        build_method("billm", outlier_ratio=-1)
     with pytest.raises(ValueError, match="search-on"):
         build_method("billm", search_on="x")
     with pytest.raises(ValueError, match="does not take"):
