@@ -164,6 +164,9 @@ def compile_model(opts: CompileOptions) -> dict:
             with timer.stage("save"):
                 art.write(tmp, program, cal.results, attrs, manifest_extra, float_dtype=float_dtype)
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
+                # The architecture, so that lowerings can rebuild graphs the program does not hold
+                # (the ONNX decoder with a key/value cache).
+                model.config.save_pretrained(str(tmp / "model_config"))
                 loaded = art.load(tmp)  # what ships is what we evaluate
             packed_file = (tmp / art.PACKED_FILE).stat().st_size
             artifact_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())

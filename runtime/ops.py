@@ -131,3 +131,49 @@ def binary_linear_from_format(x: torch.Tensor, fmt, bias: Optional[torch.Tensor]
     return torch.ops.lowbit.binary_linear(x, fmt.signs, fmt.residual_signs, fmt.salient_cols, fmt.group,
                                           fmt.alphas, fmt.mus, fmt.outlier_cols, fmt.outlier_vals, bias,
                                           fmt.block_size, fmt.in_features)
+
+
+# -- lowbit::matmul_nbits ---------------------------------------------------------------------------
+# ONNX Runtime's ``com.microsoft::MatMulNBits`` as a torch op, so that the ONNX lowering is a graph pass
+# (``passes/ort_layout.py`` repacks ``affine_linear`` weights into this layout) whose result can still be
+# run and checked in torch before it is translated one-to-one. Layout: ``b`` uint8 ``(N, k_blocks,
+# block_size*bits/8)``, codes low-bits-first within a byte, the last block zero-padded; ``scales``
+# ``(N, k_blocks)``; ``zero_points`` either uint8 ``(N, ceil(k_blocks*bits/8))`` packed the same way or
+# float ``(N, k_blocks)``; absent = ``2**(bits-1)``. ``W[n, k] = (code - zp) * scale``.
+
+
+def dequantize_matmul_nbits(b, scales, zero_points, k: int, bits: int, block_size: int) -> torch.Tensor:
+    from .packing import unpack_rows
+
+    n, kb, _ = b.shape
+    codes = unpack_rows(b.reshape(n * kb, -1), bits, block_size).reshape(n, kb, block_size).float()
+    if zero_points is None:
+        zp = torch.full((n, kb), float(1 << (bits - 1)))
+    elif zero_points.dtype == torch.uint8:
+        zp = unpack_rows(zero_points, bits, kb).float()
+    else:
+        zp = zero_points.float()
+    w = (codes - zp.unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    return w.reshape(n, kb * block_size)[:, :k]
+
+
+@torch.library.custom_op(f"{_LIB}::matmul_nbits", mutates_args=())
+def matmul_nbits(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    k: int,
+    n: int,
+    bits: int,
+    block_size: int,
+) -> torch.Tensor:
+    w = dequantize_matmul_nbits(b, scales, zero_points, k, bits, block_size)
+    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@matmul_nbits.register_fake
+def _matmul_nbits_fake(x, b, scales, zero_points, bias, k, n, bits, block_size):
+    torch._check(x.shape[-1] == k, lambda: f"x has {x.shape[-1]} features, expected {k}")
+    return x.new_empty((*x.shape[:-1], n))

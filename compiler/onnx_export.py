@@ -1,0 +1,143 @@
+"""ONNX lowering of an artifact: ``DIR/onnx/model.onnx`` (+ ``model.onnx.data``) and ``DIR/onnx/export.json``.
+
+Pipeline: load the artifact's program -> ``to-matmulnbits`` pass (uniform 2/4/8-bit weights repacked to
+ONNX Runtime's layout) -> ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)`` with the
+translations of :mod:`lowbit.runtime.onnx_functions` -> external data -> validation in ONNX Runtime
+against the torch program on the same input. Written to a hidden staging folder and renamed when
+complete, like artifacts.
+
+Two graphs can be exported (``kv_cache``): ``model.onnx`` takes ``input_ids`` and returns ``logits``
+(prefill / perplexity), ``decoder.onnx`` also takes and returns the key/value cache so generation is one
+token per step (see :mod:`lowbit.compiler.kv_export`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import LowbitError
+
+ONNX_DIR = "onnx"
+MODEL_FILE = "model.onnx"
+EXPORT_JSON = "export.json"
+OPSET = 18  # the exporter's own opset (torchlib); asking for another runs a version converter that
+# inlines (and breaks on) the lowbit functions
+IR_VERSION = 10  # what ONNX Runtime 1.2x loads
+
+
+def _onnx_program(ep, args, accuracy_level: int, input_names, output_names, dynamic_shapes=None):
+    from lowbit.runtime.onnx_functions import translation_table
+
+    return torch.onnx.export(
+        ep, args, dynamo=True, custom_translation_table=translation_table(accuracy_level),
+        opset_version=None, input_names=input_names, output_names=output_names,
+        dynamic_shapes=dynamic_shapes,
+        # No graph optimization: constant folding would expand the packed weights into float copies.
+        optimize=False, verbose=False,
+    )
+
+
+def lower_program(program: torch.export.ExportedProgram, matmulnbits: bool = True):
+    """Apply the ORT-layout pass to a lowbit program; returns ``(ExportedProgram, PassReport)``."""
+    from lowbit.passes.base import PassContext
+    from lowbit.passes.ort_layout import ToMatMulNBits
+
+    from .capture import recapture
+
+    gm = program.module()
+    rep = None
+    if matmulnbits:
+        rep = ToMatMulNBits().run(gm, PassContext())
+    return recapture(gm), rep, gm
+
+
+def save_model(onnx_program, path: Path) -> None:
+    """Save with every initializer in ``<name>.data`` (packed bytes stay packed; no 2 GB protobuf limit)."""
+    import onnx
+
+    model = onnx_program.model_proto
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=0)
+
+
+def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = True, kv_cache: bool = True,
+                    overwrite: bool = False, check: bool = True, progress=print) -> dict:
+    """Export an artifact directory to ONNX under ``DIR/onnx``; returns the export summary."""
+    from lowbit.runtime.artifact import load
+
+    from .kv_export import export_decoder
+
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise LowbitError(f"--accuracy-level must be 0-4, got {accuracy_level}")
+    artifact_dir = Path(artifact_dir)
+    art = load(artifact_dir)
+    final = artifact_dir / ONNX_DIR
+    if final.exists() and not overwrite:
+        raise LowbitError(f"{final} already exists (use --overwrite to replace it)")
+    tmp = artifact_dir / f".{ONNX_DIR}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    try:
+        progress(f"[onnx] lowering {artifact_dir} (MatMulNBits: {'on' if matmulnbits else 'off'}, "
+                 f"accuracy_level {accuracy_level})")
+        ep, rep, gm = lower_program(art.program, matmulnbits)
+        example = (torch.randint(0, 100, (1, 8)),)
+        try:
+            prog = _onnx_program(ep, example, accuracy_level, ["input_ids"], ["logits"],
+                                 dynamic_shapes=({0: "batch", 1: "sequence"},))
+        except Exception as e:
+            raise LowbitError(f"ONNX export of {artifact_dir} failed: {type(e).__name__}: {e}") from e
+        save_model(prog, tmp / MODEL_FILE)
+        files = [MODEL_FILE, MODEL_FILE + ".data"]
+        summary = {"opset": OPSET, "accuracy_level": accuracy_level, "matmulnbits": matmulnbits,
+                   "pass": None if rep is None else rep.to_json(), "graphs": {"prefill": MODEL_FILE}}
+        if kv_cache:
+            progress("[onnx] exporting the decoder with key/value cache")
+            dec = export_decoder(art, tmp, accuracy_level, matmulnbits)
+            files += [dec["file"], dec["file"] + ".data"]
+            summary["graphs"]["decoder"] = dec["file"]
+            summary["cache"] = dec["cache"]
+        summary["nodes"] = node_counts(tmp / MODEL_FILE)
+        if check:
+            from lowbit.runtime.onnx_runtime import session
+
+            s = session(tmp, MODEL_FILE)
+            ids = torch.randint(0, min(100, art.manifest.get("vocab_size", 100)), (1, 12))
+            ref = art(ids).float()
+            got = torch.from_numpy(s.run(None, {"input_ids": ids.numpy()})[0])
+            err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-9))
+            summary["check"] = {"max_rel_err_vs_torch": err, "tokens": 12}
+            progress(f"[onnx] ONNX Runtime vs torch program: max relative logit error {err:.2e}")
+        from lowbit.runtime.artifact import sha256_file
+
+        summary["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
+        summary["seconds"] = time.perf_counter() - t0
+        (tmp / EXPORT_JSON).write_text(json.dumps(summary, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def node_counts(path: Path) -> dict:
+    """Count of nodes per ``domain::op`` in the main graph of an ONNX file (weights not loaded)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for n in m.graph.node:
+        key = f"{n.domain or 'ai.onnx'}::{n.op_type}"
+        out[key] = out.get(key, 0) + 1
+    return out

@@ -1,0 +1,112 @@
+"""``to-matmulnbits``: repack uniform weights into ONNX Runtime's ``MatMulNBits`` layout (a graph pass).
+
+Every ``lowbit::affine_linear`` node that ``MatMulNBits`` can hold becomes ``lowbit::matmul_nbits``
+(see :mod:`lowbit.runtime.ops`) with its weight repacked explicitly: codes regrouped into
+``(N, k_blocks, block_size*bits/8)`` blobs with the ragged last block zero-padded, scales in the
+activation dtype, integer zero points packed per row as ORT reads them. A low-rank branch stays as two
+plain matmuls added to the output. What it cannot hold is left to the ``lowbit`` ONNX functions, with
+the reason in the report:
+
+* bits other than 2, 4, 8 (ORT's CPU kernel has no 1- or 3-bit path);
+* ``group_size`` not a power of two >= 16 (``block_size`` must be);
+* symmetric (half-integer midpoint) 8-bit: ORT takes float zero points only for 2 and 4 bits.
+
+The result still runs in torch (the op has an eager reference), so equivalence is checked before
+translation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.runtime.formats import dequantize_affine  # noqa: F401  (documentation: the source format)
+from lowbit.runtime.packing import pack_rows, unpack_rows
+
+from .base import PassContext, PassReport
+
+MATMULNBITS_BITS = (2, 4, 8)
+
+
+def why_not_matmulnbits(bits: int, group_size: int, symmetric: bool) -> str | None:
+    """The reason an affine weight cannot be a ``MatMulNBits`` node, or ``None`` if it can."""
+    if bits not in MATMULNBITS_BITS:
+        return f"{bits}-bit: MatMulNBits takes 2, 4 or 8 bits"
+    if group_size < 16 or group_size & (group_size - 1):
+        return f"group size {group_size}: MatMulNBits needs a power of two >= 16"
+    if symmetric and bits == 8:
+        return "symmetric 8-bit: ORT takes float zero points only for 2 and 4 bits"
+    return None
+
+
+def repack_for_matmulnbits(qweight, scales, zeros, bits: int, group_size: int, in_features: int,
+                           dtype: torch.dtype = torch.float32):
+    """Our per-row bit stream -> ``(b, scales, zero_points)`` in ``MatMulNBits`` layout."""
+    n, g = scales.shape
+    codes = unpack_rows(qweight, bits, in_features)
+    padded = torch.zeros(n, g * group_size, dtype=torch.uint8)
+    padded[:, :in_features] = codes
+    b = pack_rows(padded.view(n * g, group_size), bits).view(n, g, group_size * bits // 8)
+    if zeros is None:  # symmetric: midpoint (2**bits - 1) / 2 as float zero points
+        zp = torch.full((n, g), ((1 << bits) - 1) / 2.0, dtype=dtype)
+    else:  # our zero points are already packed per row, low bits first: ORT's layout
+        zp = pack_rows(unpack_rows(zeros, bits, g), bits)
+    return b.contiguous(), scales.to(dtype).contiguous(), zp.contiguous()
+
+
+class ToMatMulNBits:
+    name = "to-matmulnbits"
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
+        rep = PassReport(self.name)
+        target = torch.ops.lowbit.affine_linear.default
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target != target:
+                continue
+            x, qw, sc, zr, bias, la, lb, bits, gs, k = node.args
+            label = node.meta.get("lowbit_module", node.name)
+            why = why_not_matmulnbits(bits, gs, zr is None)
+            if why:
+                rep.skipped.append((label, why + "; kept as lowbit.AffineLinear"))
+                continue
+            get = lambda a: None if a is None else _fetch(gm, a)  # noqa: E731
+            b, scales, zp = repack_for_matmulnbits(get(qw), get(sc), get(zr), bits, gs, k, self.dtype)
+            n = scales.shape[0]
+            base = qw.target.rsplit("__", 1)[0]
+            names = {}
+            for suffix, t in (("nbits_b", b), ("nbits_scales", scales), ("nbits_zp", zp)):
+                names[suffix] = f"{base}__{suffix}"
+                gm.register_buffer(names[suffix], t)
+            with gm.graph.inserting_before(node):
+                args = [x] + [gm.graph.get_attr(names[s]) for s in ("nbits_b", "nbits_scales", "nbits_zp")]
+                new = gm.graph.call_function(torch.ops.lowbit.matmul_nbits.default,
+                                             (*args, bias, k, n, bits, gs))
+                out = new
+                if la is not None:  # low-rank branch: two thin plain matmuls added to the output
+                    t = gm.graph.call_function(torch.ops.aten.linear.default, (x, la))
+                    t = gm.graph.call_function(torch.ops.aten.linear.default, (t, lb))
+                    out = gm.graph.call_function(torch.ops.aten.add.Tensor, (new, t))
+            new.meta.update({kk: v for kk, v in node.meta.items() if kk in ("nn_module_stack", "val", "lowbit_module")})
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+            rep.changed[f"matmulnbits:{bits}bit"] = rep.changed.get(f"matmulnbits:{bits}bit", 0) + 1
+        gm.graph.eliminate_dead_code()
+        _drop_unused_buffers(gm)
+        gm.recompile()
+        return rep
+
+
+def _fetch(gm, node) -> torch.Tensor:
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _drop_unused_buffers(gm) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_buffers()):
+        if "." not in name and name not in used and "__" in name:
+            delattr(gm, name)

@@ -1,0 +1,125 @@
+"""Run exported ONNX models in ONNX Runtime: validated loading, logits, incremental generation.
+
+:func:`session` refuses a file that does not match ``export.json`` (size/sha256) or whose graph is not
+self-consistent (an input that nothing defines, e.g. a deleted initializer; a ``MatMulNBits`` weight whose
+packed shape disagrees with its ``K``/``N``/``bits``/``block_size``) with a message naming the file, the
+node and what was expected, before ONNX Runtime sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class OnnxModelError(ValueError):
+    pass
+
+
+def _check_graph(model, path: Path) -> None:
+    g = model.graph
+    defined = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    inits = {t.name: t for t in g.initializer}
+    for node in g.node:
+        for name in node.input:
+            if name not in defined:
+                raise OnnxModelError(f"{path}: node {node.name or node.op_type} ({node.op_type}) reads {name!r}, "
+                                     "which no initializer, input or node defines (missing initializer?)")
+        defined.update(node.output)
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            a = {x.name: x.i for x in node.attribute}
+            kb = math.ceil(a["K"] / a["block_size"])
+            want = {1: [a["N"], kb, a["block_size"] * a["bits"] // 8]}
+            if len(node.input) > 2:
+                want[2] = [a["N"], kb]
+            for idx, shape in want.items():
+                t = inits.get(node.input[idx])
+                if t is not None and list(t.dims) != shape and int(np.prod(t.dims)) != int(np.prod(shape)):
+                    raise OnnxModelError(f"{path}: MatMulNBits node {node.name}: input {idx} ({node.input[idx]}) has "
+                                         f"shape {list(t.dims)}, expected {shape} for K={a['K']} N={a['N']} "
+                                         f"bits={a['bits']} block_size={a['block_size']}")
+            if node.input[1] in inits and list(inits[node.input[1]].dims) != want[1]:
+                raise OnnxModelError(f"{path}: MatMulNBits node {node.name}: packed weight {node.input[1]} has "
+                                     f"shape {list(inits[node.input[1]].dims)}, expected {want[1]}")
+
+
+def session(onnx_dir, file: str = "model.onnx", threads: int | None = None, verify: bool = True):
+    """A validated ``onnxruntime.InferenceSession`` for ``onnx_dir/file``."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx_dir = Path(onnx_dir)
+    path = onnx_dir / file
+    if not path.is_file():
+        raise OnnxModelError(f"{path}: not found")
+    meta_path = onnx_dir / "export.json"
+    if verify and meta_path.is_file():
+        from .artifact import sha256_file
+
+        meta = json.loads(meta_path.read_text())
+        for f in (file, file + ".data"):
+            rec = meta.get("files", {}).get(f)
+            if rec is None:
+                continue
+            p = onnx_dir / f
+            if not p.is_file():
+                raise OnnxModelError(f"{p}: missing (listed in {meta_path})")
+            if p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+                raise OnnxModelError(f"{p}: size or sha256 differs from {meta_path} (modified or corrupt)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise OnnxModelError(f"{path}: not a readable ONNX model: {type(e).__name__}: {e}") from e
+    _check_graph(model, path)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OnnxModelError(f"{path}: ONNX Runtime cannot load it: {e}") from e
+
+
+class OrtDecoder:
+    """Incremental decoding with ``decoder.onnx``: prefill the prompt, then one token per step."""
+
+    def __init__(self, onnx_dir, threads: int | None = None):
+        onnx_dir = Path(onnx_dir)
+        meta = json.loads((onnx_dir / "export.json").read_text())
+        if "decoder" not in meta.get("graphs", {}):
+            raise OnnxModelError(f"{onnx_dir}: no decoder graph (export with the key/value cache)")
+        self.cache = meta["cache"]
+        self.sess = session(onnx_dir, meta["graphs"]["decoder"], threads)
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        c = self.cache
+        return [np.zeros((batch, c["kv_heads"], 0, c["head_dim"]), np.float32) for _ in range(2 * c["layers"])]
+
+    def step(self, ids: np.ndarray, cache: list[np.ndarray]):
+        feeds = {"input_ids": ids.astype(np.int64)}
+        for i in range(self.cache["layers"]):
+            feeds[f"past_key_{i}"] = cache[2 * i]
+            feeds[f"past_value_{i}"] = cache[2 * i + 1]
+        out = self.sess.run(None, feeds)
+        return out[0], out[1:]
+
+    def generate(self, ids: list[int], max_new_tokens: int, eos: int | None = None, on_token=None):
+        """Greedy generation; returns ``(new_ids, seconds_prefill, seconds_decode)``."""
+        cache = self.empty_cache()
+        t0 = time.perf_counter()
+        logits, cache = self.step(np.array([ids]), cache)
+        t1 = time.perf_counter()
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            if on_token:
+                on_token(nxt)
+            if eos is not None and nxt == eos:
+                break
+            logits, cache = self.step(np.array([[nxt]]), cache)
+        return out, t1 - t0, time.perf_counter() - t1
