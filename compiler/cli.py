@@ -13,7 +13,10 @@ examples:
   lowbit-compile smollm2-135m --method gptq --bits 4 --group-size 128 --eval wikitext2
   lowbit-compile ./my-hf-model --method rtn --bits 3 --group-size 64 -o out/rtn3
   lowbit-compile model.gguf --method gptq --bits 2 --group-size 64 --act-order --eval wikitext2,c4 --eval-windows 32
+  lowbit-compile smollm2-135m --method billm --target onnx        # artifact + DIR/onnx/ for ONNX Runtime
+  lowbit-export out/smollm2-135m-gptq-w4g128 --onnx                  # ONNX for an existing artifact
   lowbit-run out/smollm2-135m-gptq-w4g128 --prompt "The capital of France is"
+  lowbit-run out/smollm2-135m-gptq-w4g128 --runtime onnxruntime --prompt "The capital of France is"
 
 models: a Hugging Face directory (safetensors), a .gguf file, or the alias smollm2-135m (bundled).
 data: c4 (documents 0-999 calibrate, 1000-1999 evaluate), wikitext2 (evaluation only), or a .txt/.jsonl file.
@@ -73,6 +76,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--output", default=None, help="artifact directory (default out/MODEL-METHOD-TAG)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     o.add_argument("--target", default="torch", choices=["torch", "onnx", "mlir"], help="lowering (default torch)")
+    o.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="--target onnx: MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU; "
+                        "0 = float activations, exact)")
     o.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the parameters that stay float (default float16)")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -95,7 +101,7 @@ def compile_main(argv=None) -> int:
         overwrite=args.overwrite, target=args.target, calib=args.calib, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, eval=tuple(x for x in args.eval.split(",") if x),
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, eval_float=not args.no_eval_float,
-        float_dtype=args.float_dtype, progress=not args.quiet,
+        float_dtype=args.float_dtype, progress=not args.quiet, onnx_accuracy_level=args.accuracy_level,
     )
     try:
         report = compile_model(opts)
@@ -116,8 +122,13 @@ def run_main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runtime", default="torch", choices=["torch"], help="runtime (default torch)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="torch (the artifact's program, no KV cache) or onnxruntime (DIR/onnx/decoder.onnx, "
+                        "one token per step with a KV cache; greedy only); default torch")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime: intra-op threads (default: all cores)")
     args = p.parse_args(argv)
+    if args.runtime == "onnxruntime":
+        return _run_onnxruntime(args)
 
     import torch
 
@@ -157,6 +168,88 @@ def run_main(argv=None) -> int:
     dt = time.perf_counter() - t0
     n = ids.shape[1] - start_len
     print(f"\n[lowbit-run] {n} tokens in {dt:.2f}s ({n / dt:.2f} tokens/s, no KV cache)", file=sys.stderr)
+    return 0
+
+
+def _run_onnxruntime(args) -> int:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from lowbit.runtime.onnx_runtime import OnnxModelError, OrtDecoder
+
+    onnx_dir = Path(args.artifact) / "onnx"
+    if not onnx_dir.is_dir():
+        print(f"lowbit-run: error: {onnx_dir} not found (run: lowbit-export {args.artifact} --onnx)", file=sys.stderr)
+        return 2
+    if args.temperature > 0:
+        print("lowbit-run: error: --runtime onnxruntime decodes greedily; drop --temperature", file=sys.stderr)
+        return 2
+    try:
+        dec = OrtDecoder(onnx_dir, threads=args.threads)
+    except (OnnxModelError, OSError, KeyError) as e:
+        print(f"lowbit-run: error: {e}", file=sys.stderr)
+        return 2
+    tok = AutoTokenizer.from_pretrained(str(Path(args.artifact) / "tokenizer"))
+    ids = tok(args.prompt)["input_ids"]
+    if not ids:
+        print("lowbit-run: error: the prompt encodes to no tokens", file=sys.stderr)
+        return 2
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    state = {"ids": list(ids), "shown": args.prompt}
+
+    def on_token(t):
+        state["ids"].append(t)
+        text = tok.decode(state["ids"], skip_special_tokens=True)
+        if text.startswith(state["shown"]):
+            sys.stdout.write(text[len(state["shown"]):])
+            sys.stdout.flush()
+            state["shown"] = text
+
+    out, t_prefill, t_decode = dec.generate(ids, args.max_new_tokens, tok.eos_token_id, on_token)
+    steps = max(len(out) - 1, 1)
+    print(f"\n[lowbit-run] onnxruntime: prompt {len(ids)} tokens in {t_prefill:.2f}s; {len(out)} new tokens, "
+          f"decode {steps / max(t_decode, 1e-9):.2f} tokens/s (KV cache)", file=sys.stderr)
+    return 0
+
+
+def export_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lowbit-export",
+                                description="Lower an existing lowbit artifact to another runtime's format.")
+    p.add_argument("artifact", help="artifact directory written by lowbit-compile")
+    p.add_argument("--onnx", action="store_true", help="write DIR/onnx/ (model.onnx, decoder.onnx with KV cache)")
+    p.add_argument("--mlir", action="store_true", help="MLIR through torch-mlir (not implemented yet)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU; 0 = exact)")
+    p.add_argument("--no-matmulnbits", action="store_true",
+                   help="keep every weight in lowbit-domain functions (no com.microsoft ops)")
+    p.add_argument("--no-kv-cache", action="store_true", help="skip the decoder graph with key/value cache")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
+    args = p.parse_args(argv)
+    if args.mlir:
+        print("lowbit-export: error: --mlir is not implemented yet", file=sys.stderr)
+        return 2
+    if not args.onnx:
+        print("lowbit-export: error: choose a target (--onnx)", file=sys.stderr)
+        return 2
+    from lowbit.runtime.artifact import ArtifactError
+
+    from .onnx_export import export_artifact
+
+    try:
+        s = export_artifact(args.artifact, accuracy_level=args.accuracy_level, matmulnbits=not args.no_matmulnbits,
+                            kv_cache=not args.no_kv_cache, overwrite=args.overwrite,
+                            progress=lambda m: print(m, file=sys.stderr))
+    except (LowbitError, ArtifactError) as e:
+        print(f"lowbit-export: error: {e}", file=sys.stderr)
+        return 2
+    size = sum(f["bytes"] for f in s["files"].values())
+    nodes = s["nodes"]
+    print(f"lowbit-export: {args.artifact}/onnx: {size / 2**20:.1f} MiB; "
+          f"MatMulNBits {nodes.get('com.microsoft::MatMulNBits', 0)}, "
+          f"lowbit functions {sum(v for k, v in nodes.items() if k.startswith('lowbit::'))}; "
+          f"ORT vs torch max rel. logit error {s['check']['max_rel_err_vs_torch']:.2e} ({s['seconds']:.0f}s)")
     return 0
 
 

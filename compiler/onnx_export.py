@@ -61,7 +61,9 @@ def save_model(onnx_program, path: Path) -> None:
     """Save with every initializer in ``<name>.data`` (packed bytes stay packed; no 2 GB protobuf limit)."""
     import onnx
 
-    model = onnx_program.model_proto
+    from lowbit.runtime.onnx_functions import attach_functions
+
+    model = attach_functions(onnx_program.model_proto)
     model.ir_version = min(model.ir_version, IR_VERSION)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=0)

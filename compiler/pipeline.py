@@ -52,6 +52,7 @@ class CompileOptions:
     eval_float: bool = True
     float_dtype: str = "float16"  # storage dtype of the parameters that stay float
     progress: bool = True
+    onnx_accuracy_level: int = 4  # MatMulNBits accuracy_level for --target onnx (4 = int8 activations)
 
 
 def default_output(opts: CompileOptions, tag: str) -> Path:
@@ -83,8 +84,8 @@ def compile_model(opts: CompileOptions) -> dict:
     # -- cheap validation first ----------------------------------------------------------------------
     if opts.target not in TARGETS:
         raise LowbitError(f"--target must be one of {TARGETS}, got {opts.target!r}")
-    if opts.target != "torch":
-        raise LowbitError(f"--target {opts.target} is not implemented yet; only 'torch' lowering exists in this version")
+    if opts.target == "mlir":
+        raise LowbitError("--target mlir is not implemented yet; 'torch' and 'onnx' lowerings exist in this version")
     try:
         method = build_method(opts.method, **opts.method_options)
     except (ValueError, TypeError) as e:
@@ -197,6 +198,11 @@ def compile_model(opts: CompileOptions) -> dict:
                     "output": str(out),
                 },
             })
+            if opts.target == "onnx":
+                from .onnx_export import export_artifact
+
+                with timer.stage("onnx"):
+                    report["onnx"] = export_artifact(tmp, accuracy_level=opts.onnx_accuracy_level, progress=say)
             report["times"] = {**timer.times, "total": time.perf_counter() - t_all}
             report_mod.write(report, tmp)
     except FileExistsError as e:

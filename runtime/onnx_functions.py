@@ -136,6 +136,51 @@ def BinaryLinear(x, signs, residual_signs, salient_cols, group, alphas, mus, out
     return op.MatMul(x, op.CastLike(op.Transpose(w, perm=[1, 0]), x))
 
 
+# -- call sites ------------------------------------------------------------------------------------
+# torch.onnx.export runs a version converter that inlines every function in the model, which would
+# dissolve the lowbit ops into hundreds of anonymous nodes. So translations record *calls* (nodes in the
+# lowbit domain, declared with a schema like any custom op), and :func:`attach_functions` adds the
+# definitions above to the saved model. ONNX Runtime inlines them when it loads the model.
+
+_ANY = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(uint8)", "tensor(int32)", "tensor(int64)"]
+FUNCTIONS = (UnpackBits, GroupOfColumn, AffineLinear, AffineLinearSym, BinaryLinear)
+
+
+def _call_site(fn) -> onnxscript.values.Op:
+    from onnx.defs import OpSchema
+
+    proto = fn.to_function_proto()
+    P = OpSchema.FormalParameter
+    schema = OpSchema(
+        proto.name, proto.domain, 1,
+        inputs=[P(name, f"T{i}") for i, name in enumerate(proto.input)],
+        outputs=[P("Y", "TY")],
+        type_constraints=[(f"T{i}", _ANY, "") for i in range(len(proto.input))] + [("TY", _ANY, "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in proto.attribute],
+    )
+    return onnxscript.values.Op(LOWBIT, proto.name, schema)
+
+
+AFFINE_CALL = _call_site(AffineLinear)
+AFFINE_SYM_CALL = _call_site(AffineLinearSym)
+BINARY_CALL = _call_site(BinaryLinear)
+
+
+def attach_functions(model):
+    """Add the ``lowbit`` function definitions a model calls (and the opset import)."""
+    used = {n.op_type for n in model.graph.node if n.domain == LOWBIT.domain}
+    if not used:
+        return model
+    have = {(f.domain, f.name) for f in model.functions}
+    for fn in FUNCTIONS:
+        proto = fn.to_function_proto()
+        if (proto.domain, proto.name) not in have:
+            model.functions.append(proto)
+    if not any(o.domain == LOWBIT.domain for o in model.opset_import):
+        model.opset_import.append(__import__("onnx").helper.make_opsetid(LOWBIT.domain, 1))
+    return model
+
+
 # -- translations (traced Python, called by the exporter with ONNX values and Python attributes) ------
 
 
@@ -156,10 +201,10 @@ def translation_table(accuracy_level: int = 4) -> dict:
     def affine_linear(x, qweight, scales, zeros, bias, lora_a, lora_b, bits, group_size, in_features):
         groups = -(-in_features // group_size)
         if zeros is None:
-            y = AffineLinearSym(x, qweight, scales, bits=bits, group_size=group_size, in_features=in_features)
+            y = AFFINE_SYM_CALL(x, qweight, scales, bits=bits, group_size=group_size, in_features=in_features)
         else:
-            y = AffineLinear(x, qweight, scales, zeros, bits=bits, group_size=group_size,
-                             in_features=in_features, groups=groups)
+            y = AFFINE_CALL(x, qweight, scales, zeros, bits=bits, group_size=group_size,
+                            in_features=in_features, groups=groups)
         if lora_a is not None:
             la = op.CastLike(op.Transpose(lora_a, perm=[1, 0]), x)
             lb = op.CastLike(op.Transpose(lora_b, perm=[1, 0]), x)
@@ -174,8 +219,8 @@ def translation_table(accuracy_level: int = 4) -> dict:
             outlier_cols = op.Slice(salient_cols, [0], [0])  # empty (0,)
             outlier_vals = op.Slice(op.Reshape(alphas, [0, -1]), [0], [0], [1])  # empty (N, 0)
         num_salient = int(salient_cols.shape[0])
-        y = BinaryLinear(x, signs, residual_signs, salient_cols, group, alphas, mus, outlier_cols, outlier_vals,
-                         block_size=block_size, in_features=in_features, num_salient=num_salient,
+        y = BINARY_CALL(x, signs, residual_signs, salient_cols, group, alphas, mus, outlier_cols, outlier_vals,
+                        block_size=block_size, in_features=in_features, num_salient=num_salient,
                          num_nonsalient=in_features - num_salient)
         return _add_bias(y, bias)
 

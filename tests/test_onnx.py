@@ -1,0 +1,152 @@
+"""ONNX lowering: every format and tiny architecture runs in stock ONNX Runtime with parity; the graph
+holds the expected MatMulNBits / lowbit nodes and no float copy of a packed weight; the KV-cache decoder
+matches full recomputation; corrupt files fail at load with a clear message."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lowbit.compiler.cli import compile_main, export_main
+from lowbit.compiler.onnx_export import export_artifact, node_counts
+from lowbit.runtime.artifact import load
+from lowbit.runtime.onnx_runtime import OnnxModelError, OrtDecoder, session
+from lowbit.runtime.tolerances import tolerance
+
+
+def _compile(tiny_dir, text_file, out, arch, *method):
+    argv = [str(tiny_dir(arch)), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64", "-q",
+            "--float-dtype", "float32", "-o", str(out), *method]
+    assert compile_main(argv) == 0
+    return out
+
+
+def _ort_logits(d, ids):
+    s = session(d / "onnx")
+    return torch.from_numpy(s.run(None, {"input_ids": ids.numpy()})[0])
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _float_initializers(path):
+    m = onnx.load(str(path), load_external_data=False)
+    return [t for t in m.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+
+
+FORMATS = {  # name: (method flags, expected MatMulNBits nodes, expected lowbit function calls)
+    "w4g32": (["--method", "rtn", "--bits", "4", "--group-size", "32"], 14, 0),
+    "w2g16": (["--method", "rtn", "--bits", "2", "--group-size", "16"], 14, 0),
+    "w8g32": (["--method", "rtn", "--bits", "8", "--group-size", "32"], 14, 0),
+    "w4g32-sym": (["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"], 14, 0),
+    "w3g32": (["--method", "rtn", "--bits", "3", "--group-size", "32"], 0, 14),
+    "w4g24": (["--method", "rtn", "--bits", "4", "--group-size", "24"], 0, 14),
+    "w8g32-sym": (["--method", "rtn", "--bits", "8", "--group-size", "32", "--sym"], 0, 14),
+    "billm": (["--method", "billm", "--billm-block-size", "32", "--billm-outlier-ratio", "2"], 0, 14),
+}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_formats_match_reference_in_onnxruntime(tiny_dir, text_file, tmp_path, name):
+    flags, n_nbits, n_fn = FORMATS[name]
+    d = _compile(tiny_dir, text_file, tmp_path / name, "llama", *flags)
+    s = export_artifact(d, accuracy_level=0, kv_cache=False, progress=lambda m: None)
+    nodes = node_counts(d / "onnx" / "model.onnx")
+    assert nodes.get("com.microsoft::MatMulNBits", 0) == n_nbits
+    assert sum(v for k, v in nodes.items() if k.startswith("lowbit::")) == n_fn
+    # no float tensor shaped like a compressed weight (nothing was dequantized at export)
+    shapes = {tuple(f.shape) for f in (m["format"] for m in json.loads((d / "manifest.json").read_text())["modules"].values())
+              if False} or {(m["format"]["out_features"], m["format"]["in_features"])
+                            for m in json.loads((d / "manifest.json").read_text())["modules"].values()}
+    for t in _float_initializers(d / "onnx" / "model.onnx"):
+        assert tuple(t.dims) not in shapes and tuple(t.dims)[::-1] not in shapes, t.name
+    ids = torch.randint(0, 200, (2, 11))
+    ref = load(d)(ids).float()
+    kind = "onnx-matmulnbits-0" if n_nbits else "onnx-functions"
+    assert _rel(_ort_logits(d, ids), ref) < tolerance(kind)
+    assert s["check"]["max_rel_err_vs_torch"] < tolerance(kind)
+    if name == "billm":
+        assert any(m["format"].get("num_outliers", 0) for m in json.loads((d / "manifest.json").read_text())["modules"].values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3", "opt", "gpt2"])
+def test_architectures_export_with_matmulnbits(tiny_dir, text_file, tmp_path, arch):
+    d = _compile(tiny_dir, text_file, tmp_path / arch, arch, "--method", "rtn", "--bits", "4", "--group-size", "32")
+    export_artifact(d, accuracy_level=4, kv_cache=False, progress=lambda m: None)
+    n = len(json.loads((d / "manifest.json").read_text())["modules"])
+    assert node_counts(d / "onnx" / "model.onnx").get("com.microsoft::MatMulNBits", 0) == n
+    ids = torch.randint(0, 200, (1, 9))
+    assert _rel(_ort_logits(d, ids), load(d)(ids).float()) < tolerance("onnx-matmulnbits-4")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dir, text_file, tmp_path_factory):
+    d = _compile(tiny_dir, text_file, tmp_path_factory.mktemp("kv") / "art", "llama",
+                 "--method", "rtn", "--bits", "4", "--group-size", "32")
+    assert export_main([str(d), "--onnx", "--accuracy-level", "0"]) == 0
+    return d
+
+
+def test_decoder_with_kv_cache_matches_full_recompute(exported):
+    d = exported
+    dec = OrtDecoder(d / "onnx")
+    ids = torch.randint(0, 200, (1, 7))
+    ref = load(d)(ids).float()
+    logits, cache = dec.step(ids[:, :4].numpy(), dec.empty_cache())  # prefill 4 tokens
+    got = [torch.from_numpy(logits)]
+    for t in range(4, 7):  # then one token per step
+        logits, cache = dec.step(ids[:, t : t + 1].numpy(), cache)
+        got.append(torch.from_numpy(logits))
+    assert cache[0].shape[2] == 7
+    assert _rel(torch.cat(got, 1), ref) < tolerance("onnx-matmulnbits-0")
+    out, _, _ = dec.generate(ids[0].tolist(), 5)
+    assert len(out) == 5 and out[0] == int(ref[0, -1].argmax())
+
+
+def test_run_with_onnxruntime_streams_tokens(exported, capsys):
+    from lowbit.compiler.cli import run_main
+
+    assert run_main([str(exported), "--runtime", "onnxruntime", "--prompt", "the river", "--max-new-tokens", "4"]) == 0
+    assert "tokens/s" in capsys.readouterr().err
+
+
+def test_corrupt_onnx_fails_clearly(exported, tmp_path):
+    import shutil
+
+    src = exported / "onnx"
+    # 1. a deleted initializer
+    bad = tmp_path / "missing"
+    shutil.copytree(src, bad)
+    m = onnx.load(str(bad / "model.onnx"), load_external_data=False)
+    victim = next(t for t in m.graph.initializer if "nbits_b" in t.name)
+    m.graph.initializer.remove(victim)
+    onnx.save(m, str(bad / "model.onnx"))
+    with pytest.raises(OnnxModelError, match="missing initializer"):
+        session(bad, verify=False)
+    # 2. a packed weight with the wrong shape
+    bad2 = tmp_path / "shape"
+    shutil.copytree(src, bad2)
+    m = onnx.load(str(bad2 / "model.onnx"), load_external_data=False)
+    t = next(t for t in m.graph.initializer if "nbits_b" in t.name)
+    t.dims[1] += 1
+    onnx.save(m, str(bad2 / "model.onnx"))
+    with pytest.raises(OnnxModelError, match="MatMulNBits node .*expected"):
+        session(bad2, verify=False)
+    # 3. a hand-edited file is caught by the export record
+    with pytest.raises(OnnxModelError, match="modified or corrupt"):
+        session(bad2)
+    # 4. not ONNX at all
+    bad3 = tmp_path / "garbage"
+    shutil.copytree(src, bad3)
+    (bad3 / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(OnnxModelError, match="not a readable ONNX model"):
+        session(bad3, verify=False)
+
+
+def test_export_refuses_existing_and_leaves_nothing(exported, capsys):
+    assert export_main([str(exported), "--onnx"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert not [p for p in exported.iterdir() if ".partial-" in p.name]
