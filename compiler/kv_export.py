@@ -142,3 +142,34 @@ def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool) -
     save_model(prog, Path(out_dir) / DECODER_FILE)
     _, kv, hd = _cache_shape(gm) if hasattr(gm, "config") else (None, args[1].shape[1], args[1].shape[3])
     return {"file": DECODER_FILE, "cache": {"layers": layers, "kv_heads": int(kv), "head_dim": int(hd)}}
+
+
+def export_float_decoder(model_spec: str, out_dir, dtype: torch.dtype = torch.float32) -> Path:
+    """The uncompressed model's decoder with KV cache (the baseline the benchmarks compare against).
+
+    Writes ``out_dir/decoder.onnx`` (+ ``.data``) and an ``export.json`` like :func:`export_artifact`."""
+    import json
+
+    from . import models
+    from .onnx_export import _onnx_program, save_model
+
+    model, _, _ = models.load(model_spec)
+    model = model.to(dtype).eval()
+    layers, kv, hd = _cache_shape(model)
+    wrapper = DecoderWithCache(model, layers).eval()
+    past = tuple(torch.zeros(1, kv, 5, hd, dtype=dtype) for _ in range(2 * layers))
+    ids = torch.randint(0, 100, (1, 3))
+    p, t = Dim("past", min=0, max=32768), Dim("seq", min=1, max=32768)
+    dyn = ({1: t},) + tuple({2: p} for _ in range(2 * layers))
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, (ids, *past), dynamic_shapes=(dyn[0], dyn[1:]))
+    names_in = ["input_ids"] + [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    names_out = ["logits"] + [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    prog = _onnx_program(ep, (ids, *past), 0, names_in, names_out)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(prog, out_dir / DECODER_FILE)
+    meta = {"graphs": {"decoder": DECODER_FILE}, "cache": {"layers": layers, "kv_heads": kv, "head_dim": hd},
+            "float": True}
+    (out_dir / "export.json").write_text(json.dumps(meta, indent=1))
+    return out_dir

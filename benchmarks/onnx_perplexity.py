@@ -1,0 +1,52 @@
+"""WikiText-2 perplexity of an exported artifact in ONNX Runtime vs the torch reference on the same artifact.
+
+Same windows as lowbit-compile's evaluation (first --windows windows of --seqlen tokens). The torch figure is
+the artifact's own report (computed by lowbit-compile from the same program) unless --torch recomputes it.
+
+Usage: python benchmarks/onnx_perplexity.py ART_DIR [--windows 32] [--seqlen 2048] [--torch]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--data", default="wikitext2")
+    ap.add_argument("--torch", action="store_true", help="recompute the torch perplexity instead of reading the report")
+    a = ap.parse_args()
+    from lowbit.compiler import data
+    from lowbit.compiler.evaluate import perplexity
+    from lowbit.runtime.artifact import load
+    from lowbit.runtime.onnx_runtime import session
+
+    d = Path(a.artifact)
+    art = load(d)
+    tokens, _ = data.eval_tokens(art.tokenizer, a.data)
+    s = session(d / "onnx")
+    meta = json.loads((d / "onnx" / "export.json").read_text())
+
+    def ort_logits(ids):
+        return torch.from_numpy(s.run(None, {"input_ids": ids.numpy()})[0])
+
+    r_ort = perplexity(ort_logits, tokens, a.seqlen, a.windows, label="onnxruntime")
+    if a.torch:
+        r_t = perplexity(art, tokens, a.seqlen, a.windows, label="torch")["ppl"]
+    else:
+        ev = json.loads((d / "report.json").read_text())["eval"][a.data]["after"]
+        assert ev["windows"] == a.windows and ev["seqlen"] == a.seqlen, "report used other windows; pass --torch"
+        r_t = ev["ppl"]
+    print(f"{d.name}: {a.data} {a.windows} x {a.seqlen}: onnxruntime {r_ort['ppl']:.3f} "
+          f"(accuracy_level {meta['accuracy_level']}, {r_ort['seconds']:.0f}s) vs torch {r_t:.3f}: "
+          f"{100 * (r_ort['ppl'] / r_t - 1):+.2f}%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
