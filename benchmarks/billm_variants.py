@@ -4,7 +4,8 @@ For the linears of a few decoder blocks, Hessians H = 2/n XᵀX come from C4 cal
 the float model; each variant's error is the Hessian-weighted relative output error
 tr(E H Eᵀ) / tr(W H Wᵀ), E = W_q - W (what the block-sequential methods minimize), with true bits per weight.
 
-Usage: python benchmarks/billm_variants.py [--blocks 0,14,29] [--nsamples 16] [--seqlen 512]
+Usage: python benchmarks/billm_variants.py [--blocks 0,11,14,29] [--nsamples 16] [--seqlen 512]
+(block 11 holds the massive-activation channels of SmolLM2's down_proj; block 0's o_proj has a few more)
 """
 
 import argparse
@@ -16,18 +17,20 @@ from lowbit.compiler import data, models
 from lowbit.passes.methods.billm import BiLLMConfig, billm_quantize
 from lowbit.passes.methods.gptq import GPTQConfig, gptq_quantize
 
+_CODE = dict(mean_shift=True, search_on="s", search_ranges="code", outlier_ratio=0)
 VARIANTS = {
-    "billm code (mu, on S, 1-49/81q)": BiLLMConfig(),
-    "billm paper (no mu, on W, 3-30/9)": BiLLMConfig(mean_shift=False, search_on="w", search_ranges="paper"),
-    "billm mu, on W, code ranges": BiLLMConfig(search_on="w"),
-    "billm no mu, on S, code ranges": BiLLMConfig(mean_shift=False),
-    "billm code, block 64": BiLLMConfig(block_size=64),
+    "billm code (mu, on S, 1-49/81q)": BiLLMConfig(**_CODE),
+    "billm paper (no mu, on W, 3-30/9)": BiLLMConfig(outlier_ratio=0),
+    "billm paper + fp16 outlier columns (default)": BiLLMConfig(),
+    "billm mu, on W, code ranges": BiLLMConfig(**{**_CODE, "search_on": "w"}),
+    "billm no mu, on S, code ranges": BiLLMConfig(**{**_CODE, "mean_shift": False}),
+    "billm code, block 64": BiLLMConfig(**_CODE, block_size=64),
 }
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--blocks", default="0,14,29")
+    ap.add_argument("--blocks", default="0,11,14,29")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     args = ap.parse_args()
