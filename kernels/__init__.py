@@ -1,6 +1,12 @@
-"""Fast implementations of the ``lowbit::*`` ops (Triton on CUDA).
+"""Fast implementations of the ``lowbit::*`` ops: Triton kernels, registered as the ops' CUDA implementations.
 
-None are registered yet: every op runs its eager reference from :mod:`lowbit.runtime.ops` on every
-device. The Triton kernels, their selection rule and the switch that forces the reference arrive with
-the kernels issue; this package is where they will register, imported lazily by the runtime.
+* :mod:`lowbit.kernels.triton_affine` — uniform 1-8 bit (any group size), GEMV and GEMM, split-K;
+* :mod:`lowbit.kernels.triton_binary` — BiLLM binary-residual (salient residual plane, group bitmap,
+  optional mean shift, fp16 outlier columns added by the wrapper);
+* :mod:`lowbit.kernels.dispatch` — the selection rule (:func:`~lowbit.kernels.dispatch.choose`), the
+  launch wrappers, :func:`~lowbit.kernels.dispatch.register_cuda`, and the switch that forces the eager
+  reference (``LOWBIT_REFERENCE=1`` or :func:`~lowbit.kernels.dispatch.force_reference`).
+
+The runtime calls :func:`~lowbit.kernels.dispatch.register_cuda` when CUDA and Triton are present; on CPU
+every op runs its eager reference (tests run the kernels on CPU through ``TRITON_INTERPRET=1``).
 """
