@@ -219,7 +219,13 @@ def export_main(argv=None) -> int:
                                 description="Lower an existing lowbit artifact to another runtime's format.")
     p.add_argument("artifact", help="artifact directory written by lowbit-compile")
     p.add_argument("--onnx", action="store_true", help="write DIR/onnx/ (model.onnx, decoder.onnx with KV cache)")
-    p.add_argument("--mlir", action="store_true", help="MLIR through torch-mlir (not implemented yet)")
+    p.add_argument("--mlir", action="store_true",
+                   help="write DIR/mlir/model.<dialect>.mlirbc through torch-mlir (lowbit ops decomposed into integer "
+                        "unpacking + matmul; packed weights stay integer constants)")
+    p.add_argument("--dialects", default="torch,linalg-on-tensors,tosa,stablehlo",
+                   help="--mlir: comma-separated output dialects (default: all four; tosa/stablehlo are best effort)")
+    p.add_argument("--static-shape", default="1,128",
+                   help="--mlir: batch,sequence of the static-shape graph used for tosa and stablehlo (default 1,128)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU; 0 = exact)")
     p.add_argument("--no-matmulnbits", action="store_true",
@@ -227,15 +233,38 @@ def export_main(argv=None) -> int:
     p.add_argument("--no-kv-cache", action="store_true", help="skip the decoder graph with key/value cache")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
     args = p.parse_args(argv)
-    if args.mlir:
-        print("lowbit-export: error: --mlir is not implemented yet", file=sys.stderr)
-        return 2
-    if not args.onnx:
-        print("lowbit-export: error: choose a target (--onnx)", file=sys.stderr)
+    if not (args.onnx or args.mlir):
+        print("lowbit-export: error: choose a target (--onnx and/or --mlir)", file=sys.stderr)
         return 2
     from lowbit.runtime.artifact import ArtifactError
 
     from .onnx_export import export_artifact
+
+    if args.mlir:
+        from . import mlir_export
+
+        try:
+            shape = tuple(int(v) for v in args.static_shape.split(","))
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError
+        except ValueError:
+            print(f"lowbit-export: error: --static-shape must be BATCH,SEQ (got {args.static_shape!r})", file=sys.stderr)
+            return 2
+        try:
+            m = mlir_export.export_artifact(args.artifact, dialects=tuple(x for x in args.dialects.split(",") if x),
+                                            overwrite=args.overwrite, static_shape=shape,
+                                            progress=lambda msg: print(msg, file=sys.stderr))
+        except (LowbitError, ArtifactError) as e:
+            print(f"lowbit-export: error: {e}", file=sys.stderr)
+            return 2
+        for d, r in m["dialects"].items():
+            if "error" in r:
+                print(f"lowbit-export: {args.artifact}/mlir: {d}: not lowered ({r['error']})")
+            else:
+                print(f"lowbit-export: {args.artifact}/mlir/{r['file']}: {r['bytes'] / 2**20:.1f} MiB, constants "
+                      + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(r["constants"].items())))
+        if not args.onnx:
+            return 0
 
     try:
         s = export_artifact(args.artifact, accuracy_level=args.accuracy_level, matmulnbits=not args.no_matmulnbits,

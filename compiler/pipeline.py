@@ -84,8 +84,6 @@ def compile_model(opts: CompileOptions) -> dict:
     # -- cheap validation first ----------------------------------------------------------------------
     if opts.target not in TARGETS:
         raise LowbitError(f"--target must be one of {TARGETS}, got {opts.target!r}")
-    if opts.target == "mlir":
-        raise LowbitError("--target mlir is not implemented yet; 'torch' and 'onnx' lowerings exist in this version")
     try:
         method = build_method(opts.method, **opts.method_options)
     except (ValueError, TypeError) as e:
@@ -203,6 +201,11 @@ def compile_model(opts: CompileOptions) -> dict:
 
                 with timer.stage("onnx"):
                     report["onnx"] = export_artifact(tmp, accuracy_level=opts.onnx_accuracy_level, progress=say)
+            if opts.target == "mlir":
+                from . import mlir_export
+
+                with timer.stage("mlir"):
+                    report["mlir"] = mlir_export.export_artifact(tmp, progress=say)
             report["times"] = {**timer.times, "total": time.perf_counter() - t_all}
             report_mod.write(report, tmp)
     except FileExistsError as e:
