@@ -122,7 +122,7 @@ def capture_decoder(art):
     return gm, wrapper, (ids, *past), dyn, layers
 
 
-def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool) -> dict:
+def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool, float16_storage: bool = True) -> dict:
     from lowbit.passes.base import PassContext
     from lowbit.passes.ort_layout import ToMatMulNBits
 
@@ -139,7 +139,7 @@ def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool) -
         prog = _onnx_program(ep, args, accuracy_level, names_in, names_out)
     except Exception as e:
         raise LowbitError(f"ONNX export of the decoder failed: {type(e).__name__}: {e}") from e
-    save_model(prog, Path(out_dir) / DECODER_FILE)
+    save_model(prog, Path(out_dir) / DECODER_FILE, float16_storage)
     _, kv, hd = _cache_shape(gm) if hasattr(gm, "config") else (None, args[1].shape[1], args[1].shape[3])
     return {"file": DECODER_FILE, "cache": {"layers": layers, "kv_heads": int(kv), "head_dim": int(hd)}}
 
@@ -168,7 +168,7 @@ def export_float_decoder(model_spec: str, out_dir, dtype: torch.dtype = torch.fl
     prog = _onnx_program(ep, (ids, *past), 0, names_in, names_out)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(prog, out_dir / DECODER_FILE)
+    save_model(prog, out_dir / DECODER_FILE, float16_storage=dtype == torch.float16)
     meta = {"graphs": {"decoder": DECODER_FILE}, "cache": {"layers": layers, "kv_heads": kv, "head_dim": hd},
             "float": True}
     (out_dir / "export.json").write_text(json.dumps(meta, indent=1))

@@ -26,6 +26,7 @@ from .errors import LowbitError
 ONNX_DIR = "onnx"
 MODEL_FILE = "model.onnx"
 EXPORT_JSON = "export.json"
+FP16_MIN_ELEMENTS = 1 << 20  # float tensors at least this large are stored in fp16 (see save_model)
 OPSET = 18  # the exporter's own opset (torchlib); asking for another runs a version converter that
 # inlines (and breaks on) the lowbit functions
 IR_VERSION = 10  # what ONNX Runtime 1.2x loads
@@ -57,14 +58,36 @@ def lower_program(program: torch.export.ExportedProgram, matmulnbits: bool = Tru
     return recapture(gm), rep, gm
 
 
-def save_model(onnx_program, path: Path) -> None:
-    """Save with every initializer in ``<name>.data`` (packed bytes stay packed; no 2 GB protobuf limit)."""
+def save_model(onnx_program, path: Path, float16_storage: bool = True) -> None:
+    """Save with every initializer in ``<name>.data`` (packed bytes stay packed; no 2 GB protobuf limit).
+
+    ``float16_storage``: large float32 tensors that stay float (embeddings, lm_head) are stored in fp16 with a
+    ``Cast`` to float32 in front, as the artifact stores them (``--float-dtype float16``); ONNX Runtime folds
+    the cast when it loads the model. Node doc strings and metadata (stack traces) are dropped.
+    """
+    import numpy as np
     import onnx
+    from onnx import helper, numpy_helper
 
     from lowbit.runtime.onnx_functions import attach_functions
 
     model = attach_functions(onnx_program.model_proto)
     model.ir_version = min(model.ir_version, IR_VERSION)
+    g = model.graph
+    for n in g.node:
+        n.doc_string = ""
+        del n.metadata_props[:]
+    if float16_storage:
+        casts = []
+        for i, t in enumerate(list(g.initializer)):
+            if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= FP16_MIN_ELEMENTS:
+                name = t.name
+                arr = numpy_helper.to_array(t).astype(np.float16)
+                g.initializer[i].CopyFrom(numpy_helper.from_array(arr, name + "__fp16"))
+                casts.append(helper.make_node("Cast", [name + "__fp16"], [name], to=onnx.TensorProto.FLOAT,
+                                              name=f"storage_cast_{name}"))
+        for c in reversed(casts):
+            g.node.insert(0, c)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=0)
 
@@ -98,13 +121,15 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
                                  dynamic_shapes=({0: "batch", 1: "sequence"},))
         except Exception as e:
             raise LowbitError(f"ONNX export of {artifact_dir} failed: {type(e).__name__}: {e}") from e
-        save_model(prog, tmp / MODEL_FILE)
+        f16 = art.manifest.get("float_storage_dtype", "float16") != "float32"
+        save_model(prog, tmp / MODEL_FILE, float16_storage=f16)
         files = [MODEL_FILE, MODEL_FILE + ".data"]
         summary = {"opset": OPSET, "accuracy_level": accuracy_level, "matmulnbits": matmulnbits,
+                   "float_storage": "float16" if f16 else "float32",
                    "pass": None if rep is None else rep.to_json(), "graphs": {"prefill": MODEL_FILE}}
         if kv_cache:
             progress("[onnx] exporting the decoder with key/value cache")
-            dec = export_decoder(art, tmp, accuracy_level, matmulnbits)
+            dec = export_decoder(art, tmp, accuracy_level, matmulnbits, float16_storage=f16)
             files += [dec["file"], dec["file"] + ".data"]
             summary["graphs"]["decoder"] = dec["file"]
             summary["cache"] = dec["cache"]

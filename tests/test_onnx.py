@@ -16,9 +16,9 @@ from lowbit.runtime.onnx_runtime import OnnxModelError, OrtDecoder, session
 from lowbit.runtime.tolerances import tolerance
 
 
-def _compile(tiny_dir, text_file, out, arch, *method):
+def _compile(tiny_dir, text_file, out, arch, *method, float_dtype="float32"):
     argv = [str(tiny_dir(arch)), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64", "-q",
-            "--float-dtype", "float32", "-o", str(out), *method]
+            "--float-dtype", float_dtype, "-o", str(out), *method]
     assert compile_main(argv) == 0
     return out
 
@@ -84,9 +84,18 @@ def test_architectures_export_with_matmulnbits(tiny_dir, text_file, tmp_path, ar
 
 @pytest.fixture(scope="module")
 def exported(tiny_dir, text_file, tmp_path_factory):
+    from lowbit.compiler import onnx_export
+
+    # float16 storage (the default): the tied embedding goes to the file in fp16 behind a Cast
     d = _compile(tiny_dir, text_file, tmp_path_factory.mktemp("kv") / "art", "llama",
-                 "--method", "rtn", "--bits", "4", "--group-size", "32")
-    assert export_main([str(d), "--onnx", "--accuracy-level", "0"]) == 0
+                 "--method", "rtn", "--bits", "4", "--group-size", "32", float_dtype="float16")
+    old, onnx_export.FP16_MIN_ELEMENTS = onnx_export.FP16_MIN_ELEMENTS, 1024
+    try:
+        assert export_main([str(d), "--onnx", "--accuracy-level", "0"]) == 0
+    finally:
+        onnx_export.FP16_MIN_ELEMENTS = old
+    m = onnx.load(str(d / "onnx" / "decoder.onnx"), load_external_data=False)
+    assert any(n.op_type == "Cast" and n.name.startswith("storage_cast_") for n in m.graph.node)
     return d
 
 
