@@ -101,10 +101,11 @@ class Engine:
     """Runs a method over every decoder block of ``model`` on calibration ``windows``."""
 
     def __init__(self, model: nn.Module, method, windows: torch.Tensor | None, progress: bool = True,
-                 batch_size: int = 1):
+                 batch_size: int = 1, plan=None):
         self.batch_size = batch_size
         self.model = model
         self.method = method
+        self.plan = plan  # lowbit.compiler.overrides.MethodPlan, or None: every linear gets `method`
         self.windows = windows
         self.progress = progress
         self.prefix, self.blocks = find_blocks(model)
@@ -113,6 +114,78 @@ class Engine:
         self.kwargs = {}
         self.extra_args = ()
         self.calibration = Calibration()
+
+    def _calibrate_block(self, ctx) -> dict:
+        """The block's linears, grouped by the method the overrides give them (one call per group)."""
+        if self.plan is None:
+            return self.method.calibrate_block(ctx)
+        groups: dict = {}
+        for name, mod in ctx.linears.items():
+            m, rule = self.plan.method_for(name)
+            if rule is not None:
+                self.calibration.info.setdefault(name, {})["override"] = rule.describe()
+            if m is not None:
+                groups.setdefault(id(m), (m, {}))[1][name] = mod
+        out = {}
+        all_linears = ctx.linears
+        for m, linears in groups.values():
+            ctx.linears = linears
+            out.update(m.calibrate_block(ctx))
+        ctx.linears = all_linears
+        return out
+
+    def _calibrate_lm_head(self, cal) -> None:
+        """Compress the output projection when a rule names it, on its inputs from the quantized model."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is None or not is_linear_like(head):
+            return
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        from .overrides import first_match
+
+        rule = first_match(self.plan.rules, name)
+        if rule is None or rule.skip:
+            if rule is not None:
+                self.plan.used.add(rule.index)
+            return
+        m, _ = self.plan.method_for(name)
+        if not hasattr(m, "quantize_linear") and m.needs_data:
+            raise LowbitError(f"overrides: {rule.describe()}: method {m.name!r} cannot compress {name} alone")
+        w = linear_weight(head)
+        cal.float_weights[name] = w.clone()
+        t0 = time.perf_counter()
+        if hasattr(m, "quantize_linear"):
+            if self.windows is None:
+                raise LowbitError(f"overrides: {rule.describe()}: needs calibration data")
+            k = w.shape[1]
+            h = torch.zeros(k, k, dtype=torch.float64)
+            count = [0]
+
+            def hook(mod, args, out):
+                x = args[0].reshape(-1, k).double()
+                h.add_(x.t() @ x)
+                count[0] += x.shape[0]
+
+            handle = head.register_forward_hook(hook)
+            try:
+                with torch.no_grad():
+                    for i in range(self.windows.shape[0]):
+                        self.model(input_ids=self.windows[i : i + 1], use_cache=False)
+            finally:
+                handle.remove()
+            fmt, info = m.quantize_linear(w, (2 * h / max(count[0], 1)).float())
+        else:  # data-free (rtn): the same call as inside the blocks, on a one-linear context
+            class _One:
+                linears = {name: head}
+                weight_of = staticmethod(linear_weight)
+                set_weight = staticmethod(set_linear_weight)
+
+            fmt = m.calibrate_block(_One())[name]
+            info = {}
+        set_linear_weight(head, fmt.dequantize())
+        cal.results[name] = fmt
+        cal.info.setdefault(name, {}).update({**info, "override": rule.describe()})
+        if self.progress:
+            _log(f"[calibrate] {name}: {rule.describe()} ({time.perf_counter() - t0:.1f}s)")
 
     # -- block I/O -------------------------------------------------------------------------------
     def call_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +275,7 @@ class Engine:
                 cal.float_weights[name] = w.clone()
             if self.float_inputs is not None:
                 ctx.float_targets = ctx.run_block(self.float_inputs)
-            cal.results.update(self.method.calibrate_block(ctx))
+            cal.results.update(self._calibrate_block(ctx))
             if self.quant_inputs is not None:
                 self.quant_inputs = ctx.run_block(self.quant_inputs)
                 ctx.quant_inputs = self.quant_inputs
@@ -214,6 +287,9 @@ class Engine:
             cal.block_times.append(dt)
             if self.progress:
                 _log(f"[calibrate] block {i + 1}/{n} {ctx.prefix}: {len(ctx.linears)} linears, {dt:.1f}s")
+        if self.plan is not None:
+            self._calibrate_lm_head(cal)
+            self.plan.check_all_used()
         # Put the float weights back: the graph is captured from float, the rewrite inserts the packed ops.
         mods = dict(self.model.named_modules())
         for name, w in cal.float_weights.items():

@@ -62,6 +62,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="keep input channels whose Hessian diagonal exceeds this x its median (massive "
                         "activations) as fp16 columns, at most 1/64 of the columns (default 100; 0 = the "
                         "paper's algorithm, everything binarized)")
+    p.add_argument("--overrides", default=None, metavar="FILE",
+                   help="per-module rules (.toml/.json): match a name pattern, then skip = true or other options, "
+                        "e.g. keep lm_head and layers.0.* at 4 bits while the rest gets 2 (see README)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="c4", help="c4 or a .txt/.jsonl file (default c4)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -102,6 +105,7 @@ def compile_main(argv=None) -> int:
         seqlen=args.seqlen, seed=args.seed, eval=tuple(x for x in args.eval.split(",") if x),
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, eval_float=not args.no_eval_float,
         float_dtype=args.float_dtype, progress=not args.quiet, onnx_accuracy_level=args.accuracy_level,
+        overrides=args.overrides,
     )
     try:
         report = compile_model(opts)

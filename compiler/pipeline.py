@@ -53,6 +53,8 @@ class CompileOptions:
     float_dtype: str = "float16"  # storage dtype of the parameters that stay float
     progress: bool = True
     onnx_accuracy_level: int = 4  # MatMulNBits accuracy_level for --target onnx (4 = int8 activations)
+    # Per-module overrides (lowbit.compiler.overrides): a .json/.toml path or a list of rule dicts.
+    overrides: object = None
 
 
 def default_output(opts: CompileOptions, tag: str) -> Path:
@@ -88,7 +90,15 @@ def compile_model(opts: CompileOptions) -> dict:
         method = build_method(opts.method, **opts.method_options)
     except (ValueError, TypeError) as e:
         raise LowbitError(str(e)) from e
+    plan = None
+    if opts.overrides is not None:
+        from .overrides import MethodPlan, load_rules, parse_rules
+
+        rules = parse_rules(opts.overrides) if isinstance(opts.overrides, list) else load_rules(opts.overrides)
+        plan = MethodPlan(method, opts.method_options, rules)
     tag = method.config.tag() if hasattr(method.config, "tag") else opts.method
+    if plan is not None:
+        tag += "-overrides"
     out = Path(opts.output) if opts.output else default_output(opts, tag)
     if out.exists() and not opts.overwrite:
         raise LowbitError(f"output directory {out} already exists (use --overwrite to replace it)")
@@ -106,6 +116,8 @@ def compile_model(opts: CompileOptions) -> dict:
     with timer.stage("load"):
         say(f"[load] {opts.model}")
         model, tokenizer, src = models.load(opts.model)
+    if plan is not None:
+        plan.precheck(n for n, m in model.named_modules() if models.is_linear_like(m))
     float_params = {id(p): p for p in model.parameters()}
     n_params = sum(p.numel() for p in float_params.values())
 
@@ -113,7 +125,8 @@ def compile_model(opts: CompileOptions) -> dict:
         "lowbit_version": __version__,
         "model": {"id": src.model_id, "source": str(src.path), "kind": src.kind, "class": type(model).__name__,
                   "params": n_params},
-        "method": {**method.describe(), "tag": tag},
+        "method": {**method.describe(), "tag": tag,
+                   **({"overrides": [r.describe() for r in plan.rules]} if plan is not None else {})},
         "eval": {},
     }
     eval_tokens = {}
@@ -131,7 +144,8 @@ def compile_model(opts: CompileOptions) -> dict:
     report["calibration"] = calib_info
     with timer.stage("calibrate"):
         say(f"[calibrate] {opts.method} {tag} on {windows.shape[0]} x {windows.shape[1]} tokens of {calib_info['source']}")
-        cal = Engine(model, method, windows if method.needs_data else None, progress=opts.progress).run()
+        needs_data = plan.needs_data if plan is not None else method.needs_data
+        cal = Engine(model, method, windows if needs_data else None, progress=opts.progress, plan=plan).run()
     with timer.stage("export"):
         ep = capture.capture(model)
         gm = ep.module()
