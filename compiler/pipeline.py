@@ -18,6 +18,7 @@ import torch
 
 from lowbit import __version__
 from lowbit.passes import PassContext, PassManager, default_passes
+from lowbit.passes.base import PassError
 from lowbit.passes.methods import build_method
 from lowbit.runtime import artifact as art
 
@@ -55,6 +56,8 @@ class CompileOptions:
     onnx_accuracy_level: int = 4  # MatMulNBits accuracy_level for --target onnx (4 = int8 activations)
     # Per-module overrides (lowbit.compiler.overrides): a .json/.toml path or a list of rule dicts.
     overrides: object = None
+    # The user's own passes (objects with ``name`` and ``run(gm, ctx) -> PassReport``), run after lowbit's.
+    extra_passes: tuple = ()
 
 
 def default_output(opts: CompileOptions, tag: str) -> Path:
@@ -151,7 +154,10 @@ def compile_model(opts: CompileOptions) -> dict:
         gm = ep.module()
     with timer.stage("passes"):
         ctx = PassContext(results=cal.results, float_weights=cal.float_weights, calib_batch=windows[:1])
-        reports = PassManager(default_passes(), log=say).run(gm, ctx)
+        try:
+            reports = PassManager([*default_passes(), *opts.extra_passes], log=say).run(gm, ctx)
+        except PassError as e:  # nothing has been written yet
+            raise LowbitError(str(e)) from e
         del ep
     with timer.stage("lower"):
         program = capture.recapture(gm)

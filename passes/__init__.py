@@ -4,6 +4,7 @@ Default pipeline: ``find-linear-sites -> replace-linears -> verify -> clean-up``
 :func:`default_passes`). User passes follow the same protocol (:class:`Pass`).
 """
 
-from .base import Pass, PassContext, PassError, PassManager, PassReport, default_passes
+from .base import PASS_NAMES, Pass, PassContext, PassError, PassManager, PassReport, default_passes, pass_by_name
 
-__all__ = ["Pass", "PassContext", "PassError", "PassManager", "PassReport", "default_passes"]
+__all__ = ["PASS_NAMES", "Pass", "PassContext", "PassError", "PassManager", "PassReport", "default_passes",
+           "pass_by_name"]
