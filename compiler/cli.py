@@ -235,6 +235,9 @@ def export_main(argv=None) -> int:
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep every weight in lowbit-domain functions (no com.microsoft ops)")
     p.add_argument("--no-kv-cache", action="store_true", help="skip the decoder graph with key/value cache")
+    p.add_argument("--outlier-data", default="c4",
+                   help="text for finding massive activation channels, which accuracy_level 4 keeps out of its "
+                        "int8 activation path (c4, a .txt/.jsonl file, or none; default c4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
     args = p.parse_args(argv)
     if not (args.onnx or args.mlir):
@@ -272,7 +275,7 @@ def export_main(argv=None) -> int:
 
     try:
         s = export_artifact(args.artifact, accuracy_level=args.accuracy_level, matmulnbits=not args.no_matmulnbits,
-                            kv_cache=not args.no_kv_cache, overwrite=args.overwrite,
+                            kv_cache=not args.no_kv_cache, overwrite=args.overwrite, outlier_data=args.outlier_data,
                             progress=lambda m: print(m, file=sys.stderr))
     except (LowbitError, ArtifactError) as e:
         print(f"lowbit-export: error: {e}", file=sys.stderr)

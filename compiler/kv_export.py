@@ -122,7 +122,8 @@ def capture_decoder(art):
     return gm, wrapper, (ids, *past), dyn, layers
 
 
-def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool, float16_storage: bool = True) -> dict:
+def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool, float16_storage: bool = True,
+                   outliers: dict | None = None) -> dict:
     from lowbit.passes.base import PassContext
     from lowbit.passes.ort_layout import ToMatMulNBits
 
@@ -130,7 +131,7 @@ def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool, f
 
     gm, _, args, dyn, layers = capture_decoder(art)
     if matmulnbits:
-        ToMatMulNBits().run(gm, PassContext())
+        ToMatMulNBits(outlier_channels=outliers).run(gm, PassContext())
     with torch.no_grad():  # the rewritten module takes the inputs flat
         ep = torch.export.export(gm, args, dynamic_shapes=dyn)
     names_in = ["input_ids"] + [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]

@@ -13,6 +13,13 @@ the reason in the report:
 
 The result still runs in torch (the op has an eager reference), so equivalence is checked before
 translation.
+
+Activation outliers (``outlier_channels``, from :func:`activation_outliers`): ``MatMulNBits`` at
+``accuracy_level`` 4 quantizes each block of activations to int8, and one massive channel (SmolLM2's
+residual stream has channels ~1000x the others) ruins the other values of its block. For the layers given,
+those input channels are taken out of the int8 path: the node reads ``x`` with them zeroed, and a thin float
+matmul ``x[..., idx] @ W[:, idx].T`` (the few dequantized columns, exact in float32) adds them back
+(LLM.int8()-style decomposition).
 """
 
 from __future__ import annotations
@@ -56,8 +63,9 @@ def repack_for_matmulnbits(qweight, scales, zeros, bits: int, group_size: int, i
 class ToMatMulNBits:
     name = "to-matmulnbits"
 
-    def __init__(self, dtype: torch.dtype = torch.float32):
+    def __init__(self, dtype: torch.dtype = torch.float32, outlier_channels: dict | None = None):
         self.dtype = dtype
+        self.outlier_channels = outlier_channels or {}  # qweight attribute name -> LongTensor of input channels
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         rep = PassReport(self.name)
@@ -79,11 +87,31 @@ class ToMatMulNBits:
             for suffix, t in (("nbits_b", b), ("nbits_scales", scales), ("nbits_zp", zp)):
                 names[suffix] = f"{base}__{suffix}"
                 gm.register_buffer(names[suffix], t)
+            idx = self.outlier_channels.get(qw.target)
+            if idx is not None and len(idx):
+                from lowbit.runtime.formats import dequantize_affine
+
+                w_cols = dequantize_affine(get(qw), get(sc), get(zr), bits, gs, k)[:, idx]
+                keep = torch.ones(k)
+                keep[idx] = 0.0
+                for suffix, t in (("act_keep", keep.to(self.dtype)), ("act_idx", idx.to(torch.int64)),
+                                  ("act_cols", w_cols.to(self.dtype).contiguous())):
+                    names[suffix] = f"{base}__{suffix}"
+                    gm.register_buffer(names[suffix], t)
+                rep.changed["activation outlier splits"] = rep.changed.get("activation outlier splits", 0) + 1
             with gm.graph.inserting_before(node):
-                args = [x] + [gm.graph.get_attr(names[s]) for s in ("nbits_b", "nbits_scales", "nbits_zp")]
+                x_in = x
+                if "act_idx" in names:
+                    x_in = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, gm.graph.get_attr(names["act_keep"])))
+                args = [x_in] + [gm.graph.get_attr(names[s]) for s in ("nbits_b", "nbits_scales", "nbits_zp")]
                 new = gm.graph.call_function(torch.ops.lowbit.matmul_nbits.default,
                                              (*args, bias, k, n, bits, gs))
                 out = new
+                if "act_idx" in names:  # the outlier channels, in float: x[..., idx] @ W[:, idx].T
+                    xo = gm.graph.call_function(torch.ops.aten.index_select.default,
+                                                (x, -1, gm.graph.get_attr(names["act_idx"])))
+                    t = gm.graph.call_function(torch.ops.aten.linear.default, (xo, gm.graph.get_attr(names["act_cols"])))
+                    out = gm.graph.call_function(torch.ops.aten.add.Tensor, (out, t))
                 if la is not None:  # low-rank branch: two thin plain matmuls added to the output
                     t = gm.graph.call_function(torch.ops.aten.linear.default, (x, la))
                     t = gm.graph.call_function(torch.ops.aten.linear.default, (t, lb))
@@ -96,6 +124,33 @@ class ToMatMulNBits:
         _drop_unused_buffers(gm)
         gm.recompile()
         return rep
+
+
+def activation_outliers(gm, batches, ratio: float = 20.0, max_channels: int = 8) -> dict:
+    """Input channels of each ``affine_linear`` node whose peak |activation| over ``batches`` (token ids) exceeds
+    ``ratio`` x the median channel peak: ``{qweight attribute name: LongTensor}`` (at most ``max_channels``)."""
+    target = torch.ops.lowbit.affine_linear.default
+    peaks: dict = {}
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.op == "call_function" and n.target == target:
+                x = self.env[n.args[0]]
+                p = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+                key = n.args[1].target  # the qweight attribute: the same name in every graph of an artifact
+                peaks[key] = p if key not in peaks else torch.maximum(peaks[key], p)
+            return super().run_node(n)
+
+    with torch.no_grad():
+        for ids in batches:
+            Probe(gm).run(ids)
+    out = {}
+    for name, p in peaks.items():
+        med = p.median().clamp(min=1e-12)
+        cand = torch.nonzero(p > ratio * med).flatten()
+        if cand.numel():
+            out[name] = cand[torch.argsort(p[cand], descending=True)[:max_channels]].sort().values
+    return out
 
 
 def _fetch(gm, node) -> torch.Tensor:

@@ -159,3 +159,41 @@ def test_export_refuses_existing_and_leaves_nothing(exported, capsys):
     assert export_main([str(exported), "--onnx"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert not [p for p in exported.iterdir() if ".partial-" in p.name]
+
+
+def test_activation_outlier_split_is_exact_and_found(tmp_path):
+    """Massive input channels leave the int8 path of MatMulNBits: the rewritten layer still equals the
+    reference (float path for those channels), in torch and in ONNX Runtime."""
+    from lowbit.compiler.onnx_export import _onnx_program, save_model
+    from lowbit.passes.base import PassContext
+    from lowbit.passes.methods.quant import rtn_quantize
+    from lowbit.passes.ort_layout import ToMatMulNBits, activation_outliers
+    from lowbit.runtime import ops
+
+    fmt = rtn_quantize(torch.randn(40, 96), 4, 32, False)
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for k, v in fmt.tensors().items():
+                self.register_buffer(k, v)
+
+        def forward(self, x):
+            return ops.affine_linear(x, self.qweight, self.scales, self.zeros, None, None, None, 4, 32, 96)
+
+    x = torch.randn(3, 96)
+    x[:, [5, 60]] *= 500  # two massive channels
+    ep = torch.export.export(One(), (x,), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=64)},))
+    gm = ep.module()
+    found = activation_outliers(gm, [x])
+    assert [v.tolist() for v in found.values()] == [[5, 60]]
+    rep = ToMatMulNBits(outlier_channels=found).run(gm, PassContext())
+    assert rep.changed["activation outlier splits"] == 1
+    ref = x @ fmt.dequantize().t()
+    torch.testing.assert_close(gm(x), ref, rtol=1e-4, atol=1e-3)
+    ep2 = torch.export.export(gm, (x,), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=64)},))
+    for acc, tol in ((0, 1e-4), (4, 2e-2)):
+        path = tmp_path / f"one{acc}.onnx"
+        save_model(_onnx_program(ep2, (x,), acc, ["x"], ["y"]), path)
+        y = torch.from_numpy(session(tmp_path, path.name, verify=False).run(None, {"x": x.numpy()})[0])
+        assert _rel(y, ref) < tol
