@@ -123,7 +123,7 @@ def capture_decoder(art):
 
 
 def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool, float16_storage: bool = True,
-                   outliers: dict | None = None) -> dict:
+                   outliers: dict | None = None, max_block: int | None = None) -> dict:
     from lowbit.passes.base import PassContext
     from lowbit.passes.ort_layout import ToMatMulNBits
 
@@ -131,7 +131,7 @@ def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool, f
 
     gm, _, args, dyn, layers = capture_decoder(art)
     if matmulnbits:
-        ToMatMulNBits(outlier_channels=outliers).run(gm, PassContext())
+        ToMatMulNBits(outlier_channels=outliers, max_block=max_block).run(gm, PassContext())
     with torch.no_grad():  # the rewritten module takes the inputs flat
         ep = torch.export.export(gm, args, dynamic_shapes=dyn)
     names_in = ["input_ids"] + [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]

@@ -46,25 +46,37 @@ def why_not_matmulnbits(bits: int, group_size: int, symmetric: bool) -> str | No
 
 
 def repack_for_matmulnbits(qweight, scales, zeros, bits: int, group_size: int, in_features: int,
-                           dtype: torch.dtype = torch.float32):
-    """Our per-row bit stream -> ``(b, scales, zero_points)`` in ``MatMulNBits`` layout."""
+                           dtype: torch.dtype = torch.float32, block_size: int | None = None):
+    """Our per-row bit stream -> ``(b, scales, zero_points)`` in ``MatMulNBits`` layout.
+
+    ``block_size`` (a divisor of ``group_size``, default the group size): ORT blocks smaller than our groups,
+    each repeating its group's scale and zero point (exactly the same weights; at ``accuracy_level`` 4 ORT
+    quantizes activations per block, so smaller blocks keep more activation precision)."""
     n, g = scales.shape
+    blk = block_size or group_size
+    if group_size % blk:
+        raise ValueError(f"block size {blk} must divide the group size {group_size}")
+    rep = group_size // blk
+    kb = -(-in_features // blk)
     codes = unpack_rows(qweight, bits, in_features)
-    padded = torch.zeros(n, g * group_size, dtype=torch.uint8)
+    padded = torch.zeros(n, kb * blk, dtype=torch.uint8)
     padded[:, :in_features] = codes
-    b = pack_rows(padded.view(n * g, group_size), bits).view(n, g, group_size * bits // 8)
+    b = pack_rows(padded.view(n * kb, blk), bits).view(n, kb, blk * bits // 8)
+    sc = scales.repeat_interleave(rep, dim=1)[:, :kb]
     if zeros is None:  # symmetric: midpoint (2**bits - 1) / 2 as float zero points
-        zp = torch.full((n, g), ((1 << bits) - 1) / 2.0, dtype=dtype)
-    else:  # our zero points are already packed per row, low bits first: ORT's layout
-        zp = pack_rows(unpack_rows(zeros, bits, g), bits)
-    return b.contiguous(), scales.to(dtype).contiguous(), zp.contiguous()
+        zp = torch.full((n, kb), ((1 << bits) - 1) / 2.0, dtype=dtype)
+    else:  # packed per row, low bits first: ORT's layout
+        zp = pack_rows(unpack_rows(zeros, bits, g).repeat_interleave(rep, dim=1)[:, :kb], bits)
+    return b.contiguous(), sc.to(dtype).contiguous(), zp.contiguous()
 
 
 class ToMatMulNBits:
     name = "to-matmulnbits"
 
-    def __init__(self, dtype: torch.dtype = torch.float32, outlier_channels: dict | None = None):
+    def __init__(self, dtype: torch.dtype = torch.float32, outlier_channels: dict | None = None,
+                 max_block: int | None = None):
         self.dtype = dtype
+        self.max_block = max_block  # ORT block = min(group size, max_block) (see repack_for_matmulnbits)
         self.outlier_channels = outlier_channels or {}  # qweight attribute name -> LongTensor of input channels
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
@@ -80,7 +92,8 @@ class ToMatMulNBits:
                 rep.skipped.append((label, why + "; kept as lowbit.AffineLinear"))
                 continue
             get = lambda a: None if a is None else _fetch(gm, a)  # noqa: E731
-            b, scales, zp = repack_for_matmulnbits(get(qw), get(sc), get(zr), bits, gs, k, self.dtype)
+            blk = gs if not self.max_block else min(gs, self.max_block)
+            b, scales, zp = repack_for_matmulnbits(get(qw), get(sc), get(zr), bits, gs, k, self.dtype, blk)
             n = scales.shape[0]
             base = qw.target.rsplit("__", 1)[0]
             names = {}
@@ -105,7 +118,7 @@ class ToMatMulNBits:
                     x_in = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, gm.graph.get_attr(names["act_keep"])))
                 args = [x_in] + [gm.graph.get_attr(names[s]) for s in ("nbits_b", "nbits_scales", "nbits_zp")]
                 new = gm.graph.call_function(torch.ops.lowbit.matmul_nbits.default,
-                                             (*args, bias, k, n, bits, gs))
+                                             (*args, bias, k, n, bits, blk))
                 out = new
                 if "act_idx" in names:  # the outlier channels, in float: x[..., idx] @ W[:, idx].T
                     xo = gm.graph.call_function(torch.ops.aten.index_select.default,
