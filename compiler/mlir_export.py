@@ -11,9 +11,7 @@ by element type, so the packing is visible (uint8 constants ~ the artifact's pac
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -88,11 +86,10 @@ def export_artifact(artifact_dir, dialects=DIALECTS, overwrite: bool = False, ch
     final = artifact_dir / MLIR_DIR
     if final.exists() and not overwrite:
         raise LowbitError(f"{final} already exists (use --overwrite to replace it)")
-    tmp = artifact_dir / f".{MLIR_DIR}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     t0 = time.perf_counter()
-    try:
+    from lowbit.runtime.artifact import staging_dir
+
+    with staging_dir(final, overwrite=True) as tmp:
         progress(f"[mlir] decomposing the lowbit ops of {artifact_dir}")
         ep, rep = decomposed_program(art)
         summary = {"pass": rep.to_json(), "dialects": {}, "packed_bytes": art.packed_bytes(),
@@ -127,9 +124,4 @@ def export_artifact(artifact_dir, dialects=DIALECTS, overwrite: bool = False, ch
                                       else "dynamic batch, sequence", "constants": constant_bytes(asm)}
         summary["seconds"] = time.perf_counter() - t0
         (tmp / "export.json").write_text(json.dumps(summary, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary

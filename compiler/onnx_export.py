@@ -14,8 +14,6 @@ token per step (see :mod:`lowbit.compiler.kv_export`).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -132,12 +130,10 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
     final = artifact_dir / ONNX_DIR
     if final.exists() and not overwrite:
         raise LowbitError(f"{final} already exists (use --overwrite to replace it)")
-    tmp = artifact_dir / f".{ONNX_DIR}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     t0 = time.perf_counter()
-    try:
+    from lowbit.runtime.artifact import staging_dir
+
+    with staging_dir(final, overwrite=True) as tmp:
         progress(f"[onnx] lowering {artifact_dir} (MatMulNBits: {'on' if matmulnbits else 'off'}, "
                  f"accuracy_level {accuracy_level})")
         outliers = find_activation_outliers(art, outlier_data, progress) if matmulnbits and accuracy_level == 4 else {}
@@ -180,12 +176,6 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
         summary["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
         summary["seconds"] = time.perf_counter() - t0
         (tmp / EXPORT_JSON).write_text(json.dumps(summary, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

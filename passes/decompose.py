@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .base import PassContext, PassReport
+from .ort_layout import _fetch
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -73,13 +74,6 @@ def binary_linear_decomposed(x, signs, residual_signs, group, alphas, mus, outli
         ov = outlier_vals.to(torch.float32)
         w = torch.where(col_kind == 2, torch.index_select(ov, 1, col_pos.clamp(max=ov.shape[1] - 1)), w)
     return torch.nn.functional.linear(x, w.to(x.dtype))
-
-
-def _fetch(gm, node):
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _column_maps(k, salient_cols, outlier_cols):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.runtime.formats import dequantize_affine  # noqa: F401  (documentation: the source format)
 from lowbit.runtime.packing import pack_rows, unpack_rows
 
 from .base import PassContext, PassReport
