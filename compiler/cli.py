@@ -13,6 +13,7 @@ examples:
   lowbit-compile smollm2-135m --method gptq --bits 4 --group-size 128 --eval wikitext2
   lowbit-compile ./my-hf-model --method rtn --bits 3 --group-size 64 -o out/rtn3
   lowbit-compile model.gguf --method gptq --bits 2 --group-size 64 --act-order --eval wikitext2,c4 --eval-windows 32
+  lowbit-compile smollm2-135m --method apiq --bits 2 --group-size 64 --lora-rank 8 --apiq-epochs 2
   lowbit-compile smollm2-135m --method billm --target onnx        # artifact + DIR/onnx/ for ONNX Runtime
   lowbit-export out/smollm2-135m-gptq-w4g128 --onnx                  # ONNX for an existing artifact
   lowbit-run out/smollm2-135m-gptq-w4g128 --prompt "The capital of France is"
@@ -36,7 +37,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="HF model directory, .gguf file, or alias (smollm2-135m)")
     p.add_argument("--method", default="gptq", choices=sorted(REGISTRY),
-                   help="gptq, rtn, billm (1-bit), sign (naive 1-bit baseline); default gptq")
+                   help="gptq, rtn, billm (1-bit), apiq (2-4 bit + LoRA), sign (naive 1-bit baseline); "
+                        "default gptq")
     q = p.add_argument_group("uniform quantization (rtn, gptq)")
     q.add_argument("--bits", type=int, default=None, help="bits per weight code, 1-8 (default 4)")
     q.add_argument("--group-size", type=int, default=None, help="columns per scale/zero group (default 128)")
@@ -62,6 +64,23 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="keep input channels whose Hessian diagonal exceeds this x its median (massive "
                         "activations) as fp16 columns, at most 1/64 of the columns (default 100; 0 = the "
                         "paper's algorithm, everything binarized)")
+    a = p.add_argument_group("apiq (uniform base + LoRA; --bits/--group-size/--sym apply, default w2g64)")
+    a.add_argument("--apiq-mode", default=None, choices=["bw", "lw"],
+                   help="bw: train each block's clipping + LoRA against the float block (default); lw: per linear")
+    a.add_argument("--lora-init", default=None, choices=["apiq", "qlora", "loftq"],
+                   help="apiq (trained, default); baselines: qlora (RTN base, B = 0) or loftq (quantize/SVD, data-free)")
+    a.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 64, the paper's; 0 = no LoRA)")
+    a.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, scaling alpha/rank (default 16)")
+    a.add_argument("--lora-targets", default=None,
+                   help="comma-separated name patterns of the linears that get LoRA (default '*': all), "
+                        "e.g. q_proj,v_proj")
+    a.add_argument("--apiq-epochs", type=int, default=None, help="passes over the windows per block/layer (default 20)")
+    a.add_argument("--apiq-lr-lwc", type=float, default=None, help="AdamW lr of the clipping logits (default 5e-3)")
+    a.add_argument("--apiq-lr-lora", type=float, default=None, help="AdamW lr of the LoRA factors (default 5e-4)")
+    a.add_argument("--apiq-aug-loss", default=None, action=argparse.BooleanOptionalAction,
+                   help="also fit the float block's output on the quantized inputs (default off)")
+    a.add_argument("--apiq-batch-size", type=int, default=None, help="windows per optimizer step (default 1)")
+    a.add_argument("--loftq-iters", type=int, default=None, help="LoftQ alternations (default 5)")
     p.add_argument("--overrides", default=None, metavar="FILE",
                    help="per-module rules (.toml/.json): match a name pattern, then skip = true or other options, "
                         "e.g. keep lm_head and layers.0.* at 4 bits while the rest gets 2 (see README)")
@@ -97,7 +116,10 @@ def compile_main(argv=None) -> int:
              "gptq_block_size": "block_size", "act_order": "act_order", "billm_block_size": "block_size",
              "billm_mean_shift": "mean_shift", "billm_search_on": "search_on",
              "billm_search_ranges": "search_ranges", "billm_search_rows": "search_rows",
-             "billm_outlier_ratio": "outlier_ratio"}
+             "billm_outlier_ratio": "outlier_ratio", "apiq_mode": "mode", "lora_init": "init",
+             "lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets", "apiq_epochs": "epochs",
+             "apiq_lr_lwc": "lr_lwc", "apiq_lr_lora": "lr_lora", "apiq_aug_loss": "aug_loss",
+             "apiq_batch_size": "batch_size", "loftq_iters": "loftq_iters"}
     method_options = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
     opts = CompileOptions(
         model=args.model, method=args.method, method_options=method_options, output=args.output,

@@ -127,7 +127,7 @@ class ToMatMulNBits:
                 if la is not None:  # low-rank branch: two thin plain matmuls added to the output
                     t = gm.graph.call_function(torch.ops.aten.linear.default, (x, la))
                     t = gm.graph.call_function(torch.ops.aten.linear.default, (t, lb))
-                    out = gm.graph.call_function(torch.ops.aten.add.Tensor, (new, t))
+                    out = gm.graph.call_function(torch.ops.aten.add.Tensor, (out, t))
             new.meta.update({kk: v for kk, v in node.meta.items() if kk in ("nn_module_stack", "val", "lowbit_module")})
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
