@@ -311,5 +311,68 @@ def export_main(argv=None) -> int:
     return 0
 
 
+def finetune_main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="lowbit-finetune",
+        description="Train the LoRA branches of a compiled artifact on text (next-token loss). The packed base "
+        "stays frozen and packed; a new artifact is written at the end. Checkpoints every --checkpoint-every "
+        "steps into OUTPUT.ckpt/; --resume continues an interrupted run with the same result.",
+        epilog="example:\n  lowbit-finetune out/smollm2-135m-apiq-w2g64-r8-apiq-bw --data c4 --nsamples 256 "
+               "-o out/apiq-ft --eval wikitext2 --eval-windows 32",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("artifact", help="artifact directory with LoRA branches (lowbit-compile --method apiq)")
+    p.add_argument("--data", default="c4", help="c4 (documents 0-999) or a .txt/.jsonl file (default c4)")
+    p.add_argument("-o", "--output", default=None, help="new artifact directory (default ARTIFACT-ft)")
+    p.add_argument("--nsamples", type=int, default=256, help="training windows (default 256)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--val-samples", type=int, default=8, help="held-out windows for the validation loss (default 8)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak lr, 3%% warm-up then cosine (default 3e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="window draw and order (default 0)")
+    p.add_argument("--checkpoint-every", type=int, default=16, help="steps between checkpoints (default 16)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt/ if it exists")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="train N steps in this run, checkpoint and stop (continue later with --resume)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its checkpoint)")
+    p.add_argument("--eval", default="", help="evaluate the new artifact: wikitext2, c4 or a file (comma-separated)")
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    from .finetune import FinetuneOptions, finetune
+
+    opts = FinetuneOptions(
+        artifact=args.artifact, output=args.output or args.artifact.rstrip("/") + "-ft", data=args.data,
+        nsamples=args.nsamples, seqlen=args.seqlen, val_samples=args.val_samples, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
+        stop_after=args.stop_after, eval=tuple(x for x in args.eval.split(",") if x), eval_windows=args.eval_windows,
+        eval_seqlen=args.eval_seqlen, progress=not args.quiet)
+    try:
+        r = finetune(opts)
+    except LowbitError as e:
+        print(f"lowbit-finetune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowbit-finetune: interrupted; no artifact written (resume from the last checkpoint with --resume)",
+              file=sys.stderr)
+        return 130
+    if r.get("stopped"):
+        print(f"lowbit-finetune: stopped at step {r['step']}/{r['total_steps']}; checkpoint {r['checkpoint']}")
+        return 0
+    first = next((h["val_loss"] for h in r["history"] if "val_loss" in h), float("nan"))
+    last = next((h["val_loss"] for h in reversed(r["history"]) if "val_loss" in h), float("nan"))
+    print(f"lowbit-finetune: {opts.artifact} -> {opts.output}\n"
+          f"  trained            : {r['steps']} steps, {r['trainable_params']:,} LoRA parameters, {r['time_s']:.0f}s\n"
+          f"  validation loss    : {first:.4f} -> {last:.4f}")
+    for e, v in r.get("eval", {}).items():
+        b = f"{v['before']['ppl']:.3f} -> " if v.get("before") else ""
+        print(f"  perplexity {e:<8}: {b}{v['after']['ppl']:.3f} ({v['after']['windows']} windows)")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(compile_main())

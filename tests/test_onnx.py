@@ -45,6 +45,8 @@ FORMATS = {  # name: (method flags, expected MatMulNBits nodes, expected lowbit 
     "w3g32": (["--method", "rtn", "--bits", "3", "--group-size", "32"], 0, 14),
     "w4g24": (["--method", "rtn", "--bits", "4", "--group-size", "24"], 0, 14),
     "w8g32-sym": (["--method", "rtn", "--bits", "8", "--group-size", "32", "--sym"], 0, 14),
+    "apiq-w4g32-r4": (["--method", "apiq", "--bits", "4", "--group-size", "32", "--lora-rank", "4",
+                       "--apiq-epochs", "1"], 14, 0),
     "billm": (["--method", "billm", "--billm-block-size", "32", "--billm-outlier-ratio", "2"], 0, 14),
 }
 
@@ -170,7 +172,11 @@ def test_activation_outlier_split_is_exact_and_found(tmp_path):
     from lowbit.passes.ort_layout import ToMatMulNBits, activation_outliers
     from lowbit.runtime import ops
 
+    from lowbit.runtime.formats import LowRank
+
     fmt = rtn_quantize(torch.randn(40, 96), 4, 32, False)
+    # with a low-rank branch: it must be added to the outlier-corrected output, not replace it
+    fmt.lowrank = LowRank(torch.randn(3, 96).half() * 0.1, torch.randn(40, 3).half() * 0.1)
 
     class One(torch.nn.Module):
         def __init__(self):
@@ -179,7 +185,8 @@ def test_activation_outlier_split_is_exact_and_found(tmp_path):
                 self.register_buffer(k, v)
 
         def forward(self, x):
-            return ops.affine_linear(x, self.qweight, self.scales, self.zeros, None, None, None, 4, 32, 96)
+            return ops.affine_linear(x, self.qweight, self.scales, self.zeros, None, self.lora_a, self.lora_b,
+                                     4, 32, 96)
 
     x = torch.randn(3, 96)
     x[:, [5, 60]] *= 500  # two massive channels

@@ -70,7 +70,7 @@ class LWCQuantizer(nn.Module):
         """Fake-quantized ``w`` (differentiable w.r.t. the clipping logits)."""
         wg = self._grouped(w)
         scale, zero = self._params(wg, fp16_scale=False)
-        q = torch.clamp(_round_ste(wg / scale[..., None]) + zero[..., None], 0, self.maxq)
+        q = torch.clamp(_round_ste(wg / scale[..., None] + zero[..., None]), 0, self.maxq)
         deq = (q - zero[..., None]) * scale[..., None]
         return deq.reshape(self.n, -1)[:, : self.k]
 
@@ -79,7 +79,7 @@ class LWCQuantizer(nn.Module):
         """The packed format the learned clipping gives (fp16 scales first, then the codes for them)."""
         wg = self._grouped(w.float())
         scale, zero = self._params(wg, fp16_scale=True)
-        q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, self.maxq)
+        q = torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, self.maxq)
         codes = q.reshape(self.n, -1)[:, : self.k]
         return AffineIntK.from_codes(codes.to(torch.uint8), scale, None if self.symmetric else zero.to(torch.uint8),
                                      self.bits, self.group_size, lowrank=lowrank)

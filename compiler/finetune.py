@@ -1,0 +1,314 @@
+"""``lowbit-finetune``: train the LoRA branches of a compiled artifact; the packed base stays frozen and packed.
+
+The model is rebuilt from the artifact (``model_config/`` + its float tensors); every compressed linear
+becomes a :class:`PackedLoRALinear` whose base is the ``lowbit::affine_linear`` op on the artifact's
+packed tensors (differentiable with respect to its input, never densified into a parameter) and whose
+LoRA factors are float32 parameters initialized from the artifact's fp16 ``lora_a``/``lora_b``.
+
+Training: next-token loss on windows of ``--data`` (C4 by default: documents 0-999), AdamW with the
+ApiQ paper's CLM settings (lr 3e-4, weight decay 0.1, 3% warm-up, cosine decay), a fixed window order
+drawn from ``--seed``. A checkpoint (LoRA factors, optimizer and schedule state, step) is written
+atomically every ``--checkpoint-every`` steps into ``OUTPUT.ckpt/``; ``--resume`` continues from it and
+reaches the same result as an uninterrupted run. The new artifact is written (staged, then renamed)
+only when training ends; a NaN/Inf loss stops training with an error and writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LowbitError
+
+CKPT_FILE = "finetune.pt"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class FinetuneOptions:
+    artifact: str
+    output: str
+    data: str = "c4"
+    nsamples: int = 256
+    seqlen: int = 512
+    val_samples: int = 8
+    epochs: int = 1
+    batch_size: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    warmup: float = 0.03
+    seed: int = 0
+    checkpoint_every: int = 16
+    resume: bool = False
+    overwrite: bool = False
+    stop_after: int | None = None  # train at most this many steps in this run, checkpoint, and stop
+    eval: tuple = ()
+    eval_windows: int | None = None
+    eval_seqlen: int = 2048
+    progress: bool = True
+
+    def training_key(self) -> dict:
+        """What must match for a checkpoint to be resumed (everything that changes the result)."""
+        keep = ("data", "nsamples", "seqlen", "val_samples", "epochs", "batch_size", "lr", "weight_decay", "warmup",
+                "seed")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+class PackedLoRALinear(nn.Module):
+    """``affine_linear(x, packed base) + (x A^T) B^T``: the packed base frozen, ``A``/``B`` trainable."""
+
+    def __init__(self, fmt, bias: torch.Tensor | None):
+        super().__init__()
+        if fmt.lowrank is None:
+            raise ValueError("no LoRA branch")
+        self.fmt = fmt
+        self.register_buffer("qweight", fmt.qweight)
+        self.register_buffer("scales", fmt.scales)
+        self.register_buffer("zeros", fmt.zeros)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.lora_a = nn.Parameter(fmt.lowrank.lora_a.float().clone())
+        self.lora_b = nn.Parameter(fmt.lowrank.lora_b.float().clone())
+
+    def forward(self, x):
+        f = self.fmt
+        y = torch.ops.lowbit.affine_linear(x, self.qweight, self.scales, self.zeros, self.bias, None, None,
+                                           f.bits, f.group_size, f.in_features)
+        return y + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
+
+    def trained_format(self):
+        return type(self.fmt).from_tensors(self.fmt.meta(), {**self.fmt.tensors(),
+                                                             "lora_a": self.lora_a.detach().half().contiguous(),
+                                                             "lora_b": self.lora_b.detach().half().contiguous()})
+
+
+def _attach(model: nn.Module, formats: dict) -> dict:
+    """Swap each compressed linear for a :class:`PackedLoRALinear`; returns ``{name: module}``."""
+    from lowbit.runtime.formats import AffineIntK
+
+    out = {}
+    for name, fmt in formats.items():
+        if not isinstance(fmt, AffineIntK):
+            raise LowbitError(f"{name}: {fmt.kind} layers cannot be fine-tuned (only uniform layers with LoRA)")
+        if fmt.lowrank is None:
+            continue
+        parent, _, attr = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        old = getattr(holder, attr)
+        new = PackedLoRALinear(fmt, getattr(old, "bias", None))
+        setattr(holder, attr, new)
+        out[name] = new
+    if not out:
+        raise LowbitError("the artifact has no LoRA branch to train: compile it with --method apiq "
+                          "(any --lora-init) and --lora-rank > 0")
+    return out
+
+
+def _schedule(step: int, total: int, warmup: float) -> float:
+    w = max(1, int(round(warmup * total)))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
+
+
+def _source_key(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+def _save_ckpt(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: an interruption leaves the previous checkpoint intact
+
+
+def finetune(opts: FinetuneOptions) -> dict:
+    """Train, then write the new artifact at ``opts.output``. Returns the fine-tuning report.
+
+    With ``stop_after`` the run stops after that many steps (checkpoint written, no artifact) and the
+    report has ``"stopped": True``."""
+    from lowbit.runtime import artifact as art
+    from lowbit.runtime.artifact import ArtifactError
+
+    from . import data
+    from .kv_export import rebuild_model
+
+    say = _log if opts.progress else (lambda m: None)
+    out = Path(opts.output)
+    if out.exists() and not opts.overwrite:
+        raise LowbitError(f"output directory {out} already exists (use --overwrite to replace it)")
+    ckpt_dir = out.with_name(out.name + ".ckpt")
+    ckpt = ckpt_dir / CKPT_FILE
+    if ckpt.exists() and not opts.resume and not opts.overwrite:
+        raise LowbitError(f"{ckpt} exists from an earlier run: pass --resume to continue it or --overwrite to restart")
+    for name, v in (("--epochs", opts.epochs), ("--batch-size", opts.batch_size), ("--nsamples", opts.nsamples),
+                    ("--checkpoint-every", opts.checkpoint_every)):
+        if v < 1:
+            raise LowbitError(f"{name} must be >= 1, got {v}")
+    if not opts.lr > 0:
+        raise LowbitError(f"--lr must be > 0, got {opts.lr}")
+    try:
+        source = art.load(opts.artifact)
+    except ArtifactError as e:
+        raise LowbitError(str(e)) from e
+    data.load_text(opts.data, "calib")  # refuses evaluation-only text (wikitext2)
+
+    t_start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    model = rebuild_model(source)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    loras = _attach(model, source.formats)
+    params = [p for m in loras.values() for p in (m.lora_a, m.lora_b)]
+    n_train = sum(p.numel() for p in params)
+
+    tok = source.tokenizer
+    windows, info = data.calibration_windows(tok, opts.data, opts.nsamples + opts.val_samples, opts.seqlen, opts.seed)
+    train, val = windows[: opts.nsamples], windows[opts.nsamples:]
+    steps_per_epoch = math.ceil(len(train) / opts.batch_size)
+    total = steps_per_epoch * opts.epochs
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, opts.warmup))
+
+    key = {"training": opts.training_key(), "source": _source_key(source.manifest)}
+    step, history = 0, []
+    if opts.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        if state["key"] != json.dumps(key, sort_keys=True):
+            raise LowbitError(f"{ckpt} was written for another artifact or other training options; "
+                              "use the same options, or --overwrite to restart")
+        for name, m in loras.items():
+            m.lora_a.data.copy_(state["lora"][name + ".a"])
+            m.lora_b.data.copy_(state["lora"][name + ".b"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history = state["step"], json.loads(state["history"])
+        say(f"[finetune] resumed from {ckpt} at step {step}/{total}")
+    elif opts.resume:
+        say(f"[finetune] no checkpoint at {ckpt}; starting from the artifact's LoRA")
+
+    def val_loss() -> float:
+        if not len(val):
+            return float("nan")
+        with torch.no_grad():
+            return float(sum(model(input_ids=v[None], labels=v[None], use_cache=False).loss for v in val) / len(val))
+
+    def checkpoint():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _save_ckpt(ckpt, {"key": json.dumps(key, sort_keys=True), "step": step, "history": json.dumps(history),
+                          "lora": {f"{n}.{s}": getattr(m, f"lora_{s}").detach().clone()
+                                   for n, m in loras.items() for s in "ab"},
+                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+
+    say(f"[finetune] {len(loras)} LoRA branches, {n_train:,} trainable parameters; {len(train)} windows x "
+        f"{opts.seqlen} tokens of {info['source']}, batch {opts.batch_size}, {total} steps")
+    if step == 0:
+        v0 = val_loss()
+        history.append({"step": 0, "val_loss": v0})
+        say(f"[finetune] step 0/{total}: validation loss {v0:.4f}")
+    model.train()
+    ran, t0, stopped = 0, time.perf_counter(), False
+    while step < total:
+        if opts.stop_after is not None and ran >= opts.stop_after:
+            stopped = True
+            break
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed + epoch))
+        batch = train[order[i * opts.batch_size : (i + 1) * opts.batch_size]]
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        if not torch.isfinite(loss):
+            raise LowbitError(f"training loss became {float(loss)} at step {step + 1}; no artifact written "
+                              f"(last good checkpoint: {ckpt if ckpt.exists() else 'none'})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        ran += 1
+        rec = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]}
+        if step % opts.checkpoint_every == 0 or step == total:
+            model.eval()
+            rec["val_loss"] = val_loss()
+            model.train()
+        history.append(rec)
+        rate = ran * batch.numel() / (time.perf_counter() - t0)
+        eta = (total - step) * batch.numel() / max(rate, 1e-9)
+        say(f"[finetune] step {step}/{total}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}"
+            + (f", validation loss {rec['val_loss']:.4f}" if "val_loss" in rec else "")
+            + f" ({rate:.0f} tokens/s, ETA {eta:.0f}s)")
+        if step % opts.checkpoint_every == 0:
+            checkpoint()
+    model.eval()
+    train_time = time.perf_counter() - t_start
+    if stopped:
+        checkpoint()
+        say(f"[finetune] stopped after {ran} steps at step {step}/{total}; checkpoint {ckpt} (continue with --resume)")
+        return {"stopped": True, "step": step, "total_steps": total, "checkpoint": str(ckpt)}
+
+    formats = dict(source.formats)
+    for name, m in loras.items():
+        formats[name] = m.trained_format()
+    report = {"source": str(opts.artifact), "options": opts.training_key(), "steps": total,
+              "trainable_params": n_train, "time_s": train_time, "history": history, "data": info, "eval": {}}
+    try:
+        source_eval = json.loads((Path(source.path) / "report.json").read_text()).get("eval", {})
+    except (OSError, json.JSONDecodeError):
+        source_eval = {}
+
+    def evaluate(loaded) -> None:  # on the staged artifact: what ships is what is evaluated
+        from .evaluate import perplexity
+
+        for e in opts.eval:
+            tokens, _ = data.eval_tokens(tok, e)
+            r = perplexity(loaded, tokens, opts.eval_seqlen, opts.eval_windows, label=f"eval {e} fine-tuned",
+                           progress=opts.progress)
+            before = source_eval.get(e, {}).get("after")
+            report["eval"][e] = {"before": before, "after": r}
+            b = f"{before['ppl']:.3f} ({before['windows']} windows) -> " if before else ""
+            say(f"[eval] {e} perplexity {b}{r['ppl']:.3f} ({r['windows']} windows) after fine-tuning")
+
+    _write_artifact(source, formats, out, report, opts.overwrite, evaluate)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    say(f"[finetune] wrote {out} ({train_time:.0f}s of training, {time.perf_counter() - t_start:.0f}s in all)")
+    return report
+
+
+def _write_artifact(source, formats: dict, out: Path, report: dict, overwrite: bool, evaluate) -> None:
+    """Capture the float architecture again and rewrite it with the trained formats (same passes as compile)."""
+    from lowbit.passes.base import PassContext, PassManager
+    from lowbit.passes.cleanup import CleanUp
+    from lowbit.passes.rewrite import ReplaceLinears
+    from lowbit.passes.sites import FindLinearSites
+    from lowbit.runtime import artifact as art
+
+    from . import capture
+    from .kv_export import rebuild_model
+
+    float_model = rebuild_model(source)
+    gm = capture.capture(float_model).module()
+    ctx = PassContext(results=formats)
+    PassManager([FindLinearSites(), ReplaceLinears(), CleanUp()]).run(gm, ctx)
+    program = capture.recapture(gm)
+    attrs = {m: v["attrs"] for m, v in ctx.replaced.items()}
+    extra = {k: v for k, v in source.manifest.items() if k not in ("lowbit_manifest", "modules", "tensors", "files")}
+    extra["finetune"] = {k: report[k] for k in ("source", "options", "steps", "trainable_params")}
+    extra["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(source.manifest.get("float_storage_dtype"))
+    with art.staging_dir(out, overwrite=overwrite) as tmp:
+        art.write(tmp, program, formats, attrs, extra, float_dtype=dtype)
+        for sub in ("tokenizer", "model_config"):
+            if (Path(source.path) / sub).is_dir():
+                shutil.copytree(Path(source.path) / sub, tmp / sub)
+        evaluate(art.load(tmp))
+        (tmp / "finetune.json").write_text(json.dumps(report, indent=1))  # a log beside the manifest, like report.json

@@ -1,0 +1,168 @@
+"""ApiQ (bw/lw), the QLoRA and LoftQ initializations, and lowbit-finetune (training, resume, refusals)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowbit import api
+from lowbit.compiler.cli import compile_main, finetune_main
+from lowbit.passes.methods.lora import LWCQuantizer, loftq_init
+from lowbit.passes.methods.quant import rtn_quantize
+from lowbit.runtime.artifact import load
+
+
+@pytest.mark.parametrize("sym,k,gs", [(False, 96, 32), (True, 96, 32), (False, 70, 32)])
+def test_lwc_freeze_stores_what_was_trained(sym, k, gs):
+    w = torch.randn(24, k) * 0.05
+    q = LWCQuantizer(24, k, 2, gs, sym)
+    with torch.no_grad():
+        q.gamma_up.uniform_(0.5, 4)
+        q.gamma_low.uniform_(0.5, 4)
+    fmt = q.freeze(w)
+    # the trained fake quantization and the packed format differ only by the fp16 rounding of the scales
+    fake = q(w).detach()
+    assert fmt.bits == 2 and fmt.symmetric == sym and fmt.in_features == k
+    # (a rounded fp16 scale can move a value sitting on a rounding boundary by one code: rare)
+    diff = (fmt.dequantize() - fake).abs()
+    assert (diff > 1e-3 * w.abs().max()).float().mean() < 0.02
+    # gradients reach the clipping logits through the straight-through rounding
+    q(w).pow(2).sum().backward()
+    assert q.gamma_up.grad.abs().sum() > 0 and q.gamma_low.grad.abs().sum() > 0
+
+
+def test_loftq_beats_rtn_on_weight_error():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * 0.02 + torch.randn(64, 4, generator=g) @ torch.randn(4, 128, generator=g) * 0.01
+    rtn = rtn_quantize(w, 2, 32, False)
+    one = loftq_init(w, 8, 2, 32, False, iters=1)
+    five = loftq_init(w, 8, 2, 32, False, iters=5)
+
+    def err(f):
+        return float((f.dequantize() - w).norm() / w.norm())
+
+    assert five.lowrank.rank == 8 and five.lowrank.lora_a.dtype == torch.float16
+    assert err(five) < err(one) < 0.9 * err(rtn)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_dir, text_file):
+    model, tok, _ = api.load_model(str(tiny_dir("llama")))
+    windows, _ = api.calibration_data(tok, str(text_file), nsamples=8, seqlen=64)
+    ids, _ = api.calibration_data(tok, str(text_file), nsamples=4, seqlen=64, seed=1)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    return model, windows, ids, ref
+
+
+def _logit_error(model, cal, ids, ref):
+    from lowbit.compiler.models import set_linear_weight
+
+    mods = dict(model.named_modules())
+    saved = {n: mods[n].weight.detach().clone() for n in cal.results}
+    try:
+        for n, f in cal.results.items():
+            set_linear_weight(mods[n], f.dequantize())
+        with torch.no_grad():
+            return float((model(input_ids=ids, use_cache=False).logits - ref).pow(2).mean())
+    finally:
+        for n, w in saved.items():
+            mods[n].weight.data.copy_(w)
+
+
+def test_apiq_beats_the_baseline_initializations(tiny_setup):
+    model, windows, ids, ref = tiny_setup
+    common = dict(bits=2, group_size=32, rank=4, progress=False)
+    errs = {}
+    for label, opts in {"qlora": dict(init="qlora"), "loftq": dict(init="loftq"),
+                        "lw": dict(mode="lw", epochs=3), "bw": dict(mode="bw", epochs=3)}.items():
+        cal = api.calibrate(model, "apiq", windows, **common, **opts)
+        errs[label] = _logit_error(model, cal, ids, ref)
+        f = cal.results["model.layers.0.self_attn.q_proj"]
+        assert f.lowrank is not None and f.lowrank.rank == 4 and f.bits == 2
+        if label in ("lw", "bw"):  # trained: B moved away from zero
+            assert f.lowrank.lora_b.float().abs().max() > 0
+    assert errs["bw"] < errs["qlora"] and errs["lw"] < errs["qlora"], errs
+
+
+def test_lora_targets_and_bits_count_the_branch(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "a"
+    argv = [str(tiny_dir("llama")), "--method", "apiq", "--lora-init", "qlora", "--lora-rank", "4",
+            "--lora-targets", "q_proj,v_proj", "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",
+            "-q", "-o", str(out)]
+    assert compile_main(argv) == 0
+    mods = json.loads((out / "manifest.json").read_text())["modules"]
+    ranks = {n.rsplit(".", 1)[-1]: m["format"]["rank"] for n, m in mods.items()}
+    assert ranks["q_proj"] == ranks["v_proj"] == 4 and ranks["k_proj"] == ranks["down_proj"] == 0
+    # v_proj and k_proj have the same shape; only v_proj carries the fp16 rank-4 branch
+    v, k = mods["model.layers.0.self_attn.v_proj"], mods["model.layers.0.self_attn.k_proj"]
+    n, kk = v["format"]["out_features"], v["format"]["in_features"]
+    lora_bytes = 2 * 4 * (n + kk)
+    assert v["nbytes"] - k["nbytes"] == lora_bytes
+    assert abs(v["bits_per_weight"] - k["bits_per_weight"] - 8 * lora_bytes / (n * kk)) < 1e-9
+
+
+def _finetune(art, out, *extra):
+    return finetune_main([str(art), "--data", str(_finetune.text), "--nsamples", "6", "--seqlen", "32",
+                          "--val-samples", "2", "--batch-size", "2", "--epochs", "2", "--checkpoint-every", "2",
+                          "--lr", "3e-3", "-q", "-o", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def apiq_artifact(tiny_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("apiq") / "art"
+    argv = [str(tiny_dir("llama")), "--method", "apiq", "--bits", "2", "--group-size", "32", "--lora-rank", "4",
+            "--apiq-epochs", "1", "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "-q",
+            "--float-dtype", "float32", "-o", str(out)]
+    assert compile_main(argv) == 0
+    _finetune.text = text_file
+    return out
+
+
+def _loras(d):
+    t = load_file(str(d / "packed.safetensors"))
+    return {k: v for k, v in t.items() if "lora" in k}
+
+
+def test_finetune_trains_only_lora_and_resume_is_exact(apiq_artifact, tmp_path):
+    full = tmp_path / "full"
+    assert _finetune(apiq_artifact, full) == 0
+    report = json.loads((full / "finetune.json").read_text())
+    vals = [h["val_loss"] for h in report["history"] if "val_loss" in h]
+    assert vals[-1] < vals[0]  # training lowers the held-out loss
+    before, after = load(apiq_artifact), load(full)
+    for name, f in before.formats.items():  # packed base untouched, LoRA changed
+        g = after.formats[name]
+        assert torch.equal(f.qweight, g.qweight) and torch.equal(f.scales, g.scales)
+    assert any(not torch.equal(before.formats[n].lowrank.lora_b, after.formats[n].lowrank.lora_b)
+               for n in before.formats)
+    assert not (tmp_path / "full.ckpt").exists()  # removed once the artifact is complete
+
+    # interrupted after 3 of 6 steps, then resumed: same tensors as the uninterrupted run
+    part = tmp_path / "part"
+    assert _finetune(apiq_artifact, part, "--stop-after", "3") == 0
+    assert not part.exists() and (tmp_path / "part.ckpt" / "finetune.pt").exists()
+    assert _finetune(apiq_artifact, part) == 2  # an existing checkpoint needs --resume or --overwrite
+    assert _finetune(apiq_artifact, part, "--resume") == 0
+    a, b = _loras(full), _loras(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 200, (1, 9))
+    torch.testing.assert_close(load(part)(ids), after(ids), rtol=0, atol=0)
+
+
+def test_finetune_refusals(apiq_artifact, tiny_dir, text_file, tmp_path, capsys):
+    gptq = tmp_path / "gptq"
+    assert compile_main([str(tiny_dir("llama")), "--method", "rtn", "--bits", "4", "--group-size", "32", "-q",
+                         "-o", str(gptq)]) == 0
+    assert _finetune(gptq, tmp_path / "x") == 2
+    assert "no LoRA branch" in capsys.readouterr().err
+    assert finetune_main([str(apiq_artifact), "--data", "wikitext2", "-q", "-o", str(tmp_path / "y")]) == 2
+    # a diverging run stops with a clear error and writes no artifact
+    assert _finetune(apiq_artifact, tmp_path / "z", "--lr", "1e30") == 2
+    assert "training loss became" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
+    # a checkpoint from other options is not resumed silently
+    assert _finetune(apiq_artifact, tmp_path / "w", "--stop-after", "1") == 0
+    assert _finetune(apiq_artifact, tmp_path / "w", "--resume", "--lr", "1e-3") == 2
+    assert "other training options" in capsys.readouterr().err
