@@ -228,7 +228,7 @@ def finetune(opts: FinetuneOptions) -> dict:
         batch = train[order[i * opts.batch_size : (i + 1) * opts.batch_size]]
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         if not torch.isfinite(loss):
-            raise LowbitError(f"training loss became {float(loss)} at step {step + 1}; no artifact written "
+            raise LowbitError(f"training loss became {float(loss.detach())} at step {step + 1}; no artifact written "
                               f"(last good checkpoint: {ckpt if ckpt.exists() else 'none'})")
         opt.zero_grad(set_to_none=True)
         loss.backward()

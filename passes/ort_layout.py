@@ -99,6 +99,10 @@ class ToMatMulNBits:
             for suffix, t in (("nbits_b", b), ("nbits_scales", scales), ("nbits_zp", zp)):
                 names[suffix] = f"{base}__{suffix}"
                 gm.register_buffer(names[suffix], t)
+            if la is not None:  # the low-rank factors in the graph's float dtype (stored fp16; MatMul needs one type)
+                for suffix, a in (("lora_a", la), ("lora_b", lb)):
+                    names[suffix] = f"{base}__{suffix}_{str(self.dtype).split('.')[-1]}"
+                    gm.register_buffer(names[suffix], get(a).to(self.dtype).contiguous())
             idx = self.outlier_channels.get(qw.target)
             if idx is not None and len(idx):
                 from lowbit.runtime.formats import dequantize_affine
@@ -125,8 +129,8 @@ class ToMatMulNBits:
                     t = gm.graph.call_function(torch.ops.aten.linear.default, (xo, gm.graph.get_attr(names["act_cols"])))
                     out = gm.graph.call_function(torch.ops.aten.add.Tensor, (out, t))
                 if la is not None:  # low-rank branch: two thin plain matmuls added to the output
-                    t = gm.graph.call_function(torch.ops.aten.linear.default, (x, la))
-                    t = gm.graph.call_function(torch.ops.aten.linear.default, (t, lb))
+                    t = gm.graph.call_function(torch.ops.aten.linear.default, (x, gm.graph.get_attr(names["lora_a"])))
+                    t = gm.graph.call_function(torch.ops.aten.linear.default, (t, gm.graph.get_attr(names["lora_b"])))
                     out = gm.graph.call_function(torch.ops.aten.add.Tensor, (out, t))
             new.meta.update({kk: v for kk, v in node.meta.items() if kk in ("nn_module_stack", "val", "lowbit_module")})
             node.replace_all_uses_with(out)
