@@ -314,14 +314,19 @@ def export_main(argv=None) -> int:
 def finetune_main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="lowbit-finetune",
-        description="Train the LoRA branches of a compiled artifact on text (next-token loss). The packed base "
-        "stays frozen and packed; a new artifact is written at the end. Checkpoints every --checkpoint-every "
+        description="Train the LoRA branches (--train lora, ApiQ) or the group scales (--train scales, "
+        "EfficientQAT's E2E-QP) of a compiled artifact on text (next-token loss). The packed codes stay frozen and "
+        "packed; a new artifact is written at the end. Checkpoints every --checkpoint-every "
         "steps into OUTPUT.ckpt/; --resume continues an interrupted run with the same result.",
         epilog="example:\n  lowbit-finetune out/smollm2-135m-apiq-w2g64-r8-apiq-bw --data c4 --nsamples 256 "
                "-o out/apiq-ft --eval wikitext2 --eval-windows 32",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("artifact", help="artifact directory with LoRA branches (lowbit-compile --method apiq)")
+    p.add_argument("artifact", help="artifact directory (with LoRA branches for --train lora: lowbit-compile "
+                   "--method apiq)")
+    p.add_argument("--train", choices=("lora", "scales"), default="lora",
+                   help="what trains: lora (LoRA factors, default) or scales (fp16 group scales; codes and zeros "
+                   "frozen)")
     p.add_argument("--data", default="c4", help="c4 (documents 0-999) or a .txt/.jsonl file (default c4)")
     p.add_argument("-o", "--output", default=None, help="new artifact directory (default ARTIFACT-ft)")
     p.add_argument("--nsamples", type=int, default=256, help="training windows (default 256)")
@@ -329,8 +334,10 @@ def finetune_main(argv=None) -> int:
     p.add_argument("--val-samples", type=int, default=8, help="held-out windows for the validation loss (default 8)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training windows (default 1)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per optimizer step (default 4)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak lr, 3%% warm-up then cosine (default 3e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW peak lr, 3%% warm-up then cosine (default: lora "
+                   "3e-4; scales 2e-5 at 2 bits, else 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: lora 0.1, "
+                   "scales 0)")
     p.add_argument("--seed", type=int, default=0, help="window draw and order (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=16, help="steps between checkpoints (default 16)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt/ if it exists")
@@ -345,7 +352,7 @@ def finetune_main(argv=None) -> int:
     from .finetune import FinetuneOptions, finetune
 
     opts = FinetuneOptions(
-        artifact=args.artifact, output=args.output or args.artifact.rstrip("/") + "-ft", data=args.data,
+        artifact=args.artifact, train=args.train, output=args.output or args.artifact.rstrip("/") + "-ft", data=args.data,
         nsamples=args.nsamples, seqlen=args.seqlen, val_samples=args.val_samples, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
         checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
@@ -366,7 +373,7 @@ def finetune_main(argv=None) -> int:
     first = next((h["val_loss"] for h in r["history"] if "val_loss" in h), float("nan"))
     last = next((h["val_loss"] for h in reversed(r["history"]) if "val_loss" in h), float("nan"))
     print(f"lowbit-finetune: {opts.artifact} -> {opts.output}\n"
-          f"  trained            : {r['steps']} steps, {r['trainable_params']:,} LoRA parameters, {r['time_s']:.0f}s\n"
+          f"  trained            : {r['steps']} steps, {r['trainable_params']:,} trainable parameters ({opts.train}), {r['time_s']:.0f}s\n"
           f"  validation loss    : {first:.4f} -> {last:.4f}")
     for e, v in r.get("eval", {}).items():
         b = f"{v['before']['ppl']:.3f} -> " if v.get("before") else ""

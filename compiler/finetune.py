@@ -1,16 +1,19 @@
-"""``lowbit-finetune``: train the LoRA branches of a compiled artifact; the packed base stays frozen and packed.
+"""``lowbit-finetune``: train the LoRA branches (or the group scales) of a compiled artifact; the packed codes stay
+frozen and packed.
 
-The model is rebuilt from the artifact (``model_config/`` + its float tensors); every compressed linear
-becomes a :class:`PackedLoRALinear` whose base is the ``lowbit::affine_linear`` op on the artifact's
-packed tensors (differentiable with respect to its input, never densified into a parameter) and whose
-LoRA factors are float32 parameters initialized from the artifact's fp16 ``lora_a``/``lora_b``.
+The model is rebuilt from the artifact (``model_config/`` + its float tensors); every compressed uniform linear
+becomes a :class:`PackedTrainLinear` whose base is the ``lowbit::affine_linear`` op on the artifact's packed
+tensors (differentiable with respect to its input and its scales, never densified into a parameter). What
+trains (``--train``): ``lora`` -- the LoRA factors, float32 parameters initialized from the artifact's fp16
+``lora_a``/``lora_b`` (ApiQ's fine-tuning); ``scales`` -- the fp16 group scales, float32 masters rounded back
+to fp16 when stored, codes and zero points frozen (EfficientQAT's E2E-QP).
 
-Training: next-token loss on windows of ``--data`` (C4 by default: documents 0-999), AdamW with the
-ApiQ paper's CLM settings (lr 3e-4, weight decay 0.1, 3% warm-up, cosine decay), a fixed window order
-drawn from ``--seed``. A checkpoint (LoRA factors, optimizer and schedule state, step) is written
+Training (:func:`train_loop`, shared with ``--method efficientqat``'s E2E-QP phase): next-token loss on
+windows of ``--data`` (C4 by default: documents 0-999), AdamW, 3% warm-up, cosine decay, a fixed window
+order drawn from ``--seed``. A checkpoint (trained tensors, optimizer and schedule state, step) is written
 atomically every ``--checkpoint-every`` steps into ``OUTPUT.ckpt/``; ``--resume`` continues from it and
-reaches the same result as an uninterrupted run. The new artifact is written (staged, then renamed)
-only when training ends; a NaN/Inf loss stops training with an error and writes nothing.
+reaches the same result as an uninterrupted run. The new artifact is written (staged, then renamed) only
+when training ends; a NaN/Inf loss stops training with an error and writes nothing.
 """
 
 from __future__ import annotations
@@ -41,14 +44,15 @@ def _log(msg: str) -> None:
 class FinetuneOptions:
     artifact: str
     output: str
+    train: str = "lora"  # lora | scales
     data: str = "c4"
     nsamples: int = 256
     seqlen: int = 512
     val_samples: int = 8
     epochs: int = 1
     batch_size: int = 4
-    lr: float = 3e-4
-    weight_decay: float = 0.1
+    lr: float | None = None  # None: lora 3e-4 (ApiQ); scales 2e-5 at 2 bits, else 1e-5 (EfficientQAT)
+    weight_decay: float | None = None  # None: lora 0.1; scales 0
     warmup: float = 0.03
     seed: int = 0
     checkpoint_every: int = 16
@@ -62,58 +66,95 @@ class FinetuneOptions:
 
     def training_key(self) -> dict:
         """What must match for a checkpoint to be resumed (everything that changes the result)."""
-        keep = ("data", "nsamples", "seqlen", "val_samples", "epochs", "batch_size", "lr", "weight_decay", "warmup",
+        keep = ("train", "data", "nsamples", "seqlen", "val_samples", "epochs", "batch_size", "lr", "weight_decay", "warmup",
                 "seed")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
-class PackedLoRALinear(nn.Module):
-    """``affine_linear(x, packed base) + (x A^T) B^T``: the packed base frozen, ``A``/``B`` trainable."""
+class PackedTrainLinear(nn.Module):
+    """``affine_linear(x, packed base) (+ (x A^T) B^T)``: the codes frozen; ``A``/``B`` and/or the scales trainable."""
 
-    def __init__(self, fmt, bias: torch.Tensor | None):
+    def __init__(self, fmt, bias: torch.Tensor | None, lora: bool = True, scales: bool = False):
         super().__init__()
-        if fmt.lowrank is None:
+        if lora and fmt.lowrank is None:
             raise ValueError("no LoRA branch")
         self.fmt = fmt
+        self.train_lora, self.train_scales = lora, scales
         self.register_buffer("qweight", fmt.qweight)
-        self.register_buffer("scales", fmt.scales)
         self.register_buffer("zeros", fmt.zeros)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
-        self.lora_a = nn.Parameter(fmt.lowrank.lora_a.float().clone())
-        self.lora_b = nn.Parameter(fmt.lowrank.lora_b.float().clone())
+        if scales:  # float32 master copy; stored back as fp16
+            self.scales = nn.Parameter(fmt.scales.float().clone())
+        else:
+            self.register_buffer("scales", fmt.scales)
+        lr = fmt.lowrank
+        if lora:
+            self.lora_a = nn.Parameter(lr.lora_a.float().clone())
+            self.lora_b = nn.Parameter(lr.lora_b.float().clone())
+        else:  # a frozen branch, if any, runs inside the op
+            self.register_buffer("lora_a", None if lr is None else lr.lora_a)
+            self.register_buffer("lora_b", None if lr is None else lr.lora_b)
 
     def forward(self, x):
         f = self.fmt
-        y = torch.ops.lowbit.affine_linear(x, self.qweight, self.scales, self.zeros, self.bias, None, None,
-                                           f.bits, f.group_size, f.in_features)
-        return y + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
+        if self.train_lora:
+            y = torch.ops.lowbit.affine_linear(x, self.qweight, self.scales, self.zeros, self.bias, None, None,
+                                               f.bits, f.group_size, f.in_features)
+            return y + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
+        return torch.ops.lowbit.affine_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.lora_a,
+                                              self.lora_b, f.bits, f.group_size, f.in_features)
+
+    def trainable(self) -> dict:
+        out = {"scales": self.scales} if self.train_scales else {}
+        if self.train_lora:
+            out.update({"a": self.lora_a, "b": self.lora_b})
+        return out
 
     def trained_format(self):
-        return type(self.fmt).from_tensors(self.fmt.meta(), {**self.fmt.tensors(),
-                                                             "lora_a": self.lora_a.detach().half().contiguous(),
-                                                             "lora_b": self.lora_b.detach().half().contiguous()})
+        new = {}
+        if self.train_scales:
+            new["scales"] = self.scales.detach().half().contiguous()
+        if self.train_lora:
+            new["lora_a"] = self.lora_a.detach().half().contiguous()
+            new["lora_b"] = self.lora_b.detach().half().contiguous()
+        return type(self.fmt).from_tensors(self.fmt.meta(), {**self.fmt.tensors(), **new})
 
 
-def _attach(model: nn.Module, formats: dict) -> dict:
-    """Swap each compressed linear for a :class:`PackedLoRALinear`; returns ``{name: module}``."""
+PackedLoRALinear = PackedTrainLinear  # the name of the LoRA-only version
+
+
+def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
+    """Swap the trainable compressed linears for :class:`PackedTrainLinear`; returns ``{name: module}``.
+
+    ``train="lora"``: the uniform linears with a LoRA branch; ``"scales"``: every uniform linear. Other
+    formats (BiLLM's binary residual) keep running as they are, frozen."""
     from lowbit.runtime.formats import AffineIntK
 
+    if train not in ("lora", "scales"):
+        raise LowbitError(f"--train must be lora or scales, got {train!r}")
     out = {}
     for name, fmt in formats.items():
         if not isinstance(fmt, AffineIntK):
-            raise LowbitError(f"{name}: {fmt.kind} layers cannot be fine-tuned (only uniform layers with LoRA)")
-        if fmt.lowrank is None:
+            if train == "lora":
+                raise LowbitError(f"{name}: {fmt.kind} layers cannot be fine-tuned (only uniform layers with LoRA)")
+            continue
+        if train == "lora" and fmt.lowrank is None:
             continue
         parent, _, attr = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
         old = getattr(holder, attr)
-        new = PackedLoRALinear(fmt, getattr(old, "bias", None))
+        new = PackedTrainLinear(fmt, getattr(old, "bias", None), lora=train == "lora", scales=train == "scales")
         setattr(holder, attr, new)
         out[name] = new
     if not out:
-        raise LowbitError("the artifact has no LoRA branch to train: compile it with --method apiq "
-                          "(any --lora-init) and --lora-rank > 0")
+        if train == "lora":
+            raise LowbitError("the artifact has no LoRA branch to train: compile it with --method apiq "
+                              "(any --lora-init) and --lora-rank > 0")
+        raise LowbitError("the artifact has no uniform (AffineIntK) layer whose scales could train")
     return out
+
+
+_attach = attach
 
 
 def _schedule(step: int, total: int, warmup: float) -> float:
@@ -131,6 +172,115 @@ def _save_ckpt(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: an interruption leaves the previous checkpoint intact
+
+
+@dataclass
+class LoopSettings:
+    """What :func:`train_loop` needs (a subset of :class:`FinetuneOptions`)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup: float
+    seed: int
+    checkpoint_every: int
+    grad_clip: float | None = None
+    stop_after: int | None = None
+    label: str = "finetune"
+
+
+def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.Tensor, cfg: LoopSettings,
+               ckpt: Path, key: dict, resume: bool, say) -> dict:
+    """Next-token training of the trainable tensors of ``modules`` (``{name: PackedTrainLinear}``).
+
+    AdamW (one group), ``warmup`` fraction of linear warm-up then cosine decay to 0, window order
+    ``randperm(seed + epoch)``; validation loss on ``val`` at step 0, every ``checkpoint_every`` steps
+    and at the end; checkpoint (atomic) every ``checkpoint_every`` steps. Returns ``{"history",
+    "steps", "stopped", "step"}``; raises :class:`LowbitError` on a NaN/Inf loss."""
+    named = {f"{n}.{k}": p for n, m in modules.items() for k, p in m.trainable().items()}
+    params = list(named.values())
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, cfg.warmup))
+    key_s = json.dumps(key, sort_keys=True)
+    step, history = 0, []
+    tag = f"[{cfg.label}]"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        if state["key"] != key_s:
+            raise LowbitError(f"{ckpt} was written for another artifact or other training options; "
+                              "use the same options, or --overwrite to restart")
+        for k, p in named.items():
+            p.data.copy_(state["params"][k])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history = state["step"], json.loads(state["history"])
+        say(f"{tag} resumed from {ckpt} at step {step}/{total}")
+    elif resume:
+        say(f"{tag} no checkpoint at {ckpt}; starting from the beginning")
+
+    def val_loss() -> float:
+        if not len(val):
+            return float("nan")
+        with torch.no_grad():
+            return float(sum(model(input_ids=v[None], labels=v[None], use_cache=False).loss for v in val) / len(val))
+
+    def checkpoint():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        _save_ckpt(ckpt, {"key": key_s, "step": step, "history": json.dumps(history),
+                          "params": {k: p.detach().clone() for k, p in named.items()},
+                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+
+    n_train = sum(p.numel() for p in params)
+    say(f"{tag} {len(modules)} layers, {n_train:,} trainable parameters; {len(train)} windows x "
+        f"{train.shape[1]} tokens, batch {cfg.batch_size}, {total} steps")
+    if step == 0:
+        v0 = val_loss()
+        history.append({"step": 0, "val_loss": v0})
+        say(f"{tag} step 0/{total}: validation loss {v0:.4f}")
+    model.train()
+    ran, t0, stopped = 0, time.perf_counter(), False
+    try:
+        while step < total:
+            if cfg.stop_after is not None and ran >= cfg.stop_after:
+                stopped = True
+                break
+            epoch, i = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            batch = train[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise LowbitError(f"training loss became {float(loss.detach())} at step {step + 1}; no artifact "
+                                  f"written (last good checkpoint: {ckpt if ckpt.exists() else 'none'})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            ran += 1
+            rec = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]}
+            if step % cfg.checkpoint_every == 0 or step == total:
+                model.eval()
+                rec["val_loss"] = val_loss()
+                model.train()
+            history.append(rec)
+            rate = ran * batch.numel() / (time.perf_counter() - t0)
+            eta = (total - step) * batch.numel() / max(rate, 1e-9)
+            say(f"{tag} step {step}/{total}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}"
+                + (f", validation loss {rec['val_loss']:.4f}" if "val_loss" in rec else "")
+                + f" ({rate:.0f} tokens/s, ETA {eta:.0f}s)")
+            if step % cfg.checkpoint_every == 0:
+                checkpoint()
+    finally:
+        model.eval()
+    if stopped:
+        checkpoint()
+        say(f"{tag} stopped after {ran} steps at step {step}/{total}; checkpoint {ckpt} (continue with --resume)")
+    return {"history": history, "steps": total, "step": step, "stopped": stopped, "trainable_params": n_train}
 
 
 def finetune(opts: FinetuneOptions) -> dict:
@@ -156,12 +306,17 @@ def finetune(opts: FinetuneOptions) -> dict:
                     ("--checkpoint-every", opts.checkpoint_every)):
         if v < 1:
             raise LowbitError(f"{name} must be >= 1, got {v}")
-    if not opts.lr > 0:
-        raise LowbitError(f"--lr must be > 0, got {opts.lr}")
     try:
         source = art.load(opts.artifact)
     except ArtifactError as e:
         raise LowbitError(str(e)) from e
+    if opts.lr is None:
+        low = min((f.bits for f in source.formats.values() if hasattr(f, "bits")), default=4)
+        opts.lr = 3e-4 if opts.train == "lora" else (2e-5 if low <= 2 else 1e-5)
+    if opts.weight_decay is None:
+        opts.weight_decay = 0.1 if opts.train == "lora" else 0.0
+    if not opts.lr > 0:
+        raise LowbitError(f"--lr must be > 0, got {opts.lr}")
     data.load_text(opts.data, "calib")  # refuses evaluation-only text (wikitext2)
 
     t_start = time.perf_counter()
@@ -169,98 +324,26 @@ def finetune(opts: FinetuneOptions) -> dict:
     model = rebuild_model(source)
     for p in model.parameters():
         p.requires_grad_(False)
-    loras = _attach(model, source.formats)
-    params = [p for m in loras.values() for p in (m.lora_a, m.lora_b)]
-    n_train = sum(p.numel() for p in params)
+    modules = attach(model, source.formats, opts.train)
 
     tok = source.tokenizer
     windows, info = data.calibration_windows(tok, opts.data, opts.nsamples + opts.val_samples, opts.seqlen, opts.seed)
     train, val = windows[: opts.nsamples], windows[opts.nsamples:]
-    steps_per_epoch = math.ceil(len(train) / opts.batch_size)
-    total = steps_per_epoch * opts.epochs
-    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, opts.warmup))
-
     key = {"training": opts.training_key(), "source": _source_key(source.manifest)}
-    step, history = 0, []
-    if opts.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        if state["key"] != json.dumps(key, sort_keys=True):
-            raise LowbitError(f"{ckpt} was written for another artifact or other training options; "
-                              "use the same options, or --overwrite to restart")
-        for name, m in loras.items():
-            m.lora_a.data.copy_(state["lora"][name + ".a"])
-            m.lora_b.data.copy_(state["lora"][name + ".b"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, history = state["step"], json.loads(state["history"])
-        say(f"[finetune] resumed from {ckpt} at step {step}/{total}")
-    elif opts.resume:
-        say(f"[finetune] no checkpoint at {ckpt}; starting from the artifact's LoRA")
-
-    def val_loss() -> float:
-        if not len(val):
-            return float("nan")
-        with torch.no_grad():
-            return float(sum(model(input_ids=v[None], labels=v[None], use_cache=False).loss for v in val) / len(val))
-
-    def checkpoint():
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _save_ckpt(ckpt, {"key": json.dumps(key, sort_keys=True), "step": step, "history": json.dumps(history),
-                          "lora": {f"{n}.{s}": getattr(m, f"lora_{s}").detach().clone()
-                                   for n, m in loras.items() for s in "ab"},
-                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
-
-    say(f"[finetune] {len(loras)} LoRA branches, {n_train:,} trainable parameters; {len(train)} windows x "
-        f"{opts.seqlen} tokens of {info['source']}, batch {opts.batch_size}, {total} steps")
-    if step == 0:
-        v0 = val_loss()
-        history.append({"step": 0, "val_loss": v0})
-        say(f"[finetune] step 0/{total}: validation loss {v0:.4f}")
-    model.train()
-    ran, t0, stopped = 0, time.perf_counter(), False
-    while step < total:
-        if opts.stop_after is not None and ran >= opts.stop_after:
-            stopped = True
-            break
-        epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed + epoch))
-        batch = train[order[i * opts.batch_size : (i + 1) * opts.batch_size]]
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise LowbitError(f"training loss became {float(loss.detach())} at step {step + 1}; no artifact written "
-                              f"(last good checkpoint: {ckpt if ckpt.exists() else 'none'})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        ran += 1
-        rec = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]}
-        if step % opts.checkpoint_every == 0 or step == total:
-            model.eval()
-            rec["val_loss"] = val_loss()
-            model.train()
-        history.append(rec)
-        rate = ran * batch.numel() / (time.perf_counter() - t0)
-        eta = (total - step) * batch.numel() / max(rate, 1e-9)
-        say(f"[finetune] step {step}/{total}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}"
-            + (f", validation loss {rec['val_loss']:.4f}" if "val_loss" in rec else "")
-            + f" ({rate:.0f} tokens/s, ETA {eta:.0f}s)")
-        if step % opts.checkpoint_every == 0:
-            checkpoint()
-    model.eval()
+    cfg = LoopSettings(opts.epochs, opts.batch_size, opts.lr, opts.weight_decay, opts.warmup, opts.seed,
+                       opts.checkpoint_every, stop_after=opts.stop_after)
+    say(f"[finetune] training the {opts.train} of {source.path} on {info['source']}")
+    res = train_loop(model, modules, train, val, cfg, ckpt, key, opts.resume, say)
     train_time = time.perf_counter() - t_start
-    if stopped:
-        checkpoint()
-        say(f"[finetune] stopped after {ran} steps at step {step}/{total}; checkpoint {ckpt} (continue with --resume)")
-        return {"stopped": True, "step": step, "total_steps": total, "checkpoint": str(ckpt)}
+    if res["stopped"]:
+        return {"stopped": True, "step": res["step"], "total_steps": res["steps"], "checkpoint": str(ckpt)}
 
     formats = dict(source.formats)
-    for name, m in loras.items():
+    for name, m in modules.items():
         formats[name] = m.trained_format()
-    report = {"source": str(opts.artifact), "options": opts.training_key(), "steps": total,
-              "trainable_params": n_train, "time_s": train_time, "history": history, "data": info, "eval": {}}
+    report = {"source": str(opts.artifact), "options": opts.training_key(), "steps": res["steps"],
+              "trainable_params": res["trainable_params"], "time_s": train_time, "history": res["history"],
+              "data": info, "eval": {}}
     try:
         source_eval = json.loads((Path(source.path) / "report.json").read_text()).get("eval", {})
     except (OSError, json.JSONDecodeError):

@@ -7,8 +7,9 @@ computes ``x @ W.T + bias (+ (x @ lora_a.T) @ lora_b.T)`` where ``W`` is the
 ``x``'s dtype and shape ``(..., out_features)``.
 
 The eager implementation below is the specification: dequantize, then a float matmul. Faster
-implementations (``lowbit.kernels``) must match it. The op is differentiable with respect to ``x``
-(the packed weight is frozen), so LoRA-style training can run through compiled models.
+implementations (``lowbit.kernels``) must match it. The op is differentiable with respect to ``x``,
+the group ``scales``, ``bias`` and the low-rank factors (codes and zero points are integers and stay
+frozen), so LoRA training and EfficientQAT's step-size training run through compiled models.
 """
 
 from __future__ import annotations
@@ -53,16 +54,39 @@ def _affine_linear_fake(x, qweight, scales, zeros, bias, lora_a, lora_b, bits, g
 
 def _affine_linear_setup(ctx, inputs, output):
     x, qweight, scales, zeros, bias, lora_a, lora_b, bits, group_size, in_features = inputs
-    ctx.save_for_backward(qweight, scales, zeros, lora_a, lora_b)
-    ctx.meta = (bits, group_size, in_features)
+    ctx.save_for_backward(x, qweight, scales, zeros, lora_a, lora_b)
+    ctx.meta = (bits, group_size, in_features, None if bias is None else bias.dtype)
 
 
 def _affine_linear_backward(ctx, grad):
-    qweight, scales, zeros, lora_a, lora_b = ctx.saved_tensors
-    bits, group_size, in_features = ctx.meta
-    w = dequantize_affine(qweight, scales, zeros, bits, group_size, in_features, lora_a, lora_b)
+    """Gradients for ``x``, the group ``scales`` (codes and zeros are integers: frozen), ``bias`` and the
+    low-rank factors. ``dW/dscale[n, g] = q[n, k] - z[n, g]`` for the columns ``k`` of group ``g``, which
+    is what EfficientQAT's E2E-QP trains."""
+    x, qweight, scales, zeros, lora_a, lora_b = ctx.saved_tensors
+    bits, group_size, in_features, bias_dtype = ctx.meta
+    need = ctx.needs_input_grad
+    w = dequantize_affine(qweight, scales, zeros, bits, group_size, in_features)
     grad_x = grad @ w.to(grad.dtype)
-    return grad_x, None, None, None, None, None, None, None, None, None
+    g2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    grad_scales = grad_bias = grad_a = grad_b = None
+    if lora_a is not None:
+        xa = x2 @ lora_a.to(x2.dtype).t()  # (M, r)
+        grad_x = grad_x + (grad @ lora_b.to(grad.dtype)) @ lora_a.to(grad.dtype)
+        if need[5]:
+            grad_a = ((g2 @ lora_b.to(g2.dtype)).t() @ x2).to(lora_a.dtype)
+        if need[6]:
+            grad_b = (g2.t() @ xa).to(lora_b.dtype)
+    if need[2]:
+        n, g = scales.shape
+        gw = (g2.t().float() @ x2.float())  # dL/dW, (N, K)
+        unit = dequantize_affine(qweight, torch.ones_like(scales, dtype=torch.float32), zeros, bits, group_size,
+                                 in_features)  # q - z
+        prod = torch.nn.functional.pad(gw * unit, (0, g * group_size - in_features))
+        grad_scales = prod.view(n, g, group_size).sum(-1).to(scales.dtype)
+    if bias_dtype is not None and need[4]:
+        grad_bias = g2.sum(0).to(bias_dtype)
+    return grad_x, None, grad_scales, None, grad_bias, grad_a, grad_b, None, None, None
 
 
 affine_linear.register_autograd(_affine_linear_backward, setup_context=_affine_linear_setup)
