@@ -52,7 +52,8 @@ def calibrate(model, method: str, windows=None, overrides=None, progress: bool =
     """Run a method block by block (``options``: the method's config, e.g. ``bits``, ``group_size``).
 
     ``overrides``: rule dicts or a .toml/.json path (:mod:`lowbit.compiler.overrides`). Returns a
-    :class:`~lowbit.compiler.calibrate.Calibration` (formats by module name); the model keeps float weights."""
+    :class:`~lowbit.compiler.calibrate.Calibration` (formats by module name); the model keeps float weights.
+    Methods with an end-to-end phase (``efficientqat``'s E2E-QP) run it here too, without checkpoints."""
     from lowbit.compiler.calibrate import Engine
     from lowbit.compiler.overrides import MethodPlan, load_rules, parse_rules
     from lowbit.passes.methods import build_method
@@ -65,7 +66,12 @@ def calibrate(model, method: str, windows=None, overrides=None, progress: bool =
     needs = plan.needs_data if plan else m.needs_data
     if needs and windows is None:
         raise LowbitError(f"method {method!r} needs calibration windows (see calibration_data)")
-    return Engine(model, m, windows if needs else None, progress=progress, plan=plan).run()
+    if hasattr(m, "after_calibration") and windows is None:
+        raise LowbitError(f"method {method!r} trains end to end and needs windows (see calibration_data)")
+    cal = Engine(model, m, windows if needs else None, progress=progress, plan=plan).run()
+    if hasattr(m, "after_calibration"):  # end-to-end phases (EfficientQAT's E2E-QP)
+        cal.results = m.after_calibration(model, cal.results, windows, progress)
+    return cal
 
 
 def capture(model) -> torch.fx.GraphModule:

@@ -14,6 +14,7 @@ examples:
   lowbit-compile ./my-hf-model --method rtn --bits 3 --group-size 64 -o out/rtn3
   lowbit-compile model.gguf --method gptq --bits 2 --group-size 64 --act-order --eval wikitext2,c4 --eval-windows 32
   lowbit-compile smollm2-135m --method apiq --bits 2 --group-size 64 --lora-rank 8 --apiq-epochs 2
+  lowbit-compile smollm2-135m --method efficientqat --bits 2 --group-size 64 --phases block-ap,e2e-qp
   lowbit-compile smollm2-135m --method billm --target onnx        # artifact + DIR/onnx/ for ONNX Runtime
   lowbit-export out/smollm2-135m-gptq-w4g128 --onnx                  # ONNX for an existing artifact
   lowbit-run out/smollm2-135m-gptq-w4g128 --prompt "The capital of France is"
@@ -37,7 +38,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="HF model directory, .gguf file, or alias (smollm2-135m)")
     p.add_argument("--method", default="gptq", choices=sorted(REGISTRY),
-                   help="gptq, rtn, billm (1-bit), apiq (2-4 bit + LoRA), sign (naive 1-bit baseline); "
+                   help="gptq, rtn, billm (1-bit), apiq (2-4 bit + LoRA), efficientqat (Block-AP + E2E-QP), sign "
+                   "(naive 1-bit baseline); "
                         "default gptq")
     q = p.add_argument_group("uniform quantization (rtn, gptq)")
     q.add_argument("--bits", type=int, default=None, help="bits per weight code, 1-8 (default 4)")
@@ -81,6 +83,23 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="also fit the float block's output on the quantized inputs (default off)")
     a.add_argument("--apiq-batch-size", type=int, default=None, help="windows per optimizer step (default 1)")
     a.add_argument("--loftq-iters", type=int, default=None, help="LoftQ alternations (default 5)")
+    q = p.add_argument_group("efficientqat (uniform asymmetric; --bits/--group-size apply, default w2g64)")
+    q.add_argument("--phases", default=None,
+                   help="block-ap, e2e-qp, or both (default block-ap,e2e-qp); e2e-qp alone starts from min-max RTN")
+    q.add_argument("--eqat-epochs", type=int, default=None, help="Block-AP passes over the windows (default 2)")
+    q.add_argument("--eqat-batch-size", type=int, default=None, help="Block-AP windows per step (default 2)")
+    q.add_argument("--eqat-lr-quant", type=float, default=None, help="Block-AP lr of scales/zeros (default 1e-4)")
+    q.add_argument("--eqat-lr-weight", type=float, default=None,
+                   help="Block-AP lr of the weights (default 2e-5 at 2 bits, else 1e-5)")
+    q.add_argument("--eqat-val-windows", type=int, default=None,
+                   help="calibration windows held out for validation losses (default 8, at most a quarter)")
+    q.add_argument("--e2e-epochs", type=int, default=None, help="E2E-QP passes over the windows (default 1)")
+    q.add_argument("--e2e-batch-size", type=int, default=None, help="E2E-QP windows per step (default 4)")
+    q.add_argument("--e2e-lr", type=float, default=None, help="E2E-QP lr of the scales (default 2e-5 at 2 bits, else 1e-5)")
+    q.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints into OUTPUT.ckpt/ (default 16; finished blocks always)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUTPUT.ckpt/ (same options: same artifact)")
     p.add_argument("--overrides", default=None, metavar="FILE",
                    help="per-module rules (.toml/.json): match a name pattern, then skip = true or other options, "
                         "e.g. keep lm_head and layers.0.* at 4 bits while the rest gets 2 (see README)")
@@ -119,7 +138,19 @@ def compile_main(argv=None) -> int:
              "billm_outlier_ratio": "outlier_ratio", "apiq_mode": "mode", "lora_init": "init",
              "lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets", "apiq_epochs": "epochs",
              "apiq_lr_lwc": "lr_lwc", "apiq_lr_lora": "lr_lora", "apiq_aug_loss": "aug_loss",
-             "apiq_batch_size": "batch_size", "loftq_iters": "loftq_iters"}
+             "apiq_batch_size": "batch_size", "loftq_iters": "loftq_iters", "phases": "phases",
+             "eqat_epochs": "epochs", "eqat_batch_size": "batch_size", "eqat_lr_quant": "lr_quant",
+             "eqat_lr_weight": "lr_weight", "eqat_val_windows": "val_windows", "e2e_epochs": "e2e_epochs",
+             "e2e_batch_size": "e2e_batch_size", "e2e_lr": "e2e_lr", "checkpoint_every": "checkpoint_every"}
+    # Method-specific flags share option names (--apiq-epochs, --eqat-epochs): refuse them on another method.
+    owner = {"billm_": "billm", "apiq_": "apiq", "lora_": "apiq", "loftq_": "apiq", "eqat_": "efficientqat",
+             "e2e_": "efficientqat", "phases": "efficientqat", "checkpoint_every": "efficientqat"}
+    for flag in flags:
+        m = next((v for k, v in owner.items() if flag.startswith(k)), None)
+        if m and m != args.method and getattr(args, flag) is not None:
+            print(f"lowbit-compile: error: --{flag.replace('_', '-')} applies to --method {m}, not {args.method}",
+                  file=sys.stderr)
+            return 2
     method_options = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
     opts = CompileOptions(
         model=args.model, method=args.method, method_options=method_options, output=args.output,
@@ -127,7 +158,7 @@ def compile_main(argv=None) -> int:
         seqlen=args.seqlen, seed=args.seed, eval=tuple(x for x in args.eval.split(",") if x),
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, eval_float=not args.no_eval_float,
         float_dtype=args.float_dtype, progress=not args.quiet, onnx_accuracy_level=args.accuracy_level,
-        overrides=args.overrides,
+        overrides=args.overrides, resume=args.resume,
     )
     try:
         report = compile_model(opts)

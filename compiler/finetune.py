@@ -191,12 +191,12 @@ class LoopSettings:
 
 
 def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.Tensor, cfg: LoopSettings,
-               ckpt: Path, key: dict, resume: bool, say) -> dict:
+               ckpt: Path | None, key: dict, resume: bool, say) -> dict:
     """Next-token training of the trainable tensors of ``modules`` (``{name: PackedTrainLinear}``).
 
     AdamW (one group), ``warmup`` fraction of linear warm-up then cosine decay to 0, window order
     ``randperm(seed + epoch)``; validation loss on ``val`` at step 0, every ``checkpoint_every`` steps
-    and at the end; checkpoint (atomic) every ``checkpoint_every`` steps. Returns ``{"history",
+    and at the end; checkpoint (atomic) every ``checkpoint_every`` steps unless ``ckpt`` is None. Returns ``{"history",
     "steps", "stopped", "step"}``; raises :class:`LowbitError` on a NaN/Inf loss."""
     named = {f"{n}.{k}": p for n, m in modules.items() for k, p in m.trainable().items()}
     params = list(named.values())
@@ -207,7 +207,7 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
     key_s = json.dumps(key, sort_keys=True)
     step, history = 0, []
     tag = f"[{cfg.label}]"
-    if resume and ckpt.exists():
+    if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         if state["key"] != key_s:
             raise LowbitError(f"{ckpt} was written for another artifact or other training options; "
@@ -253,7 +253,7 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             if not torch.isfinite(loss):
                 raise LowbitError(f"training loss became {float(loss.detach())} at step {step + 1}; no artifact "
-                                  f"written (last good checkpoint: {ckpt if ckpt.exists() else 'none'})")
+                                  f"written (last good checkpoint: {ckpt if ckpt is not None and ckpt.exists() else 'none'})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -273,11 +273,11 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
             say(f"{tag} step {step}/{total}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}"
                 + (f", validation loss {rec['val_loss']:.4f}" if "val_loss" in rec else "")
                 + f" ({rate:.0f} tokens/s, ETA {eta:.0f}s)")
-            if step % cfg.checkpoint_every == 0:
+            if ckpt is not None and step % cfg.checkpoint_every == 0:
                 checkpoint()
     finally:
         model.eval()
-    if stopped:
+    if stopped and ckpt is not None:
         checkpoint()
         say(f"{tag} stopped after {ran} steps at step {step}/{total}; checkpoint {ckpt} (continue with --resume)")
     return {"history": history, "steps": total, "step": step, "stopped": stopped, "trainable_params": n_train}

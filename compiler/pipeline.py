@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ class CompileOptions:
     onnx_accuracy_level: int = 4  # MatMulNBits accuracy_level for --target onnx (4 = int8 activations)
     # Per-module overrides (lowbit.compiler.overrides): a .json/.toml path or a list of rule dicts.
     overrides: object = None
+    resume: bool = False  # continue a training method's interrupted run from OUTPUT.ckpt/
     # The user's own passes (objects with ``name`` and ``run(gm, ctx) -> PassReport``), run after lowbit's.
     extra_passes: tuple = ()
 
@@ -105,6 +107,14 @@ def compile_model(opts: CompileOptions) -> dict:
     out = Path(opts.output) if opts.output else default_output(opts, tag)
     if out.exists() and not opts.overwrite:
         raise LowbitError(f"output directory {out} already exists (use --overwrite to replace it)")
+    ckpt_dir = out.with_name(out.name + ".ckpt")
+    if hasattr(method, "checkpoint_dir"):  # training methods checkpoint beside the output
+        if ckpt_dir.exists() and not opts.resume and not opts.overwrite:
+            raise LowbitError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it or "
+                              "--overwrite to restart")
+        method.checkpoint_dir, method.resume = ckpt_dir, opts.resume
+    elif opts.resume:
+        raise LowbitError(f"--resume applies to training methods (efficientqat); {opts.method} has no checkpoints")
     float_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}.get(opts.float_dtype, "bad")
     if float_dtype == "bad":
         raise LowbitError(f"--float-dtype must be float16, bfloat16 or float32, got {opts.float_dtype!r}")
@@ -148,7 +158,16 @@ def compile_model(opts: CompileOptions) -> dict:
     with timer.stage("calibrate"):
         say(f"[calibrate] {opts.method} {tag} on {windows.shape[0]} x {windows.shape[1]} tokens of {calib_info['source']}")
         needs_data = plan.needs_data if plan is not None else method.needs_data
-        cal = Engine(model, method, windows if needs_data else None, progress=opts.progress, plan=plan).run()
+        try:
+            cal = Engine(model, method, windows if needs_data else None, progress=opts.progress, plan=plan).run()
+        except ValueError as e:  # a method's training refusal (NaN loss, mismatched checkpoint)
+            raise LowbitError(str(e)) from e
+    if hasattr(method, "after_calibration"):  # end-to-end phases over the whole quantized model
+        with timer.stage(f"{opts.method} end-to-end"):
+            try:
+                cal.results = method.after_calibration(model, cal.results, windows, opts.progress)
+            except ValueError as e:
+                raise LowbitError(str(e)) from e
     with timer.stage("export"):
         ep = capture.capture(model)
         gm = ep.module()
@@ -226,11 +245,15 @@ def compile_model(opts: CompileOptions) -> dict:
 
                 with timer.stage("mlir"):
                     report["mlir"] = mlir_export.export_artifact(tmp, progress=say)
+            if getattr(method, "e2e_report", None):
+                report["end_to_end"] = method.e2e_report
             report["times"] = {**timer.times, "total": time.perf_counter() - t_all}
             report_mod.write(report, tmp)
     except FileExistsError as e:
         raise LowbitError(str(e)) from e
     report["summary"]["output"] = str(out)
+    if hasattr(method, "checkpoint_dir"):  # the artifact is complete: the checkpoints have served
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return report
 
 
