@@ -291,11 +291,30 @@ def export_main(argv=None) -> int:
     p.add_argument("--outlier-data", default="c4",
                    help="text for finding massive activation channels, which accuracy_level 4 keeps out of its "
                         "int8 activation path (c4, a .txt/.jsonl file, or none; default c4)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx")
+    p.add_argument("--gptq", default=None, metavar="OUT",
+                   help="write a GPTQ checkpoint directory OUT (int32 qweight/qzeros, fp16 scales, g_idx; "
+                        "config.json quantization_config) that GPTQModel, transformers and vLLM load")
+    p.add_argument("--gptq-format", default="v1", choices=["v1", "v2"],
+                   help="--gptq: v1 = checkpoint_format gptq (zero points stored minus 1; transformers/vLLM), "
+                        "v2 = gptq_v2 (GPTQModel); default v1")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/onnx (or --gptq OUT)")
     args = p.parse_args(argv)
-    if not (args.onnx or args.mlir):
-        print("lowbit-export: error: choose a target (--onnx and/or --mlir)", file=sys.stderr)
+    if not (args.onnx or args.mlir or args.gptq):
+        print("lowbit-export: error: choose a target (--onnx, --mlir and/or --gptq OUT)", file=sys.stderr)
         return 2
+    if args.gptq:
+        from .gptq_checkpoint import export_gptq
+
+        try:
+            g = export_gptq(args.artifact, args.gptq, version=int(args.gptq_format[1]), overwrite=args.overwrite,
+                            progress=lambda m: print(m, file=sys.stderr))
+        except LowbitError as e:
+            print(f"lowbit-export: error: {e}", file=sys.stderr)
+            return 2
+        print(f"lowbit-export: {args.artifact} -> {args.gptq}: GPTQ checkpoint ({g['checkpoint_format']}), "
+              f"{g['layers']} layers w{g['bits']}g{g['group_size']}, {g['bytes'] / 2**20:.1f} MiB ({g['seconds']:.0f}s)")
+        if not (args.onnx or args.mlir):
+            return 0
     from lowbit.runtime.artifact import ArtifactError
 
     from .onnx_export import export_artifact
@@ -414,3 +433,27 @@ def finetune_main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(compile_main())
+
+
+def import_gptq_main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="lowbit-import-gptq",
+        description="Turn a GPTQ checkpoint directory (config.json with quantization_config, int32 qweight/qzeros, "
+        "fp16 scales; desc_act=false) into a lowbit artifact with the same codes, zero points and scales.")
+    p.add_argument("checkpoint", help="GPTQ checkpoint directory (e.g. written by lowbit-export --gptq)")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the tensors that stay float (default float16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    args = p.parse_args(argv)
+    from .gptq_checkpoint import import_gptq
+
+    try:
+        r = import_gptq(args.checkpoint, args.output, overwrite=args.overwrite, float_dtype=args.float_dtype,
+                        progress=lambda m: print(m, file=sys.stderr))
+    except LowbitError as e:
+        print(f"lowbit-import-gptq: error: {e}", file=sys.stderr)
+        return 2
+    print(f"lowbit-import-gptq: {args.checkpoint} -> {args.output}: {r['layers']} layers "
+          f"w{r['bits']}g{r['group_size']} ({r['checkpoint_format']}), {r['seconds']:.0f}s")
+    return 0

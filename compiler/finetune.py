@@ -367,23 +367,28 @@ def finetune(opts: FinetuneOptions) -> dict:
     return report
 
 
-def _write_artifact(source, formats: dict, out: Path, report: dict, overwrite: bool, evaluate) -> None:
-    """Capture the float architecture again and rewrite it with the trained formats (same passes as compile)."""
+def rewrite_program(float_model: nn.Module, formats: dict):
+    """``(program, attrs)``: ``float_model`` captured and its linears rewritten into ``formats`` (compile's passes)."""
     from lowbit.passes.base import PassContext, PassManager
     from lowbit.passes.cleanup import CleanUp
     from lowbit.passes.rewrite import ReplaceLinears
     from lowbit.passes.sites import FindLinearSites
-    from lowbit.runtime import artifact as art
 
     from . import capture
-    from .kv_export import rebuild_model
 
-    float_model = rebuild_model(source)
     gm = capture.capture(float_model).module()
     ctx = PassContext(results=formats)
     PassManager([FindLinearSites(), ReplaceLinears(), CleanUp()]).run(gm, ctx)
-    program = capture.recapture(gm)
-    attrs = {m: v["attrs"] for m, v in ctx.replaced.items()}
+    return capture.recapture(gm), {m: v["attrs"] for m, v in ctx.replaced.items()}
+
+
+def _write_artifact(source, formats: dict, out: Path, report: dict, overwrite: bool, evaluate) -> None:
+    """Capture the float architecture again and rewrite it with the trained formats (same passes as compile)."""
+    from lowbit.runtime import artifact as art
+
+    from .kv_export import rebuild_model
+
+    program, attrs = rewrite_program(rebuild_model(source), formats)
     extra = {k: v for k, v in source.manifest.items() if k not in ("lowbit_manifest", "modules", "tensors", "files")}
     extra["finetune"] = {k: report[k] for k in ("source", "options", "steps", "trainable_params")}
     extra["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
