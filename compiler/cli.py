@@ -388,6 +388,8 @@ def finetune_main(argv=None) -> int:
                    "3e-4; scales 2e-5 at 2 bits, else 1e-5)")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: lora 0.1, "
                    "scales 0)")
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help="max gradient norm (default: lora none, scales 0.3)")
     p.add_argument("--seed", type=int, default=0, help="window draw and order (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=16, help="steps between checkpoints (default 16)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt/ if it exists")
@@ -404,7 +406,7 @@ def finetune_main(argv=None) -> int:
     opts = FinetuneOptions(
         artifact=args.artifact, train=args.train, output=args.output or args.artifact.rstrip("/") + "-ft", data=args.data,
         nsamples=args.nsamples, seqlen=args.seqlen, val_samples=args.val_samples, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
         stop_after=args.stop_after, eval=tuple(x for x in args.eval.split(",") if x), eval_windows=args.eval_windows,
         eval_seqlen=args.eval_seqlen, progress=not args.quiet)

@@ -53,6 +53,7 @@ class FinetuneOptions:
     batch_size: int = 4
     lr: float | None = None  # None: lora 3e-4 (ApiQ); scales 2e-5 at 2 bits, else 1e-5 (EfficientQAT)
     weight_decay: float | None = None  # None: lora 0.1; scales 0
+    grad_clip: float | None = None  # max gradient norm; None: lora none, scales 0.3 (EfficientQAT)
     warmup: float = 0.03
     seed: int = 0
     checkpoint_every: int = 16
@@ -67,7 +68,7 @@ class FinetuneOptions:
     def training_key(self) -> dict:
         """What must match for a checkpoint to be resumed (everything that changes the result)."""
         keep = ("train", "data", "nsamples", "seqlen", "val_samples", "epochs", "batch_size", "lr", "weight_decay", "warmup",
-                "seed")
+                "seed", "grad_clip")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -315,6 +316,8 @@ def finetune(opts: FinetuneOptions) -> dict:
         opts.lr = 3e-4 if opts.train == "lora" else (2e-5 if low <= 2 else 1e-5)
     if opts.weight_decay is None:
         opts.weight_decay = 0.1 if opts.train == "lora" else 0.0
+    if opts.grad_clip is None and opts.train == "scales":
+        opts.grad_clip = 0.3
     if not opts.lr > 0:
         raise LowbitError(f"--lr must be > 0, got {opts.lr}")
     data.load_text(opts.data, "calib")  # refuses evaluation-only text (wikitext2)
@@ -331,7 +334,7 @@ def finetune(opts: FinetuneOptions) -> dict:
     train, val = windows[: opts.nsamples], windows[opts.nsamples:]
     key = {"training": opts.training_key(), "source": _source_key(source.manifest)}
     cfg = LoopSettings(opts.epochs, opts.batch_size, opts.lr, opts.weight_decay, opts.warmup, opts.seed,
-                       opts.checkpoint_every, stop_after=opts.stop_after)
+                       opts.checkpoint_every, grad_clip=opts.grad_clip, stop_after=opts.stop_after)
     say(f"[finetune] training the {opts.train} of {source.path} on {info['source']}")
     res = train_loop(model, modules, train, val, cfg, ckpt, key, opts.resume, say)
     train_time = time.perf_counter() - t_start
