@@ -86,6 +86,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("efficientqat (uniform asymmetric; --bits/--group-size apply, default w2g64)")
     q.add_argument("--phases", default=None,
                    help="block-ap, e2e-qp, or both (default block-ap,e2e-qp); e2e-qp alone starts from min-max RTN")
+    q.add_argument("--eqat-init", choices=["gptq", "minmax"], default=None,
+                   help="Block-AP start: gptq (default; the codes of GPTQ act-order) or minmax (the paper's)")
     q.add_argument("--eqat-epochs", type=int, default=None, help="Block-AP passes over the windows (default 2)")
     q.add_argument("--eqat-batch-size", type=int, default=None, help="Block-AP windows per step (default 2)")
     q.add_argument("--eqat-lr-quant", type=float, default=None, help="Block-AP lr of scales/zeros (default 1e-4)")
@@ -139,7 +141,7 @@ def compile_main(argv=None) -> int:
              "lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets", "apiq_epochs": "epochs",
              "apiq_lr_lwc": "lr_lwc", "apiq_lr_lora": "lr_lora", "apiq_aug_loss": "aug_loss",
              "apiq_batch_size": "batch_size", "loftq_iters": "loftq_iters", "phases": "phases",
-             "eqat_epochs": "epochs", "eqat_batch_size": "batch_size", "eqat_lr_quant": "lr_quant",
+             "eqat_init": "init", "eqat_epochs": "epochs", "eqat_batch_size": "batch_size", "eqat_lr_quant": "lr_quant",
              "eqat_lr_weight": "lr_weight", "eqat_val_windows": "val_windows", "e2e_epochs": "e2e_epochs",
              "e2e_batch_size": "e2e_batch_size", "e2e_lr": "e2e_lr", "checkpoint_every": "checkpoint_every"}
     # Method-specific flags share option names (--apiq-epochs, --eqat-epochs): refuse them on another method.

@@ -82,7 +82,7 @@ def test_block_ap_beats_rtn_and_e2e_lowers_the_loss(tiny_setup):
     model, windows, ids, ref = tiny_setup
     rtn = api.calibrate(model, "rtn", windows, bits=2, group_size=32, progress=False)
     bap = api.calibrate(model, "efficientqat", windows, bits=2, group_size=32, phases="block-ap", epochs=4,
-                        lr_weight=1e-3, lr_quant=1e-2, val_windows=0, progress=False)
+                        lr_weight=1e-3, lr_quant=1e-2, val_windows=0, init="minmax", progress=False)
     assert _logit_error(model, bap, ids, ref) < 0.8 * _logit_error(model, rtn, ids, ref)
 
     m = efficientqat.EfficientQAT(efficientqat.EfficientQATConfig(bits=2, group_size=32, phases="e2e-qp",
@@ -95,6 +95,29 @@ def test_block_ap_beats_rtn_and_e2e_lowers_the_loss(tiny_setup):
         assert torch.equal(f.qweight, bap.results[n].qweight) and torch.equal(f.zeros, bap.results[n].zeros)
     assert any(not torch.equal(out[n].scales, before[n]) for n in out)
     assert all(p.requires_grad for p in model.parameters())  # the model is handed back as it was
+
+
+def test_block_ap_starts_from_gptq_and_keeps_its_best(tiny_setup):
+    model, windows, ids, ref = tiny_setup
+    gptq = api.calibrate(model, "gptq", windows, bits=2, group_size=32, progress=False)
+    start = api.calibrate(model, "efficientqat", windows, bits=2, group_size=32, phases="block-ap", epochs=0,
+                          progress=False)
+    for n, f in gptq.results.items():  # no training: exactly GPTQ's codes, scales and zero points
+        g = start.results[n]
+        assert torch.equal(f.qweight, g.qweight) and torch.equal(f.scales, g.scales) and torch.equal(f.zeros, g.zeros)
+    bap = api.calibrate(model, "efficientqat", windows, bits=2, group_size=32, phases="block-ap", epochs=4,
+                        lr_weight=1e-3, lr_quant=1e-3, val_windows=2, progress=False)
+    for name, info in bap.info.items():
+        hist = info["block_ap_history"]
+        kept = next(h for h in hist if h["epoch"] * 3 == info["block_ap_kept_step"])  # 6 train windows, batch 2
+        assert info["block_ap_init"] == "gptq" and kept["val_loss"] == min(h["val_loss"] for h in hist)
+    assert _logit_error(model, bap, ids, ref) < _logit_error(model, gptq, ids, ref)
+    # a diverging learning rate cannot make a block worse than its GPTQ start on held-out windows
+    bad = api.calibrate(model, "efficientqat", windows, bits=2, group_size=32, phases="block-ap", epochs=1,
+                        lr_weight=1.0, lr_quant=1.0, val_windows=2, progress=False)
+    assert all(i["block_ap_kept_step"] == 0 for i in bad.info.values())
+    for n, f in gptq.results.items():
+        assert torch.equal(f.qweight, bad.results[n].qweight)
 
 
 def _compile(tiny, text, out, *extra):

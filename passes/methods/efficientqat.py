@@ -4,10 +4,16 @@
 chain and quantized chain): each linear becomes a :class:`BlockAPLinear` whose weight ``W``, group scales
 ``s`` and zero points ``z`` are all trainable, with fake quantization
 ``Ŵ = (clamp(round(W / s) + round(z), 0, 2^b - 1) - round(z)) · s`` and straight-through rounding (LSQ+-style);
-``s`` and ``z`` start at the group's min-max. The block is trained with AdamW (weight decay 0; ``s``/``z`` at
+``init`` chooses the start: ``gptq`` (default) runs GPTQ (act-order, static groups) on the block's linears
+first and starts from its codes (``W`` = GPTQ's dequantized weight, ``s``/``z`` its group parameters), so
+the fake-quantized block equals the GPTQ block at step 0; ``minmax`` is the paper's start (``W`` the float
+weight, ``s``/``z`` the group's min-max). Why GPTQ: on SmolLM2 the min-max start leaves block 11 (where the
+massive "attention sink" activations are created by ``mlp.down_proj``) with an error that the short
+training cannot remove and every later block then inherits; GPTQ's Hessian-weighted start does not. The block is trained with AdamW (weight decay 0; ``s``/``z`` at
 lr 1e-4, ``W`` at 2e-5 for 2 bits and 1e-5 otherwise, each group cosine-annealed to lr/20) to minimize
 ``MSE(float block(float inputs), block(quantized inputs))``, ``batch_size`` windows per step, ``epochs`` passes,
-a few held-out windows for a validation loss per epoch. Then ``s`` is rounded to fp16 and the codes are
+a few held-out windows for a validation loss at the start and per epoch; the parameters with the lowest
+validation loss are kept (training never returns a block worse on held-out windows than its start). Then ``s`` is rounded to fp16 and the codes are
 chosen for it: what is stored is what was trained.
 
 **E2E-QP** (phase ``e2e-qp``, :meth:`EfficientQAT.after_calibration`): the packed model (codes and zero
@@ -76,6 +82,7 @@ class EfficientQATConfig(UniformConfig):
     e2e_grad_clip: float = 0.3
     checkpoint_every: int = 16
     seed: int = 0
+    init: str = "gptq"  # Block-AP start: "gptq" (codes of GPTQ act-order) or "minmax" (the paper's)
 
     def phase_list(self) -> list:
         return [p.strip() for p in self.phases.split(",") if p.strip()]
@@ -92,6 +99,8 @@ class EfficientQATConfig(UniformConfig):
             raise ValueError(f"--phases must be a comma-separated subset of {','.join(PHASES)}, got {self.phases!r}")
         if self.epochs < 0 or self.batch_size < 1 or self.e2e_epochs < 1 or self.e2e_batch_size < 1:
             raise ValueError("--eqat-epochs must be >= 0; batch sizes and --eqat-e2e-epochs >= 1")
+        if self.init not in ("gptq", "minmax"):
+            raise ValueError(f"--eqat-init must be gptq or minmax, got {self.init!r}")
         if self.val_windows < 0 or self.checkpoint_every < 1:
             raise ValueError("--eqat-val-windows must be >= 0 and --checkpoint-every >= 1")
         for name in ("lr_quant", "lr_weight", "e2e_lr"):
@@ -114,14 +123,22 @@ class EfficientQATConfig(UniformConfig):
 class BlockAPLinear(nn.Module):
     """Block-AP stand-in for one linear: trainable ``W``, group scales ``s`` and zero points ``z``."""
 
-    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int):
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int, start=None):
+        """``start``: an ``AffineIntK`` to start from (``W`` = its dequantized weight, ``s``/``z`` its group
+        parameters, so the codes at step 0 are its codes); None: ``W`` = ``w`` and min-max ``s``/``z``."""
         super().__init__()
         n, k = w.shape
         self.n, self.k, self.bits, self.group_size = n, k, bits, group_size
         self.groups = math.ceil(k / group_size)
         self.maxq = (1 << bits) - 1
-        self.weight = nn.Parameter(w.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        if start is not None:
+            scale, zero = start.scales.float().clone(), start.zero_points().float().clone()
+            self.weight = nn.Parameter(start.dequantize().float().clone())
+            self.scale = nn.Parameter(scale)
+            self.zero = nn.Parameter(zero)
+            return
+        self.weight = nn.Parameter(w.detach().float().clone())
         wg = self._grouped(self.weight.detach())
         wmin, wmax = wg.amin(-1), wg.amax(-1)
         scale = ((wmax - wmin) / self.maxq).clamp(1e-4, 1e4)
@@ -254,8 +271,9 @@ class EfficientQAT(Method):
             return out
 
         block, engine = ctx.block, ctx.engine
+        starts = self._gptq_starts(ctx) if c.init == "gptq" else {}
         stand_ins = {name: BlockAPLinear(ctx.weight_of(mod).float(), getattr(mod, "bias", None), c.bits,
-                                         c.group_size) for name, mod in ctx.linears.items()}
+                                         c.group_size, starts.get(name)) for name, mod in ctx.linears.items()}
         originals = {name: _swap(block, name[len(ctx.prefix) + 1:], s) for name, s in stand_ins.items()}
         own = {id(p) for s in stand_ins.values() for p in s.parameters()}
         frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in own]
@@ -281,6 +299,22 @@ class EfficientQAT(Method):
                 cur.unlink()
         return out
 
+    def _gptq_starts(self, ctx) -> dict:
+        """GPTQ (act-order, static groups: contiguous groups, the stored layout) on each linear of the block,
+        all from the block's quantized-chain inputs; the Block-AP start."""
+        from .gptq import GPTQConfig, gptq_quantize
+
+        c = self.config
+        cfg = GPTQConfig(bits=c.bits, group_size=c.group_size, symmetric=False, act_order=True)
+        hs = ctx.hessians(list(ctx.linears))
+        out = {}
+        for name, mod in ctx.linears.items():
+            try:
+                out[name], _ = gptq_quantize(ctx.weight_of(mod), hs.pop(name), cfg)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from e
+        return out
+
     def _train_block(self, ctx, stand_ins: dict, forward) -> dict:
         c = self.config
         n_all = len(ctx.quant_inputs)
@@ -300,6 +334,7 @@ class EfficientQAT(Method):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine, cosine])
         named = {f"{n}.{k}": p for n, s in stand_ins.items() for k, p in s.named_parameters()}
         step, history = 0, []
+        best = {"val_loss": float("inf"), "step": 0, "params": None}  # params None: the current ones
         cur = self._ckpt("block-current.pt")
         if self.resume and cur is not None and cur.exists():
             state = torch.load(cur, weights_only=True)
@@ -309,6 +344,7 @@ class EfficientQAT(Method):
                 opt.load_state_dict(state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
                 step, history = state["step"], json.loads(state["history"])
+                best = state["best"]
                 _log(f"[efficientqat] {ctx.prefix}: resumed at step {step}/{total}")
 
         def val_loss() -> float:
@@ -318,7 +354,16 @@ class EfficientQAT(Method):
                 return sum(float(torch.nn.functional.mse_loss(forward(x), y)) for x, y in
                            zip(ctx.quant_inputs[n_train:], ctx.float_targets[n_train:])) / n_val
 
+        def keep_if_best(val: float, at: int) -> None:
+            if val < best["val_loss"]:  # NaN (no validation windows) never replaces: the last step is kept
+                best.update(val_loss=val, step=at, params={k: p.detach().clone() for k, p in named.items()})
+
         t0 = time.perf_counter()
+        if step == 0 and total:
+            v0 = val_loss()
+            history.append({"epoch": 0, "val_loss": v0})
+            keep_if_best(v0, 0)
+            _log(f"[efficientqat] {ctx.prefix} start ({c.init}): validation loss {v0:.3e}")
         epoch_loss = 0.0
         while step < total:
             epoch, i = divmod(step, steps_per_epoch)
@@ -340,17 +385,25 @@ class EfficientQAT(Method):
             if step % steps_per_epoch == 0 or step == total:
                 rec = {"epoch": epoch + 1, "train_loss": epoch_loss / n_train, "val_loss": val_loss()}
                 history.append(rec)
+                keep_if_best(rec["val_loss"], step)
                 epoch_loss = 0.0
                 _log(f"[efficientqat] {ctx.prefix} epoch {rec['epoch']}/{c.epochs}: train loss "
                      f"{rec['train_loss']:.3e}, validation loss {rec['val_loss']:.3e} ({time.perf_counter() - t0:.0f}s)")
             if cur is not None and step % c.checkpoint_every == 0 and step < total:
-                _save(cur, {"block": ctx.index, "step": step, "history": json.dumps(history),
+                _save(cur, {"block": ctx.index, "step": step, "history": json.dumps(history), "best": best,
                             "params": {k: p.detach().clone() for k, p in named.items()},
                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
             _after_step(ctx.prefix, step)
         # (Training resumed mid-epoch restarts that epoch's loss sum: the logged train loss of that
         # epoch then covers only the steps run since; the weights are unaffected.)
-        return {"block_ap_steps": total, "block_ap_history": history}
+        if best["params"] is not None and best["step"] != total:
+            with torch.no_grad():
+                for k, p in named.items():
+                    p.copy_(best["params"][k])
+            _log(f"[efficientqat] {ctx.prefix}: kept the parameters of step {best['step']} "
+                 f"(validation loss {best['val_loss']:.3e})")
+        return {"block_ap_steps": total, "block_ap_history": history, "block_ap_kept_step": best["step"],
+                "block_ap_init": self.config.init}
 
     # -- E2E-QP ------------------------------------------------------------------------------------------
     def after_calibration(self, model: nn.Module, results: dict, windows: torch.Tensor, progress: bool = True) -> dict:
