@@ -90,7 +90,7 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="Block-AP start: gptq (default; the codes of GPTQ act-order) or minmax (the paper's)")
     q.add_argument("--eqat-epochs", type=int, default=None, help="Block-AP passes over the windows (default 2)")
     q.add_argument("--eqat-batch-size", type=int, default=None, help="Block-AP windows per step (default 2)")
-    q.add_argument("--eqat-lr-quant", type=float, default=None, help="Block-AP lr of scales/zeros (default 1e-4)")
+    q.add_argument("--eqat-lr-quant", type=float, default=None, help="Block-AP lr of scales/zeros (default 1e-5 from gptq, 1e-4 from minmax)")
     q.add_argument("--eqat-lr-weight", type=float, default=None,
                    help="Block-AP lr of the weights (default 2e-5 at 2 bits, else 1e-5)")
     q.add_argument("--eqat-val-windows", type=int, default=None,
