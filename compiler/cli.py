@@ -38,7 +38,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="HF model directory, .gguf file, or alias (smollm2-135m)")
     p.add_argument("--method", default="gptq", choices=sorted(REGISTRY),
-                   help="gptq, rtn, billm (1-bit), apiq (2-4 bit + LoRA), efficientqat (Block-AP + E2E-QP), sign "
+                   help="gptq, rtn, billm (1-bit), apiq (2-4 bit + LoRA), efficientqat (Block-AP + E2E-QP), reallm (low-rank + "
+                   "VQ under --bits-budget), sign "
                    "(naive 1-bit baseline); "
                         "default gptq")
     q = p.add_argument_group("uniform quantization (rtn, gptq)")
@@ -83,6 +84,18 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="also fit the float block's output on the quantized inputs (default off)")
     a.add_argument("--apiq-batch-size", type=int, default=None, help="windows per optimizer step (default 1)")
     a.add_argument("--loftq-iters", type=int, default=None, help="LoftQ alternations (default 5)")
+    r = p.add_argument_group("reallm (low-rank + vector-quantized residual, configuration per matrix)")
+    r.add_argument("--bits-budget", type=float, default=None,
+                   help="true bits per weight, everything stored counted (codes, codebooks, scales, permutation, "
+                        "low-rank factors); met by every block (default 3.0)")
+    r.add_argument("--reallm-candidates", default=None,
+                   help="'auto' (d2b4..d2b8 and d4b8 at g128, each rank of --reallm-ranks) or a comma list of "
+                        "d<vec_dim>b<index_bits>g<group>r<rank>, e.g. d2b6g128r0,d4b8g64r8")
+    r.add_argument("--reallm-ranks", default=None, help="low-rank ranks tried by 'auto' (default 0,8)")
+    r.add_argument("--reallm-perm", default=None, choices=["act-order", "none"],
+                   help="column reordering (default act-order: decreasing Hessian diagonal, stored as int16)")
+    r.add_argument("--reallm-lq-iters", type=int, default=None, help="low-rank / VQ alternations (default 2)")
+    r.add_argument("--reallm-kmeans-iters", type=int, default=None, help="k-means iterations (default 16)")
     q = p.add_argument_group("efficientqat (uniform asymmetric; --bits/--group-size apply, default w2g64)")
     q.add_argument("--phases", default=None,
                    help="block-ap, e2e-qp, or both (default block-ap,e2e-qp); e2e-qp alone starts from min-max RTN")
@@ -143,10 +156,13 @@ def compile_main(argv=None) -> int:
              "apiq_batch_size": "batch_size", "loftq_iters": "loftq_iters", "phases": "phases",
              "eqat_init": "init", "eqat_epochs": "epochs", "eqat_batch_size": "batch_size", "eqat_lr_quant": "lr_quant",
              "eqat_lr_weight": "lr_weight", "eqat_val_windows": "val_windows", "e2e_epochs": "e2e_epochs",
-             "e2e_batch_size": "e2e_batch_size", "e2e_lr": "e2e_lr", "checkpoint_every": "checkpoint_every"}
+             "e2e_batch_size": "e2e_batch_size", "e2e_lr": "e2e_lr", "checkpoint_every": "checkpoint_every",
+             "bits_budget": "bits_budget", "reallm_candidates": "candidates", "reallm_ranks": "ranks",
+             "reallm_perm": "perm", "reallm_lq_iters": "lq_iters", "reallm_kmeans_iters": "kmeans_iters"}
     # Method-specific flags share option names (--apiq-epochs, --eqat-epochs): refuse them on another method.
     owner = {"billm_": "billm", "apiq_": "apiq", "lora_": "apiq", "loftq_": "apiq", "eqat_": "efficientqat",
-             "e2e_": "efficientqat", "phases": "efficientqat", "checkpoint_every": "efficientqat"}
+             "e2e_": "efficientqat", "phases": "efficientqat", "checkpoint_every": "efficientqat",
+             "bits_budget": "reallm", "reallm_": "reallm"}
     for flag in flags:
         m = next((v for k, v in owner.items() if flag.startswith(k)), None)
         if m and m != args.method and getattr(args, flag) is not None:

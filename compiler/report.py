@@ -1,4 +1,5 @@
-"""Reports: ``report.json`` (everything), ``report.md`` (for people) and ``layer_error.png``."""
+"""Reports: ``report.json`` (everything), ``report.md`` (for people), ``layer_error.png`` (SQNR per layer)
+and ``layer_bits.png`` (true bits per weight per layer)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,33 @@ def write_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_bits_plot(report: dict, path: Path) -> None:
+    """True bits per weight of every compressed linear (what a per-matrix allocation such as ReALLM's
+    chose), with the model's average as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["layers"]
+    names = list(layers)
+    bits = [layers[n]["bits_per_weight"] for n in names]
+    kinds = sorted({n.split(".")[-1] for n in names})
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.08), 3.5))
+    for kind in kinds:
+        xs = [i for i, n in enumerate(names) if n.split(".")[-1] == kind]
+        ax.scatter(xs, [bits[i] for i in xs], s=10, label=kind)
+    ax.axhline(report["summary"]["bits_per_weight"], color="k", linewidth=0.8, linestyle="--", label="average")
+    ax.set_xlabel("compressed linear (graph order)")
+    ax.set_ylabel("true bits per weight")
+    ax.set_title(f"{report['model']['id']}  {report['method']['method']} {report['method'].get('tag', '')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(report: dict) -> str:
     s = report["summary"]
     lines = [f"# lowbit report: {report['model']['id']} / {report['method']['method']} {report['method'].get('tag', '')}", ""]
@@ -63,12 +91,13 @@ def markdown(report: dict) -> str:
         lines.append(f"- **{p['name']}**: {ch}")
         for sk in p["skipped"]:
             lines.append(f"  - skipped `{sk['site']}`: {sk['reason']}")
-    lines += ["", "## Layers", "", "| layer | format | shape | bits | group/block | bytes | bits/weight | SQNR (dB) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Layers", "", "| layer | format | shape | bits | group/block | configuration | bytes | bits/weight | SQNR (dB) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, l in report["layers"].items():
+        conf = l.get("reallm_config") or (f"rank {l['rank']}" if l.get("rank") else "")
         lines.append(f"| {name} | {l['kind']} | {l['out_features']}x{l['in_features']} | {l['bits']} | {l['group_size']} | "
-                     f"{l['nbytes']} | {l['bits_per_weight']:.3f} | {l.get('sqnr_db', float('nan')):.2f} |")
-    lines += ["", "![per-layer error](layer_error.png)", ""]
+                     f"{conf} | {l['nbytes']} | {l['bits_per_weight']:.3f} | {l.get('sqnr_db', float('nan')):.2f} |")
+    lines += ["", "![per-layer error](layer_error.png)", "", "![bits per layer](layer_bits.png)", ""]
     return "\n".join(lines)
 
 
@@ -77,3 +106,4 @@ def write(report: dict, directory: Path) -> None:
     (directory / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (directory / "report.md").write_text(markdown(report))
     write_plot(report, directory / "layer_error.png")
+    write_bits_plot(report, directory / "layer_bits.png")

@@ -76,6 +76,20 @@ def binary_linear_decomposed(x, signs, residual_signs, group, alphas, mus, outli
     return torch.nn.functional.linear(x, w.to(x.dtype))
 
 
+def vq_linear_decomposed(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits: int, vec_dim: int,
+                         group_size: int, in_features: int):
+    n = scales.shape[0]
+    idx = unpack_codes(codes, index_bits, in_features // vec_dim).to(torch.int64)
+    wp = torch.index_select(codebook.to(torch.float32), 0, idx.reshape(-1)).reshape(n, in_features)
+    wp = wp * torch.index_select(scales.to(torch.float32), 1, torch.arange(in_features) // group_size)
+    # permute the input columns rather than scatter the weight's columns back
+    xp = x if perm is None else torch.index_select(x, x.dim() - 1, perm.to(torch.int64))
+    y = torch.nn.functional.linear(xp, wp.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if lora_a is not None:
+        y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return y
+
+
 def _column_maps(k, salient_cols, outlier_cols):
     """int8 kind (0 plain, 1 salient, 2 fp16 outlier) and each column's position among its own kind
     (int16 where it fits): 3 bytes per column, the only constants the decomposition adds."""
@@ -100,8 +114,9 @@ class DecomposeLowbitOps:
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         rep = PassReport(self.name)
         aff, binr = torch.ops.lowbit.affine_linear.default, torch.ops.lowbit.binary_linear.default
+        vq = torch.ops.lowbit.vq_linear.default
         for i, node in enumerate(list(gm.graph.nodes)):
-            if node.op != "call_function" or node.target not in (aff, binr):
+            if node.op != "call_function" or node.target not in (aff, binr, vq):
                 continue
 
             def const(name, t):
@@ -110,7 +125,10 @@ class DecomposeLowbitOps:
                 return gm.graph.get_attr(attr)
 
             with gm.graph.inserting_before(node):
-                if node.target == aff:
+                if node.target == vq:
+                    new = gm.graph.call_function(vq_linear_decomposed, tuple(node.args))
+                    key = f"vq_codebook:{node.args[8]}bit"
+                elif node.target == aff:
                     x, qw, sc, zr, bias, la, lb, bits, gs, k = node.args
                     new = gm.graph.call_function(affine_linear_decomposed, (x, qw, sc, zr, bias, la, lb, bits, gs, k))
                     key = f"affine_int:{bits}bit"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.runtime.formats import AffineIntK, BinaryResidual
+from lowbit.runtime.formats import AffineIntK, BinaryResidual, VQCodebook
 
 from .base import PassContext, PassReport
 
@@ -29,6 +29,9 @@ OP_SIGNATURES = {
                           ["x", "signs", "residual_signs", "salient_cols", "group", "alphas", "mus",
                            "outlier_cols", "outlier_vals", "bias",
                            ("attr", "block_size"), ("attr", "in_features")]),
+    VQCodebook.kind: (torch.ops.lowbit.vq_linear.default,
+                      ["x", "codes", "codebook", "scales", "perm", "bias", "lora_a", "lora_b",
+                       ("attr", "index_bits"), ("attr", "vec_dim"), ("attr", "group_size"), ("attr", "in_features")]),
 }
 
 # Position of the bias argument of each op (the verify pass reads it).

@@ -9,7 +9,7 @@ Layout of ``DIR/``::
     program.pt2          the rewritten torch.export program (graph only: its weights are stored as
                          1-element placeholders and filled from the safetensors at load)
     tokenizer/           the tokenizer
-    report.md / report.json / layer_error.png
+    report.md / report.json / layer_error.png / layer_bits.png
 
 Writing happens in a hidden ``.DIR.partial-<pid>`` directory renamed to ``DIR`` only when complete;
 ``manifest.json`` is written last. Loading checks every file's size and sha256, every tensor's
@@ -36,7 +36,7 @@ PACKED_FILE = "packed.safetensors"
 FLOAT_FILE = "float.safetensors"
 PROGRAM_FILE = "program.pt2"
 
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int8, torch.int16,
                                 torch.int32, torch.int64, torch.bool, torch.float64)}
 
 

@@ -20,6 +20,8 @@ not divide ``K`` (SmolLM2 has K = 576 with group 128: groups of 128,128,128,128,
 
 ``W[n, k] = scales[n, g] * (q[n, k] - z[n, g])`` with ``g = k // group_size``.
 
+``BinaryResidual`` (BiLLM) and ``VQCodebook`` (ReALLM) are documented on their classes.
+
 ``LowRank`` -- optional correction ``W += B @ A``
 ----------------------------------------------
 * ``lora_a``: ``float16 (r, K)``, ``lora_b``: ``float16 (N, r)``.
@@ -421,7 +423,167 @@ def dequantize_binary(signs, residual_signs, salient_cols, group, alphas, mus, b
     return w
 
 
-FORMATS = {AffineIntK.kind: AffineIntK, BinaryResidual.kind: BinaryResidual}
+@dataclass
+class VQCodebook:
+    """Vector-quantized weight with one codebook per matrix (``lowbit::vq_linear``; ReALLM's residual).
+
+    ``W (N, K)``. The columns are stored in the order ``perm`` (stored column ``j`` is original column
+    ``perm[j]``; no ``perm``: the identity). In stored order each row is cut into ``K / vec_dim`` vectors of
+    ``vec_dim`` consecutive columns; each vector is an entry of the codebook, and every stored column is
+    scaled by its row's scale for the group of ``group_size`` stored columns it falls in::
+
+        Wp[n, j] = scales[n, j // group_size] * codebook[code[n, j // vec_dim], j % vec_dim]
+        W[n, perm[j]] = Wp[n, j]            (+ the optional low-rank correction B @ A, original order)
+
+    Tensors:
+
+    * ``codes``    ``uint8 (N, ceil((K/vec_dim) * index_bits / 8))``: codebook indices, packed per row in the
+      order of :mod:`lowbit.runtime.packing` (``1 <= index_bits <= 8``);
+    * ``codebook`` ``float16 (2**index_bits, vec_dim)``;
+    * ``scales``   ``float16 (N, ceil(K / group_size))``;
+    * ``perm``     ``int16 (K,)`` (``int32`` when ``K > 32767``) or absent: a permutation of ``0..K-1``;
+    * ``lora_a``   ``float16 (r, K)`` and ``lora_b`` ``float16 (N, r)``, or absent.
+
+    ``K`` must be a multiple of ``vec_dim``. Bits per weight: ``index_bits / vec_dim`` for the codes plus
+    scales, codebook, permutation and low-rank factors, all counted by :meth:`nbytes`.
+    """
+
+    kind = "vq_codebook"
+
+    index_bits: int
+    vec_dim: int
+    group_size: int
+    in_features: int
+    out_features: int
+    codes: torch.Tensor
+    codebook: torch.Tensor
+    scales: torch.Tensor
+    perm: Optional[torch.Tensor] = None
+    lowrank: Optional[LowRank] = None
+
+    @classmethod
+    def from_indices(cls, indices, codebook, scales, index_bits: int, group_size: int, perm=None, lowrank=None):
+        """Pack integer ``indices (N, K/vec_dim)``; ``codebook (2**index_bits, vec_dim)``, ``scales (N, G)``."""
+        n, nv = indices.shape
+        d = int(codebook.shape[1])
+        fmt = cls(index_bits=index_bits, vec_dim=d, group_size=group_size, in_features=nv * d, out_features=n,
+                  codes=pack_rows(indices, index_bits), codebook=codebook.to(torch.float16).contiguous(),
+                  scales=scales.to(torch.float16).contiguous(),
+                  perm=None if perm is None else perm.to(_perm_dtype(nv * d)).contiguous(),
+                  lowrank=None if lowrank is None else LowRank(lowrank.lora_a.to(torch.float16).contiguous(),
+                                                               lowrank.lora_b.to(torch.float16).contiguous()))
+        fmt.validate()
+        return fmt
+
+    @property
+    def bits(self) -> int:  # the code bits a weight would have without vectors (reports, rewrite counts)
+        return self.index_bits
+
+    def indices(self) -> torch.Tensor:
+        return unpack_rows(self.codes, self.index_bits, self.in_features // self.vec_dim)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``(N, K)`` weight in the original column order, low-rank correction included."""
+        lr = self.lowrank
+        return dequantize_vq(self.codes, self.codebook, self.scales, self.perm, self.index_bits, self.vec_dim,
+                             self.group_size, self.in_features, None if lr is None else lr.lora_a,
+                             None if lr is None else lr.lora_b).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"codes": self.codes, "codebook": self.codebook, "scales": self.scales}
+        if self.perm is not None:
+            out["perm"] = self.perm
+        if self.lowrank is not None:
+            out["lora_a"] = self.lowrank.lora_a
+            out["lora_b"] = self.lowrank.lora_b
+        return out
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "version": FORMAT_VERSION, "index_bits": self.index_bits,
+                "vec_dim": self.vec_dim, "group_size": self.group_size, "in_features": self.in_features,
+                "out_features": self.out_features, "permuted": self.perm is not None,
+                "rank": 0 if self.lowrank is None else self.lowrank.rank, "bits": self.index_bits}
+
+    @classmethod
+    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "VQCodebook":
+        lowrank = LowRank(tensors["lora_a"], tensors["lora_b"]) if "lora_a" in tensors else None
+        fmt = cls(index_bits=int(meta["index_bits"]), vec_dim=int(meta["vec_dim"]),
+                  group_size=int(meta["group_size"]), in_features=int(meta["in_features"]),
+                  out_features=int(meta["out_features"]), codes=tensors["codes"], codebook=tensors["codebook"],
+                  scales=tensors["scales"], perm=tensors.get("perm"), lowrank=lowrank)
+        if bool(meta.get("permuted", fmt.perm is not None)) != (fmt.perm is not None):
+            raise ValueError("perm: the header and the stored tensors disagree on whether columns are permuted")
+        if int(meta.get("rank", fmt.lowrank.rank if fmt.lowrank else 0)) != (fmt.lowrank.rank if fmt.lowrank else 0):
+            raise ValueError(f"lora_a: rank disagrees with the header's rank {meta['rank']}")
+        fmt.validate()
+        return fmt
+
+    def expected_shapes(self) -> dict:
+        n, k, d = self.out_features, self.in_features, self.vec_dim
+        out = {"codes": ((n, packed_row_bytes(k // d, self.index_bits)), torch.uint8),
+               "codebook": ((1 << self.index_bits, d), torch.float16),
+               "scales": ((n, math.ceil(k / self.group_size)), torch.float16)}
+        if self.perm is not None:
+            out["perm"] = ((k,), _perm_dtype(k))
+        if self.lowrank is not None:
+            r = self.lowrank.rank
+            out["lora_a"] = ((r, k), torch.float16)
+            out["lora_b"] = ((n, r), torch.float16)
+        return out
+
+    def validate(self) -> None:
+        if not 1 <= self.index_bits <= 8:
+            raise ValueError(f"index_bits must be in 1..8, got {self.index_bits}")
+        if self.vec_dim < 1 or self.in_features % self.vec_dim:
+            raise ValueError(f"vec_dim {self.vec_dim} must divide in_features {self.in_features}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        have = self.tensors()
+        for name, (shape, dtype) in self.expected_shapes().items():
+            t = have[name]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"{name}: expected {dtype} {shape} for a VQ {self.out_features}x{self.in_features} "
+                                 f"weight (d={self.vec_dim}, {self.index_bits}-bit indices, g{self.group_size}), "
+                                 f"got {t.dtype} {tuple(t.shape)}")
+        if self.perm is not None and not torch.equal(torch.sort(self.perm.long()).values,
+                                                     torch.arange(self.in_features)):
+            raise ValueError(f"perm is not a permutation of 0..{self.in_features - 1}")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes() / (self.in_features * self.out_features)
+
+    def paper_bits_per_weight(self) -> float:
+        """The papers' narrow count: index bits per weight only (ReALLM and LQ-LoRA leave the low-rank
+        part out; scales, codebook and permutation are left out here as for the other formats)."""
+        return self.index_bits / self.vec_dim
+
+
+def _perm_dtype(k: int) -> torch.dtype:
+    return torch.int16 if k <= 32767 else torch.int32
+
+
+def dequantize_vq(codes, codebook, scales, perm, index_bits: int, vec_dim: int, group_size: int, in_features: int,
+                  lora_a=None, lora_b=None) -> torch.Tensor:
+    """Readable reference dequantization of a :class:`VQCodebook` weight to float32 ``(N, K)``."""
+    n, k = codes.shape[0], in_features
+    idx = unpack_rows(codes, index_bits, k // vec_dim).long()
+    wp = codebook.float()[idx].reshape(n, k)  # (N, K/d, d) -> (N, K), stored column order
+    col_group = torch.arange(k) // group_size
+    wp = wp * scales.float()[:, col_group]
+    if perm is None:
+        w = wp
+    else:
+        w = torch.empty_like(wp)
+        w[:, perm.long()] = wp
+    if lora_a is not None:
+        w = w + lora_b.float() @ lora_a.float()
+    return w
+
+
+FORMATS = {AffineIntK.kind: AffineIntK, BinaryResidual.kind: BinaryResidual, VQCodebook.kind: VQCodebook}
 
 
 def format_from_meta(meta: dict, tensors: dict[str, torch.Tensor]):

@@ -4,6 +4,7 @@
 * ``lowbit::affine_linear`` (1/3-bit, odd group sizes, symmetric 8-bit) -> ``lowbit.AffineLinear`` /
   ``lowbit.AffineLinearSym``.
 * ``lowbit::binary_linear`` (BiLLM) -> ``lowbit.BinaryLinear``.
+* ``lowbit::vq_linear`` (ReALLM) -> ``lowbit.VQLinear`` (``Gather`` of codebook entries by index).
 
 The ``lowbit`` domain ops are ONNX *functions* stored in the model: their bodies use only standard ops
 (``BitShift``/``BitwiseAnd`` bit unpacking, ``Gather`` of per-group scales, ``ScatterElements`` for the
@@ -136,6 +137,20 @@ def BinaryLinear(x, signs, residual_signs, salient_cols, group, alphas, mus, out
     return op.MatMul(x, op.CastLike(op.Transpose(w, perm=[1, 0]), x))
 
 
+@onnxscript.script(LOWBIT, default_opset=op)
+def VQLinear(x, codes, codebook, scales, perm, index_bits: int, num_vectors: int, group_size: int, in_features: int):
+    """``x @ W.T`` for a :class:`~lowbit.runtime.formats.VQCodebook` weight: the codebook entries are
+    gathered by index (``Gather``), scaled per group, and the input columns are permuted instead of the
+    weight's (``x[..., perm] @ Wp.T``, the same product)."""
+    idx = op.Cast(UnpackBits(codes, bits=index_bits, count=num_vectors), to=7)  # (N, K/d) int64
+    vecs = op.Gather(op.Cast(codebook, to=1), idx, axis=0)  # (N, K/d, d)
+    wp = op.Reshape(vecs, [0, -1])  # (N, K), stored column order
+    grp = GroupOfColumn(block=group_size, count=in_features)
+    wp = op.Mul(wp, op.Cast(op.Gather(scales, grp, axis=1), to=1))
+    xp = op.Gather(x, op.Cast(perm, to=7), axis=-1)
+    return op.MatMul(xp, op.CastLike(op.Transpose(wp, perm=[1, 0]), x))
+
+
 # -- call sites ------------------------------------------------------------------------------------
 # torch.onnx.export runs a version converter that inlines every function in the model, which would
 # dissolve the lowbit ops into hundreds of anonymous nodes. So translations record *calls* (nodes in the
@@ -143,7 +158,7 @@ def BinaryLinear(x, signs, residual_signs, salient_cols, group, alphas, mus, out
 # definitions above to the saved model. ONNX Runtime inlines them when it loads the model.
 
 _ANY = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(uint8)", "tensor(int32)", "tensor(int64)"]
-FUNCTIONS = (UnpackBits, GroupOfColumn, AffineLinear, AffineLinearSym, BinaryLinear)
+FUNCTIONS = (UnpackBits, GroupOfColumn, AffineLinear, AffineLinearSym, BinaryLinear, VQLinear)
 
 
 def _call_site(fn) -> onnxscript.values.Op:
@@ -164,6 +179,7 @@ def _call_site(fn) -> onnxscript.values.Op:
 AFFINE_CALL = _call_site(AffineLinear)
 AFFINE_SYM_CALL = _call_site(AffineLinearSym)
 BINARY_CALL = _call_site(BinaryLinear)
+VQ_CALL = _call_site(VQLinear)
 
 
 def attach_functions(model):
@@ -188,6 +204,14 @@ def _add_bias(y, bias):
     return y if bias is None else op.Add(y, op.CastLike(bias, y))
 
 
+def _add_lowrank(y, x, lora_a, lora_b):
+    if lora_a is None:
+        return y
+    la = op.CastLike(op.Transpose(lora_a, perm=[1, 0]), x)
+    lb = op.CastLike(op.Transpose(lora_b, perm=[1, 0]), x)
+    return op.Add(y, op.MatMul(op.MatMul(x, la), lb))
+
+
 def translation_table(accuracy_level: int = 4) -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``; ``accuracy_level`` goes to MatMulNBits."""
     import torch
@@ -205,11 +229,7 @@ def translation_table(accuracy_level: int = 4) -> dict:
         else:
             y = AFFINE_CALL(x, qweight, scales, zeros, bits=bits, group_size=group_size,
                             in_features=in_features, groups=groups)
-        if lora_a is not None:
-            la = op.CastLike(op.Transpose(lora_a, perm=[1, 0]), x)
-            lb = op.CastLike(op.Transpose(lora_b, perm=[1, 0]), x)
-            y = op.Add(y, op.MatMul(op.MatMul(x, la), lb))
-        return _add_bias(y, bias)
+        return _add_bias(_add_lowrank(y, x, lora_a, lora_b), bias)
 
     def binary_linear(x, signs, residual_signs, salient_cols, group, alphas, mus, outlier_cols, outlier_vals,
                       bias, block_size, in_features):
@@ -224,6 +244,15 @@ def translation_table(accuracy_level: int = 4) -> dict:
                          num_nonsalient=in_features - num_salient)
         return _add_bias(y, bias)
 
+    def vq_linear(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits, vec_dim, group_size,
+                  in_features):
+        if perm is None:
+            perm = op.Range(0, in_features, 1)
+        y = VQ_CALL(x, codes, codebook, scales, perm, index_bits=index_bits, num_vectors=in_features // vec_dim,
+                    group_size=group_size, in_features=in_features)
+        return _add_bias(_add_lowrank(y, x, lora_a, lora_b), bias)
+
     return {torch.ops.lowbit.matmul_nbits.default: matmul_nbits,
             torch.ops.lowbit.affine_linear.default: affine_linear,
-            torch.ops.lowbit.binary_linear.default: binary_linear}
+            torch.ops.lowbit.binary_linear.default: binary_linear,
+            torch.ops.lowbit.vq_linear.default: vq_linear}

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .formats import dequantize_affine, dequantize_binary
+from .formats import dequantize_affine, dequantize_binary, dequantize_vq
 
 _LIB = "lowbit"
 
@@ -155,6 +155,77 @@ def binary_linear_from_format(x: torch.Tensor, fmt, bias: Optional[torch.Tensor]
     return torch.ops.lowbit.binary_linear(x, fmt.signs, fmt.residual_signs, fmt.salient_cols, fmt.group,
                                           fmt.alphas, fmt.mus, fmt.outlier_cols, fmt.outlier_vals, bias,
                                           fmt.block_size, fmt.in_features)
+
+
+# -- lowbit::vq_linear ------------------------------------------------------------------------------
+# ``x @ W.T + bias (+ (x @ lora_a.T) @ lora_b.T)`` for a :class:`~lowbit.runtime.formats.VQCodebook`
+# weight (ReALLM: vector-quantized residual plus a low-rank part). The eager implementation (decode the
+# codebook entries, scale, un-permute, then matmul) is the specification; differentiable with respect to
+# ``x``, ``bias`` and the low-rank factors, so ReALLM's low-rank fine-tuning runs through the packed model.
+
+
+@torch.library.custom_op(f"{_LIB}::vq_linear", mutates_args=())
+def vq_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    scales: torch.Tensor,
+    perm: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    index_bits: int,
+    vec_dim: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    w = dequantize_vq(codes, codebook, scales, perm, index_bits, vec_dim, group_size, in_features).to(x.dtype)
+    y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if lora_a is not None:
+        y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return y
+
+
+@vq_linear.register_fake
+def _vq_linear_fake(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits, vec_dim, group_size,
+                    in_features):
+    torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+def _vq_linear_setup(ctx, inputs, output):
+    x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits, vec_dim, group_size, in_features = inputs
+    ctx.save_for_backward(x, codes, codebook, scales, perm, lora_a, lora_b)
+    ctx.meta = (index_bits, vec_dim, group_size, in_features, None if bias is None else bias.dtype)
+
+
+def _vq_linear_backward(ctx, grad):
+    x, codes, codebook, scales, perm, lora_a, lora_b = ctx.saved_tensors
+    index_bits, vec_dim, group_size, in_features, bias_dtype = ctx.meta
+    need = ctx.needs_input_grad
+    w = dequantize_vq(codes, codebook, scales, perm, index_bits, vec_dim, group_size, in_features)
+    grad_x = grad @ w.to(grad.dtype)
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    grad_bias = grad_a = grad_b = None
+    if lora_a is not None:
+        grad_x = grad_x + (grad @ lora_b.to(grad.dtype)) @ lora_a.to(grad.dtype)
+        if need[6]:
+            grad_a = ((g2 @ lora_b.to(g2.dtype)).t() @ x2).to(lora_a.dtype)
+        if need[7]:
+            grad_b = (g2.t() @ (x2 @ lora_a.to(x2.dtype).t())).to(lora_b.dtype)
+    if bias_dtype is not None and need[5]:
+        grad_bias = g2.sum(0).to(bias_dtype)
+    return grad_x, None, None, None, None, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+vq_linear.register_autograd(_vq_linear_backward, setup_context=_vq_linear_setup)
+
+
+def vq_linear_from_format(x: torch.Tensor, fmt, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    lr = fmt.lowrank
+    return torch.ops.lowbit.vq_linear(x, fmt.codes, fmt.codebook, fmt.scales, fmt.perm, bias,
+                                      None if lr is None else lr.lora_a, None if lr is None else lr.lora_b,
+                                      fmt.index_bits, fmt.vec_dim, fmt.group_size, fmt.in_features)
 
 
 # -- lowbit::matmul_nbits ---------------------------------------------------------------------------

@@ -24,6 +24,8 @@ def _compile(tiny_dir, text_file, out, *method):
     ("w4g32", ["--method", "rtn", "--bits", "4", "--group-size", "32"]),
     ("w3g24-sym", ["--method", "rtn", "--bits", "3", "--group-size", "24", "--sym"]),
     ("billm", ["--method", "billm", "--billm-block-size", "32", "--billm-outlier-ratio", "2"]),
+    ("reallm", ["--method", "reallm", "--bits-budget", "3.4", "--reallm-candidates", "d2b4g32r0,d2b6g32r0,d2b5g32r4",
+                "--reallm-kmeans-iters", "4"]),
 ])
 def test_decomposed_graph_matches_artifact(tiny_dir, text_file, tmp_path, name, flags):
     d = _compile(tiny_dir, text_file, tmp_path / name, *flags)

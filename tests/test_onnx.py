@@ -48,6 +48,8 @@ FORMATS = {  # name: (method flags, expected MatMulNBits nodes, expected lowbit 
     "apiq-w4g32-r4": (["--method", "apiq", "--bits", "4", "--group-size", "32", "--lora-rank", "4",
                        "--apiq-epochs", "1"], 14, 0),
     "billm": (["--method", "billm", "--billm-block-size", "32", "--billm-outlier-ratio", "2"], 0, 14),
+    "reallm": (["--method", "reallm", "--bits-budget", "3.4", "--reallm-candidates", "d2b4g32r0,d2b6g32r0,d2b5g32r4",
+                "--reallm-kmeans-iters", "4"], 0, 14),
 }
 
 

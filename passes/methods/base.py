@@ -87,7 +87,7 @@ class HessianMethod(Method):
 
 
 def get_method(name: str) -> type[Method]:
-    from . import apiq, billm, efficientqat, gptq, rtn  # noqa: F401  (populate the registry)
+    from . import apiq, billm, efficientqat, gptq, reallm, rtn  # noqa: F401  (populate the registry)
 
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
