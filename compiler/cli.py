@@ -89,13 +89,13 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="true bits per weight, everything stored counted (codes, codebooks, scales, permutation, "
                         "low-rank factors); met by every block (default 3.0)")
     r.add_argument("--reallm-candidates", default=None,
-                   help="'auto' (d2b4..d2b8 and d4b8 at g128, each rank of --reallm-ranks) or a comma list of "
+                   help="'auto' (d2b4..d2b7 and d4b8 at g128, each rank of --reallm-ranks) or a comma list of "
                         "d<vec_dim>b<index_bits>g<group>r<rank>, e.g. d2b6g128r0,d4b8g64r8")
     r.add_argument("--reallm-ranks", default=None, help="low-rank ranks tried by 'auto' (default 0,8)")
     r.add_argument("--reallm-perm", default=None, choices=["act-order", "none"],
                    help="column reordering (default act-order: decreasing Hessian diagonal, stored as int16)")
     r.add_argument("--reallm-lq-iters", type=int, default=None, help="low-rank / VQ alternations (default 2)")
-    r.add_argument("--reallm-kmeans-iters", type=int, default=None, help="k-means iterations (default 16)")
+    r.add_argument("--reallm-kmeans-iters", type=int, default=None, help="k-means iterations (default 10)")
     q = p.add_argument_group("efficientqat (uniform asymmetric; --bits/--group-size apply, default w2g64)")
     q.add_argument("--phases", default=None,
                    help="block-ap, e2e-qp, or both (default block-ap,e2e-qp); e2e-qp alone starts from min-max RTN")

@@ -27,7 +27,7 @@ Per linear ``W (N, K)`` with Hessian ``H = 2/n X^T X`` of its quantized-chain in
    is block-sequential, so bits cannot move between blocks. The chosen candidate is then built with
    error feedback.
 
-Candidates: ``candidates`` is ``"auto"`` (``d2b4 .. d2b8`` and ``d4b8``, each at ``g128``, for every
+Candidates: ``candidates`` is ``"auto"`` (``d2b4 .. d2b7`` and ``d4b8``, each at ``g128``, for every
 rank in ``ranks``) or a comma list of ``d<vec_dim>b<index_bits>g<group_size>r<rank>`` items. A candidate
 whose ``d`` does not divide ``K`` is skipped for that matrix.
 
@@ -51,7 +51,7 @@ from lowbit.runtime.formats import LowRank, VQCodebook
 from .base import Method, register
 from .gptq import _inverse_cholesky_upper
 
-AUTO_CODES = ((2, 4), (2, 5), (2, 6), (2, 7), (2, 8), (4, 8))
+AUTO_CODES = ((2, 4), (2, 5), (2, 6), (2, 7), (4, 8))
 
 
 def _log(msg: str) -> None:
@@ -104,8 +104,8 @@ class ReALLMConfig:
     ranks: str = "0,8"  # ranks tried by the "auto" candidates
     perm: str = "act-order"  # or "none"
     lq_iters: int = 2
-    kmeans_iters: int = 16
-    kmeans_sample: int = 65536
+    kmeans_iters: int = 10
+    kmeans_sample: int = 16384
     damp: float = 0.01
     seed: int = 0
 
@@ -299,7 +299,8 @@ def decompose(w: torch.Tensor, h: torch.Tensor, cand: Candidate, cfg: ReALLMConf
     chol = _cholesky_lower(h, cfg.damp) if cand.rank else None
     lowrank = weighted_lowrank(w, chol, cand.rank) if cand.rank else None
     best = None
-    for _ in range(cfg.lq_iters if cand.rank else 1):
+    # the proxy scores one alternation: enough to rank candidates, half the cost
+    for _ in range((cfg.lq_iters if feedback else 1) if cand.rank else 1):
         target = w if lowrank is None else w - lowrank.dense()
         res = vq_quantize(target[:, perm], torch.diag(hp), cand, cfg, gen, u)
         qfull = torch.empty_like(w)
