@@ -37,7 +37,7 @@ def kernels_table(reps):
     from lowbit.kernels import dispatch
     from lowbit.passes.methods.billm import BiLLMConfig, billm_quantize
     from lowbit.passes.methods.quant import rtn_quantize
-    from lowbit.runtime.formats import dequantize_affine, dequantize_binary
+    from lowbit.runtime.formats import VQCodebook, dequantize_affine, dequantize_binary, dequantize_vq
 
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
@@ -50,6 +50,11 @@ def kernels_table(reps):
         fmts = {f"w{b}g{g}": rtn_quantize(w, b, g, False) for b, g in ((4, 128), (3, 128), (2, 64), (8, 128))}
         fb, _ = billm_quantize(w, torch.eye(k), BiLLMConfig(outlier_ratio=0))
         fmts["billm b128"] = fb
+        for d, b in ((2, 6), (4, 8)):  # ReALLM VQ: 3 and 2 index bits per weight, g128, permuted columns
+            gen = torch.Generator().manual_seed(0)
+            fmts[f"vq d{d}b{b}g128"] = VQCodebook.from_indices(
+                torch.randint(0, 1 << b, (n, k // d), generator=gen), torch.randn(1 << b, d, generator=gen),
+                torch.rand(n, -(-k // 128), generator=gen), b, 128, perm=torch.randperm(k, generator=gen))
         for label, f in fmts.items():
             for kk, v in f.tensors().items():
                 setattr(f, kk, v.cuda())
@@ -62,6 +67,11 @@ def kernels_table(reps):
                                                          f.bits, f.group_size, f.in_features)
                     eager = lambda: x @ dequantize_affine(f.qweight, f.scales, f.zeros, f.bits, f.group_size,  # noqa: E731
                                                           f.in_features).half().t()
+                elif f.kind == "vq_codebook":
+                    run = lambda: dispatch.vq_linear(x, f.codes, f.codebook, f.scales, f.perm, None, None, None,  # noqa: E731
+                                                     f.index_bits, f.vec_dim, f.group_size, f.in_features)
+                    eager = lambda: x @ dequantize_vq(f.codes, f.codebook, f.scales, f.perm, f.index_bits,  # noqa: E731
+                                                      f.vec_dim, f.group_size, f.in_features).half().t()
                 else:
                     run = lambda: dispatch.binary_linear(x, f.signs, f.residual_signs, f.salient_cols, f.group,  # noqa: E731
                                                          f.alphas, f.mus, f.outlier_cols, f.outlier_vals, None,

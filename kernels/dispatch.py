@@ -143,6 +143,32 @@ def binary_linear(x, signs, residual_signs, salient_cols, group, alphas, mus, ou
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def vq_linear(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits, vec_dim, group_size, in_features):
+    """Triton implementation of ``lowbit::vq_linear``."""
+    from .triton_vq import vq_gemm_kernel, vq_gemv_kernel
+
+    n, g = scales.shape
+    k = in_features
+    x2 = x.reshape(-1, k).contiguous()
+    xp = x2 if perm is None else x2.index_select(1, perm.long()).contiguous()  # stored column order
+    m = x2.shape[0]
+    dims = (m, n, k, g, codes.shape[1])
+    consts = dict(IBITS=index_bits, VEC=vec_dim, GROUP=group_size)
+    kind, split = choose(m, n, k, _sm_count(x.device))
+    if kind == "gemv":
+        out = _launch_gemv(vq_gemv_kernel, xp, n, k, (codes, codebook, scales, dims), consts, split, x.device)
+    else:
+        out = torch.empty(m, n, device=x.device, dtype=torch.float32)
+        grid = (triton_cdiv(m, 64), triton_cdiv(n, 64))
+        vq_gemm_kernel[grid](xp, codes, codebook, scales, out, *dims, **consts,
+                             HALF=x.dtype in (torch.float16, torch.bfloat16), BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+    if lora_a is not None:  # original column order: the un-permuted activations
+        out.addmm_(x2.float() @ lora_a.float().t(), lora_b.float().t())
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 _REGISTERED = False
 
 
@@ -158,7 +184,7 @@ def register_cuda() -> bool:
     except ImportError:
         return False
     from lowbit.runtime import ops
-    from lowbit.runtime.formats import dequantize_affine, dequantize_binary
+    from lowbit.runtime.formats import dequantize_affine, dequantize_binary, dequantize_vq
 
     def affine_cuda(x, qweight, scales, zeros, bias, lora_a, lora_b, bits, group_size, in_features):
         if reference_forced():
@@ -175,7 +201,16 @@ def register_cuda() -> bool:
         return binary_linear(x, signs, residual_signs, salient_cols, group, alphas, mus, outlier_cols, outlier_vals,
                              bias, block_size, in_features)
 
+    def vq_cuda(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits, vec_dim, group_size, in_features):
+        if reference_forced():
+            w = dequantize_vq(codes, codebook, scales, perm, index_bits, vec_dim, group_size, in_features, lora_a,
+                              lora_b)
+            return torch.nn.functional.linear(x, w.to(x.device, x.dtype), None if bias is None else bias.to(x.dtype))
+        return vq_linear(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits, vec_dim, group_size,
+                         in_features)
+
     ops.affine_linear.register_kernel("cuda")(affine_cuda)
+    ops.vq_linear.register_kernel("cuda")(vq_cuda)
     ops.binary_linear.register_kernel("cuda")(binary_cuda)
     _REGISTERED = True
     return True

@@ -68,6 +68,31 @@ def test_binary_kernel_matches_reference(cfg, m):
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("d,ibits,gs,k,perm,rank", [(2, 5, 32, 96, True, 0), (4, 8, 16, 80, False, 3),
+                                                     (1, 3, 24, 50, True, 2), (3, 7, 21, 63, True, 0)])
+@pytest.mark.parametrize("m", [1, 19])
+def test_vq_kernel_matches_reference(d, ibits, gs, k, perm, rank, m):
+    from lowbit.runtime.formats import VQCodebook
+    from lowbit.runtime.ops import vq_linear_from_format
+
+    g = torch.Generator().manual_seed(d * 100 + k + m)
+    n = 37
+    fmt = VQCodebook.from_indices(torch.randint(0, 1 << ibits, (n, k // d), generator=g),
+                                  torch.randn(1 << ibits, d, generator=g), torch.rand(n, -(-k // gs), generator=g) + 0.1,
+                                  ibits, gs, perm=torch.randperm(k, generator=g) if perm else None,
+                                  lowrank=LowRank(torch.randn(rank, k, generator=g), torch.randn(n, rank, generator=g))
+                                  if rank else None)
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    ref = vq_linear_from_format(x, fmt, bias)
+    lr = fmt.lowrank
+    dev = [None if t is None else t.to(DEV) for t in (x, fmt.codes, fmt.codebook, fmt.scales, fmt.perm, bias,
+                                                         None if lr is None else lr.lora_a,
+                                                         None if lr is None else lr.lora_b)]
+    got = dispatch.vq_linear(*dev, ibits, d, gs, k)
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the ops dispatch to Triton on CUDA only")
 def test_ops_dispatch_to_triton_on_cuda(monkeypatch):
     fmt = rtn_quantize(torch.randn(64, 256), 4, 64, False)

@@ -1,0 +1,70 @@
+"""Triton kernels for ``lowbit::vq_linear`` (ReALLM's :class:`~lowbit.runtime.formats.VQCodebook`).
+
+The weight is never materialized: a tile ``W[offs_n, offs_k]`` (stored column order) is decoded in
+registers from the packed indices (one index per ``VEC`` columns, read like an affine code: two byte loads,
+a shift and a mask), a gather from the codebook (``2**IBITS x VEC`` fp16, a few KiB that stay in cache) and
+the group scale. The column permutation is applied to the activations instead (``x[:, perm]``, M x K,
+negligible next to the weight), so the kernels see a plain row-major product. GEMV for few rows, GEMM
+with ``tl.dot`` for many, chosen by :func:`lowbit.kernels.dispatch.choose` like the affine ones.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_affine import _codes
+
+
+@triton.jit
+def _vq_tile(idx_ptr, book_ptr, s_ptr, offs_n, offs_k, N, K, G, row_bytes,
+             IBITS: tl.constexpr, VEC: tl.constexpr, GROUP: tl.constexpr):
+    """``Wp[offs_n, offs_k]`` (stored order) as float32 ``(BLOCK_N, BLOCK_K)`` (0 outside the matrix)."""
+    vec = offs_k // VEC
+    code = _codes(idx_ptr, offs_n, vec, row_bytes, N, K // VEC, IBITS)
+    ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    val = tl.load(book_ptr + code * VEC + (offs_k % VEC)[None, :], mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + offs_n[:, None] * G + (offs_k // GROUP)[None, :], mask=ok, other=0.0).to(tl.float32)
+    return tl.where(ok, val * s, 0.0)
+
+
+@triton.jit
+def vq_gemv_kernel(x_ptr, idx_ptr, book_ptr, s_ptr, out_ptr, M, N, K, G, row_bytes, k_per_split,
+                   IBITS: tl.constexpr, VEC: tl.constexpr, GROUP: tl.constexpr, M_ROWS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * k_per_split
+    for m in range(M_ROWS):
+        if m < M:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                kmask = (offs_k < K) & (offs_k < k_lo + k_per_split)
+                xv = tl.load(x_ptr + m * K + offs_k, mask=kmask, other=0.0).to(tl.float32)
+                w = _vq_tile(idx_ptr, book_ptr, s_ptr, offs_n, offs_k, N, K, G, row_bytes, IBITS, VEC, GROUP)
+                acc += tl.sum(w * xv[None, :], axis=1)
+            tl.store(out_ptr + (pid_k * M + m) * N + offs_n, acc, mask=offs_n < N)
+
+
+@triton.jit
+def vq_gemm_kernel(x_ptr, idx_ptr, book_ptr, s_ptr, out_ptr, M, N, K, G, row_bytes,
+                   IBITS: tl.constexpr, VEC: tl.constexpr, GROUP: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xm = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=xm, other=0.0)
+        w = _vq_tile(idx_ptr, book_ptr, s_ptr, offs_n, offs_k, N, K, G, row_bytes, IBITS, VEC, GROUP)
+        if HALF:
+            acc += tl.dot(xt.to(tl.float16), tl.trans(w.to(tl.float16)), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(w), out_dtype=tl.float32, input_precision="ieee")
+    om = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=om)
