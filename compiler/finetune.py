@@ -124,33 +124,70 @@ class PackedTrainLinear(nn.Module):
 PackedLoRALinear = PackedTrainLinear  # the name of the LoRA-only version
 
 
+class PackedVQLoRALinear(nn.Module):
+    """``vq_linear(x, packed VQ residual) + (x A^T) B^T`` (ReALLM): the codes, codebook, scales and
+    permutation frozen; the low-rank factors ``A``/``B`` trainable."""
+
+    train_scales = False
+
+    def __init__(self, fmt, bias: torch.Tensor | None):
+        super().__init__()
+        if fmt.lowrank is None:
+            raise ValueError("no low-rank part")
+        self.fmt = fmt
+        for name in ("codes", "codebook", "scales", "perm"):
+            self.register_buffer(name, getattr(fmt, name))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.lora_a = nn.Parameter(fmt.lowrank.lora_a.float().clone())
+        self.lora_b = nn.Parameter(fmt.lowrank.lora_b.float().clone())
+
+    def forward(self, x):
+        f = self.fmt
+        y = torch.ops.lowbit.vq_linear(x, self.codes, self.codebook, self.scales, self.perm, self.bias, None, None,
+                                       f.index_bits, f.vec_dim, f.group_size, f.in_features)
+        return y + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
+
+    def trainable(self) -> dict:
+        return {"a": self.lora_a, "b": self.lora_b}
+
+    def trained_format(self):
+        new = {"lora_a": self.lora_a.detach().half().contiguous(), "lora_b": self.lora_b.detach().half().contiguous()}
+        return type(self.fmt).from_tensors(self.fmt.meta(), {**self.fmt.tensors(), **new})
+
+
 def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
     """Swap the trainable compressed linears for :class:`PackedTrainLinear`; returns ``{name: module}``.
 
-    ``train="lora"``: the uniform linears with a LoRA branch; ``"scales"``: every uniform linear. Other
-    formats (BiLLM's binary residual) keep running as they are, frozen."""
-    from lowbit.runtime.formats import AffineIntK
+    ``train="lora"``: the uniform and VQ (ReALLM) linears with a low-rank branch; ``"scales"``: every uniform
+    linear. Other layers (BiLLM's binary residual, VQ layers without a low-rank part) keep running as they
+    are, frozen."""
+    from lowbit.runtime.formats import AffineIntK, VQCodebook
 
     if train not in ("lora", "scales"):
         raise LowbitError(f"--train must be lora or scales, got {train!r}")
     out = {}
     for name, fmt in formats.items():
-        if not isinstance(fmt, AffineIntK):
+        vq = isinstance(fmt, VQCodebook)
+        if not isinstance(fmt, AffineIntK) and not (vq and train == "lora"):
             if train == "lora":
-                raise LowbitError(f"{name}: {fmt.kind} layers cannot be fine-tuned (only uniform layers with LoRA)")
+                raise LowbitError(f"{name}: {fmt.kind} layers cannot be fine-tuned (only uniform or VQ layers "
+                                  "with a low-rank branch)")
             continue
         if train == "lora" and fmt.lowrank is None:
             continue
         parent, _, attr = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
         old = getattr(holder, attr)
-        new = PackedTrainLinear(fmt, getattr(old, "bias", None), lora=train == "lora", scales=train == "scales")
+        if vq:
+            new = PackedVQLoRALinear(fmt, getattr(old, "bias", None))
+        else:
+            new = PackedTrainLinear(fmt, getattr(old, "bias", None), lora=train == "lora", scales=train == "scales")
         setattr(holder, attr, new)
         out[name] = new
     if not out:
         if train == "lora":
             raise LowbitError("the artifact has no LoRA branch to train: compile it with --method apiq "
-                              "(any --lora-init) and --lora-rank > 0")
+                              "(any --lora-init) and --lora-rank > 0, or --method reallm with ranks > 0")
         raise LowbitError("the artifact has no uniform (AffineIntK) layer whose scales could train")
     return out
 

@@ -218,3 +218,25 @@ def test_refusals(tiny_dir, text_file, tmp_path, capsys):
     assert compile_main([str(tiny), "--method", "gptq", "--bits-budget", "3", "-q", "--calib", str(text_file),
                          "-o", str(tmp_path / "d")]) == 2
     assert "applies to --method reallm" in capsys.readouterr().err
+
+
+def test_finetune_trains_the_low_rank_parts_only(tiny_dir, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from lowbit.compiler.cli import finetune_main
+    from lowbit.runtime.artifact import load
+
+    art = tmp_path / "art"
+    assert _compile(tiny_dir("llama"), text_file, art, "--bits-budget", "6", "--reallm-candidates", "d2b5g32r4",
+                    "--reallm-kmeans-iters", "4", "--reallm-lq-iters", "1") == 0
+    out = tmp_path / "ft"
+    assert finetune_main([str(art), "--data", str(text_file), "--nsamples", "6", "--seqlen", "32", "--val-samples", "2",
+                          "--batch-size", "2", "--epochs", "2", "--lr", "3e-3", "-q", "-o", str(out)]) == 0
+    hist = [h["val_loss"] for h in json.loads((out / "finetune.json").read_text())["history"] if "val_loss" in h]
+    assert hist[-1] < hist[0]
+    a, b = load_file(str(art / "packed.safetensors")), load_file(str(out / "packed.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # codes, codebooks, scales and permutations untouched; every low-rank factor trained
+        assert torch.equal(a[k], b[k]) != ("lora_" in k), k
+    ids = torch.randint(0, 200, (1, 9))
+    assert load(out)(ids).shape == load(art)(ids).shape
