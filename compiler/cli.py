@@ -96,6 +96,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="column reordering (default act-order: decreasing Hessian diagonal, stored as int16)")
     r.add_argument("--reallm-lq-iters", type=int, default=None, help="low-rank / VQ alternations (default 2)")
     r.add_argument("--reallm-kmeans-iters", type=int, default=None, help="k-means iterations (default 10)")
+    r.add_argument("--reallm-block-epochs", type=int, default=None,
+                   help="block-wise fine-tuning of the low-rank parts against the float block (default 0: off)")
+    r.add_argument("--reallm-block-lr", type=float, default=None, help="its Adam lr (default 1e-4)")
     q = p.add_argument_group("efficientqat (uniform asymmetric; --bits/--group-size apply, default w2g64)")
     q.add_argument("--phases", default=None,
                    help="block-ap, e2e-qp, or both (default block-ap,e2e-qp); e2e-qp alone starts from min-max RTN")
@@ -158,7 +161,8 @@ def compile_main(argv=None) -> int:
              "eqat_lr_weight": "lr_weight", "eqat_val_windows": "val_windows", "e2e_epochs": "e2e_epochs",
              "e2e_batch_size": "e2e_batch_size", "e2e_lr": "e2e_lr", "checkpoint_every": "checkpoint_every",
              "bits_budget": "bits_budget", "reallm_candidates": "candidates", "reallm_ranks": "ranks",
-             "reallm_perm": "perm", "reallm_lq_iters": "lq_iters", "reallm_kmeans_iters": "kmeans_iters"}
+             "reallm_perm": "perm", "reallm_lq_iters": "lq_iters", "reallm_kmeans_iters": "kmeans_iters",
+             "reallm_block_epochs": "block_epochs", "reallm_block_lr": "block_lr"}
     # Method-specific flags share option names (--apiq-epochs, --eqat-epochs): refuse them on another method.
     owner = {"billm_": "billm", "apiq_": "apiq", "lora_": "apiq", "loftq_": "apiq", "eqat_": "efficientqat",
              "e2e_": "efficientqat", "phases": "efficientqat", "checkpoint_every": "efficientqat",

@@ -240,3 +240,18 @@ def test_finetune_trains_the_low_rank_parts_only(tiny_dir, text_file, tmp_path):
         assert torch.equal(a[k], b[k]) != ("lora_" in k), k
     ids = torch.randint(0, 200, (1, 9))
     assert load(out)(ids).shape == load(art)(ids).shape
+
+
+def test_block_finetuning_of_the_low_rank_parts(tiny_setup):
+    model, windows, ids, ref = tiny_setup
+    opts = dict(bits_budget=6, candidates="d2b4g32r4", kmeans_iters=4, lq_iters=1, progress=False)
+    plain = api.calibrate(model, "reallm", windows, **opts)
+    tuned = api.calibrate(model, "reallm", windows, block_epochs=3, block_lr=3e-3, val_windows=2, **opts)
+    for name, info in tuned.info.items():
+        ft = info["reallm_block_finetune"]
+        assert ft["val_loss_after"] <= ft["val_loss_before"]
+        a, b = plain.results[name], tuned.results[name]
+        if ".layers.0." in name:  # same inputs as without fine-tuning: only the factors moved
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.codebook, b.codebook)
+    assert any(not torch.equal(plain.results[n].lowrank.lora_b, tuned.results[n].lowrank.lora_b) for n in plain.results)
+    assert _logit_error(model, tuned, ids, ref) < _logit_error(model, plain, ids, ref)

@@ -31,9 +31,11 @@ Candidates: ``candidates`` is ``"auto"`` (``d2b4 .. d2b7`` and ``d4b8``, each at
 rank in ``ranks``) or a comma list of ``d<vec_dim>b<index_bits>g<group_size>r<rank>`` items. A candidate
 whose ``d`` does not divide ``K`` is skipped for that matrix.
 
-Not implemented: ReALLM's neural (HNeRV) decoder, which its own code does not wire in either; DoRA
-magnitudes (plain LoRA factors are stored). Low-rank fine-tuning: ``lowbit-finetune`` (not yet for
-this format).
+Fine-tuning of the low-rank parts (ReALLM's steps 2 and 3): ``block_epochs > 0`` trains each block's
+factors against the float block right after its configuration is built (:meth:`ReALLM._finetune_block`);
+end to end, ``lowbit-finetune DIR --train lora`` trains them on next-token loss through
+``lowbit::vq_linear``. Not implemented: ReALLM's neural (HNeRV) decoder, which its own code does not wire
+in either; DoRA magnitudes (plain LoRA factors are stored).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from lowbit.runtime.formats import LowRank, VQCodebook
 
@@ -107,6 +110,10 @@ class ReALLMConfig:
     kmeans_iters: int = 10
     kmeans_sample: int = 16384
     damp: float = 0.01
+    block_epochs: int = 0  # block-wise fine-tuning of the low-rank parts against the float block (0: off)
+    block_lr: float = 1e-4
+    block_batch_size: int = 2
+    val_windows: int = 8
     seed: int = 0
 
     def rank_list(self) -> tuple:
@@ -128,6 +135,8 @@ class ReALLMConfig:
             raise ValueError(f"--reallm-perm must be act-order or none, got {self.perm!r}")
         if self.lq_iters < 1 or self.kmeans_iters < 1 or self.kmeans_sample < 16:
             raise ValueError("--reallm-lq-iters and --reallm-kmeans-iters must be >= 1")
+        if self.block_epochs < 0 or self.block_batch_size < 1 or not self.block_lr > 0 or self.val_windows < 0:
+            raise ValueError("--reallm-block-epochs and --reallm-val-windows must be >= 0, --reallm-block-lr > 0")
         if not 0 < self.damp < 1:
             raise ValueError(f"--damp must be in (0, 1), got {self.damp}")
         self.candidate_list()
@@ -363,10 +372,107 @@ def choose(options: dict, budget_bits: float) -> dict:
         sel[best[1]] = best[2]
 
 
+class _LowRankStandIn(nn.Module):
+    """The chosen VQ residual (frozen, dequantized once) plus trainable low-rank factors."""
+
+    def __init__(self, fmt: VQCodebook, bias):
+        super().__init__()
+        base = VQCodebook.from_tensors(fmt.meta() | {"rank": 0},
+                                       {k: v for k, v in fmt.tensors().items() if not k.startswith("lora_")})
+        self.register_buffer("w", base.dequantize())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.a = nn.Parameter(fmt.lowrank.lora_a.float().clone())
+        self.b = nn.Parameter(fmt.lowrank.lora_b.float().clone())
+
+    def forward(self, x):
+        y = nn.functional.linear(x, self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y + nn.functional.linear(nn.functional.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
+
+    def lowrank(self) -> LowRank:
+        return LowRank(self.a.detach().half().contiguous(), self.b.detach().half().contiguous())
+
+
+def _swap(root: nn.Module, rel: str, new: nn.Module) -> nn.Module:
+    parent, _, attr = rel.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    old = getattr(holder, attr)
+    setattr(holder, attr, new)
+    return old
+
+
 @register
 class ReALLM(Method):
     name = "reallm"
     Config = ReALLMConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.needs_float_stream = config.block_epochs > 0
+
+    def _finetune_block(self, ctx, out: dict) -> dict | None:
+        """ReALLM's block-wise step (the AQLM recipe, scaled down): train the block's low-rank factors so
+        that the block on the quantized chain's inputs matches the float block on the float inputs (MSE;
+        Adam, betas 0.9/0.95); the factors with the lowest loss on held-out windows are kept (the start
+        included). Returns a summary, or None when the block has no low-rank part."""
+        c = self.config
+        names = [n for n, f in out.items() if f.lowrank is not None]
+        if not names or c.block_epochs == 0:
+            return None
+        block, engine = ctx.block, ctx.engine
+        stand = {n: _LowRankStandIn(out[n], getattr(ctx.linears[n], "bias", None)) for n in names}
+        originals = {n: _swap(block, n[len(ctx.prefix) + 1:], m) for n, m in stand.items()}
+        own = {id(p) for m in stand.values() for p in m.parameters()}
+        frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in own]
+        for p in frozen:
+            p.requires_grad_(False)
+        params = [p for m in stand.values() for p in (m.a, m.b)]
+        n_all = len(ctx.quant_inputs)
+        n_val = min(c.val_windows, n_all // 4)
+        n_train = n_all - n_val
+        xs, ys = ctx.quant_inputs, ctx.float_targets
+
+        def loss_on(idx):
+            x = torch.cat([xs[j] for j in idx])
+            return nn.functional.mse_loss(engine.call_block(block, x), torch.cat([ys[j] for j in idx]))
+
+        def val() -> float:
+            if not n_val:
+                return float("nan")
+            with torch.no_grad():
+                return sum(float(loss_on([j])) for j in range(n_train, n_all)) / n_val
+
+        try:
+            with torch.enable_grad():
+                opt = torch.optim.Adam(params, lr=c.block_lr, betas=(0.9, 0.95))
+                best = (val(), [p.detach().clone() for p in params])
+                start = best[0]
+                gen = torch.Generator().manual_seed(c.seed * 1_000_003 + ctx.index)
+                for _epoch in range(c.block_epochs):
+                    order = torch.randperm(n_train, generator=gen).tolist()
+                    for i in range(0, n_train, c.block_batch_size):
+                        loss = loss_on(order[i:i + c.block_batch_size])
+                        if not torch.isfinite(loss):
+                            raise ValueError(f"low-rank fine-tuning loss became {float(loss.detach())}; "
+                                             "try a lower --reallm-block-lr")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                    v = val()
+                    if v < best[0]:
+                        best = (v, [p.detach().clone() for p in params])
+                with torch.no_grad():
+                    for p, b in zip(params, best[1]):
+                        p.copy_(b)
+        finally:
+            for n, m in originals.items():
+                _swap(block, n[len(ctx.prefix) + 1:], m)
+            for p in frozen:
+                p.requires_grad_(True)
+        for n, m in stand.items():
+            f = out[n]
+            out[n] = VQCodebook.from_tensors(f.meta(), {**f.tensors(), "lora_a": m.lowrank().lora_a,
+                                                         "lora_b": m.lowrank().lora_b})
+        return {"val_loss_before": start, "val_loss_after": best[0], "layers": len(names)}
 
     def calibrate_block(self, ctx) -> dict:
         c = self.config
@@ -394,12 +500,18 @@ class ReALLM(Method):
             fmt, err = decompose(weights[name], hs[name], cd, c, gen, feedback=True)
             if fmt.nbytes() != nbytes:
                 raise RuntimeError(f"{name}: stored {fmt.nbytes()} bytes, budgeted {nbytes}")
-            ctx.set_weight(mod, fmt.dequantize())
             ctx.record(name, {"reallm_config": cd.name, "reallm_proxy_error": proxy_err, "reallm_error": err,
                               "reallm_candidates": {o[0].name: {"bits": 8 * o[1] / o[3], "proxy_error": o[2]}
                                                     for o in options[name]}})
             out[name] = fmt
+        tuned = self._finetune_block(ctx, out)
+        for name, mod in ctx.linears.items():
+            ctx.set_weight(mod, out[name].dequantize())
+            if tuned is not None:
+                ctx.record(name, {"reallm_block_finetune": tuned})
         bits = 8 * sum(f.nbytes() for f in out.values()) / sum(f.in_features * f.out_features for f in out.values())
         _log(f"[reallm] {ctx.prefix}: {bits:.3f} bits/weight; "
-             + ", ".join(f"{n.rsplit('.', 1)[-1]} {options[n][sel[n]][0].name}" for n in out))
+             + ", ".join(f"{n.rsplit('.', 1)[-1]} {options[n][sel[n]][0].name}" for n in out)
+             + ("" if tuned is None else f"; low-rank fine-tuning: held-out block loss {tuned['val_loss_before']:.4g}"
+                f" -> {tuned['val_loss_after']:.4g}"))
         return out
