@@ -116,8 +116,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     q.add_argument("--e2e-lr", type=float, default=None, help="E2E-QP lr of the scales (default 2e-5 at 2 bits, else 1e-5)")
     q.add_argument("--checkpoint-every", type=int, default=None,
                    help="steps between checkpoints into OUTPUT.ckpt/ (default 16; finished blocks always)")
-    q.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUTPUT.ckpt/ (same options: same artifact)")
+    p.add_argument("--resume", action="store_true",
+                   help="efficientqat, reallm: continue an interrupted run from OUTPUT.ckpt/ (finished blocks are "
+                        "replayed; same options and data: same artifact)")
     p.add_argument("--overrides", default=None, metavar="FILE",
                    help="per-module rules (.toml/.json): match a name pattern, then skip = true or other options, "
                         "e.g. keep lm_head and layers.0.* at 4 bits while the rest gets 2 (see README)")

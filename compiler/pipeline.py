@@ -114,7 +114,8 @@ def compile_model(opts: CompileOptions) -> dict:
                               "--overwrite to restart")
         method.checkpoint_dir, method.resume = ckpt_dir, opts.resume
     elif opts.resume:
-        raise LowbitError(f"--resume applies to training methods (efficientqat); {opts.method} has no checkpoints")
+        raise LowbitError(f"--resume applies to methods with per-block checkpoints (efficientqat, reallm); "
+                          f"{opts.method} has none")
     float_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}.get(opts.float_dtype, "bad")
     if float_dtype == "bad":
         raise LowbitError(f"--float-dtype must be float16, bfloat16 or float32, got {opts.float_dtype!r}")

@@ -172,7 +172,7 @@ def test_refusals(tiny_dir, text_file, tmp_path, capsys):
     assert "applies to --method apiq" in capsys.readouterr().err
     assert compile_main([str(tiny), "--method", "gptq", "--resume", "-q", "--calib", str(text_file),
                          "-o", str(tmp_path / "d")]) == 2
-    assert "--resume applies to training methods" in capsys.readouterr().err
+    assert "--resume applies to methods with per-block checkpoints" in capsys.readouterr().err
     # a diverging Block-AP stops with a clear error and writes nothing
     assert _compile(tiny, text_file, tmp_path / "e", "--eqat-lr-weight", "1e30", "--eqat-lr-quant", "1e30") == 2
     assert "loss became" in capsys.readouterr().err

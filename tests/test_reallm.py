@@ -206,6 +206,40 @@ def test_compile_reports_configurations_and_the_budget_matches_the_bytes(tiny_di
     assert (out / "layer_bits.png").exists() and "| d2b4g32r0 |" in (out / "report.md").read_text()
 
 
+def test_interrupted_run_resumes_to_the_same_artifact(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    tiny = tiny_dir("llama")
+    args = ("--bits-budget", "3.2", "--reallm-candidates", CANDS, "--reallm-kmeans-iters", "3", "--reallm-lq-iters", "1")
+    full = tmp_path / "full"
+    assert _compile(tiny, text_file, full, *args) == 0
+    assert not (tmp_path / "full.ckpt").exists()
+
+    real = reallm.ReALLM._finetune_block
+
+    def interrupt(self, ctx, out):  # Ctrl-C once block 1 (of 2) is built, before it is saved
+        if ctx.index == 1:
+            raise KeyboardInterrupt
+        return real(self, ctx, out)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(reallm.ReALLM, "_finetune_block", interrupt)
+    assert _compile(tiny, text_file, part, *args) == 130
+    assert not part.exists() and (tmp_path / "part.ckpt" / "block-0.pt").exists()
+    assert not (tmp_path / "part.ckpt" / "block-1.pt").exists()
+    monkeypatch.setattr(reallm.ReALLM, "_finetune_block", real)
+    assert _compile(tiny, text_file, part, *args) == 2  # existing checkpoints need --resume or --overwrite
+    assert _compile(tiny, text_file, part, *args[:-1], "2", "--resume") == 2  # other options: refused
+    capsys.readouterr()
+    assert _compile(tiny, text_file, part, *args, "--resume") == 0
+    assert "model.layers.0: restored from" in capsys.readouterr().err
+    a, b = load_file(str(full / "packed.safetensors")), load_file(str(part / "packed.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "report.json").read_text())["layers"] for d in (full, part))
+    assert {n: l["reallm_config"] for n, l in ra.items()} == {n: l["reallm_config"] for n, l in rb.items()}
+    assert not (tmp_path / "part.ckpt").exists()
+
+
 def test_refusals(tiny_dir, text_file, tmp_path, capsys):
     tiny = tiny_dir("llama")
     assert _compile(tiny, text_file, tmp_path / "a", "--bits-budget", "0.9", "--reallm-candidates", CANDS) == 2

@@ -35,16 +35,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .base import Method, UniformConfig, register
+from .checkpoints import BlockCheckpoints, save_atomic
 
 PHASES = ("block-ap", "e2e-qp")
 
@@ -185,24 +184,8 @@ def _swap(root: nn.Module, rel: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def _save(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: an interruption leaves the previous file intact
-
-
-def _fmt_state(fmt) -> dict:
-    return {"meta": json.dumps(fmt.meta()), "tensors": {k: v for k, v in fmt.tensors().items() if v is not None}}
-
-
-def _fmt_load(state):
-    from lowbit.runtime.formats import AffineIntK
-
-    return AffineIntK.from_tensors(json.loads(state["meta"]), state["tensors"])
-
-
 @register
-class EfficientQAT(Method):
+class EfficientQAT(BlockCheckpoints, Method):
     name = "efficientqat"
     Config = EfficientQATConfig
 
@@ -212,34 +195,7 @@ class EfficientQAT(Method):
         self.e2e = "e2e-qp" in config.phase_list()
         self.needs_data = self.block_ap
         self.needs_float_stream = self.block_ap
-        self.checkpoint_dir: Path | None = None  # set by the pipeline (OUTPUT.ckpt); None: no checkpoints
-        self.resume = False
         self.phase_times = {"block-ap": 0.0, "e2e-qp": 0.0}
-        self._key = None
-
-    # -- checkpoints ---------------------------------------------------------------------------------
-    def _ckpt(self, name: str) -> Path | None:
-        return None if self.checkpoint_dir is None else Path(self.checkpoint_dir) / name
-
-    def _check_key(self, ctx) -> None:
-        """At block 0: tie the checkpoint directory to these options and these calibration inputs."""
-        if self.checkpoint_dir is None or self._key is not None:
-            return
-        h = hashlib.sha256()
-        for x in ctx.quant_inputs or []:
-            h.update(x.detach().float().numpy().tobytes())
-        self._key = json.dumps({"config": asdict(self.config), "inputs": h.hexdigest()}, sort_keys=True)
-        d = Path(self.checkpoint_dir)
-        key_file = d / "key.json"
-        if key_file.exists() and self.resume:
-            if key_file.read_text() != self._key:
-                raise ValueError(f"{d} was written for other options or other calibration data; "
-                                 "use the same options, or --overwrite to restart")
-        else:
-            d.mkdir(parents=True, exist_ok=True)
-            for old in d.glob("*.pt"):
-                old.unlink()
-            key_file.write_text(self._key)
 
     # -- Block-AP --------------------------------------------------------------------------------------
     def _rtn(self, ctx) -> dict:
@@ -255,7 +211,7 @@ class EfficientQAT(Method):
             return self._rtn(ctx)
         t0 = time.perf_counter()
         try:
-            self._check_key(ctx)
+            self.check_key(ctx)
             return self._block_ap(ctx)
         except ValueError as e:
             raise ValueError(f"efficientqat, block {ctx.prefix}: {e}") from e
@@ -264,16 +220,9 @@ class EfficientQAT(Method):
 
     def _block_ap(self, ctx) -> dict:
         c = self.config
-        done = self._ckpt(f"block-{ctx.index}.pt")
-        if self.resume and done is not None and done.exists():  # replay a finished block
-            state = torch.load(done, weights_only=True)
-            out = {}
-            for name, mod in ctx.linears.items():
-                out[name] = _fmt_load(state["formats"][name])
-                ctx.set_weight(mod, out[name].dequantize())
-                ctx.record(name, state["info"][name])
-            _log(f"[efficientqat] {ctx.prefix}: restored from {done}")
-            return out
+        restored = self.restore_block(ctx)  # a finished block of an interrupted run
+        if restored is not None:
+            return restored
 
         block, engine = ctx.block, ctx.engine
         starts = self._gptq_starts(ctx) if c.init == "gptq" else {}
@@ -297,11 +246,10 @@ class EfficientQAT(Method):
             out[name] = s.freeze()
             ctx.set_weight(ctx.linears[name], out[name].dequantize())
             ctx.record(name, info)
-        if done is not None:
-            _save(done, {"formats": {n: _fmt_state(f) for n, f in out.items()}, "info": {n: info for n in out}})
-            cur = self._ckpt("block-current.pt")
-            if cur.exists():
-                cur.unlink()
+        self.save_block(ctx, out, {n: info for n in out})
+        cur = self.ckpt_path("block-current.pt")
+        if cur is not None and cur.exists():
+            cur.unlink()
         return out
 
     def _gptq_starts(self, ctx) -> dict:
@@ -340,7 +288,7 @@ class EfficientQAT(Method):
         named = {f"{n}.{k}": p for n, s in stand_ins.items() for k, p in s.named_parameters()}
         step, history = 0, []
         best = {"val_loss": float("inf"), "step": 0, "params": None}  # params None: the current ones
-        cur = self._ckpt("block-current.pt")
+        cur = self.ckpt_path("block-current.pt")
         if self.resume and cur is not None and cur.exists():
             state = torch.load(cur, weights_only=True)
             if state["block"] == ctx.index:
@@ -395,7 +343,7 @@ class EfficientQAT(Method):
                 _log(f"[efficientqat] {ctx.prefix} epoch {rec['epoch']}/{c.epochs}: train loss "
                      f"{rec['train_loss']:.3e}, validation loss {rec['val_loss']:.3e} ({time.perf_counter() - t0:.0f}s)")
             if cur is not None and step % c.checkpoint_every == 0 and step < total:
-                _save(cur, {"block": ctx.index, "step": step, "history": json.dumps(history), "best": best,
+                save_atomic(cur, {"block": ctx.index, "step": step, "history": json.dumps(history), "best": best,
                             "params": {k: p.detach().clone() for k, p in named.items()},
                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
             _after_step(ctx.prefix, step)
@@ -429,7 +377,7 @@ class EfficientQAT(Method):
         train, val = windows[: len(windows) - n_val], windows[len(windows) - n_val:]
         cfg = LoopSettings(c.e2e_epochs, c.e2e_batch_size, c.scales_lr(), 0.0, 0.03, c.seed, c.checkpoint_every,
                            grad_clip=c.e2e_grad_clip, label="e2e-qp")
-        ckpt = self._ckpt("e2e.pt")  # None: no checkpoints (library use without an output directory)
+        ckpt = self.ckpt_path("e2e.pt")  # None: no checkpoints (library use without an output directory)
         key = {"config": asdict(c), "formats": hashlib.sha256(b"".join(
             f.qweight.numpy().tobytes() + f.scales.numpy().tobytes() for f in results.values())).hexdigest()}
         try:

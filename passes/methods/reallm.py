@@ -34,7 +34,8 @@ whose ``d`` does not divide ``K`` is skipped for that matrix.
 Fine-tuning of the low-rank parts (ReALLM's steps 2 and 3): ``block_epochs > 0`` trains each block's
 factors against the float block right after its configuration is built (:meth:`ReALLM._finetune_block`);
 end to end, ``lowbit-finetune DIR --train lora`` trains them on next-token loss through
-``lowbit::vq_linear``. Not implemented: ReALLM's neural (HNeRV) decoder, which its own code does not wire
+``lowbit::vq_linear``. Finished blocks are checkpointed (:class:`~.checkpoints.BlockCheckpoints`), so an
+interrupted calibration resumes with ``--resume``. Not implemented: ReALLM's neural (HNeRV) decoder, which its own code does not wire
 in either; DoRA magnitudes (plain LoRA factors are stored).
 """
 
@@ -52,6 +53,7 @@ from torch import nn
 from lowbit.runtime.formats import LowRank, VQCodebook
 
 from .base import Method, register
+from .checkpoints import BlockCheckpoints
 from .gptq import _inverse_cholesky_upper
 
 AUTO_CODES = ((2, 4), (2, 5), (2, 6), (2, 7), (4, 8))
@@ -401,7 +403,7 @@ def _swap(root: nn.Module, rel: str, new: nn.Module) -> nn.Module:
 
 
 @register
-class ReALLM(Method):
+class ReALLM(BlockCheckpoints, Method):
     name = "reallm"
     Config = ReALLMConfig
 
@@ -476,6 +478,10 @@ class ReALLM(Method):
 
     def calibrate_block(self, ctx) -> dict:
         c = self.config
+        self.check_key(ctx)
+        restored = self.restore_block(ctx)  # a finished block of an interrupted run (--resume)
+        if restored is not None:
+            return restored
         cands = c.candidate_list()
         hs = ctx.hessians(list(ctx.linears))
         options, weights = {}, {}
@@ -493,22 +499,24 @@ class ReALLM(Method):
                 opts.append((cd, cd.nbytes(n, k, c.perm != "none"), err, n * k))
             options[name], weights[name] = opts, w
         sel = choose(options, c.bits_budget)
-        out = {}
+        out, infos = {}, {}
         for name, mod in ctx.linears.items():
             cd, nbytes, proxy_err, numel = options[name][sel[name]]
             gen = torch.Generator().manual_seed(c.seed * 1_000_003 + zlib.crc32(name.encode()) + 1)
             fmt, err = decompose(weights[name], hs[name], cd, c, gen, feedback=True)
             if fmt.nbytes() != nbytes:
                 raise RuntimeError(f"{name}: stored {fmt.nbytes()} bytes, budgeted {nbytes}")
-            ctx.record(name, {"reallm_config": cd.name, "reallm_proxy_error": proxy_err, "reallm_error": err,
-                              "reallm_candidates": {o[0].name: {"bits": 8 * o[1] / o[3], "proxy_error": o[2]}
-                                                    for o in options[name]}})
+            infos[name] = {"reallm_config": cd.name, "reallm_proxy_error": proxy_err, "reallm_error": err,
+                           "reallm_candidates": {o[0].name: {"bits": 8 * o[1] / o[3], "proxy_error": o[2]}
+                                                 for o in options[name]}}
             out[name] = fmt
         tuned = self._finetune_block(ctx, out)
         for name, mod in ctx.linears.items():
             ctx.set_weight(mod, out[name].dequantize())
             if tuned is not None:
-                ctx.record(name, {"reallm_block_finetune": tuned})
+                infos[name]["reallm_block_finetune"] = tuned
+            ctx.record(name, infos[name])
+        self.save_block(ctx, out, infos)
         bits = 8 * sum(f.nbytes() for f in out.values()) / sum(f.in_features * f.out_features for f in out.values())
         _log(f"[reallm] {ctx.prefix}: {bits:.3f} bits/weight; "
              + ", ".join(f"{n.rsplit('.', 1)[-1]} {options[n][sel[n]][0].name}" for n in out)
