@@ -155,12 +155,29 @@ class PackedVQLoRALinear(nn.Module):
         return type(self.fmt).from_tensors(self.fmt.meta(), {**self.fmt.tensors(), **new})
 
 
+class PackedFrozenLinear(nn.Module):
+    """A compressed linear that does not train: its lowbit op over the packed format (any kind). The rebuilt
+    float model has no weight for compressed linears, so every one of them must run its op."""
+
+    def __init__(self, fmt, bias: torch.Tensor | None):
+        super().__init__()
+        from lowbit.runtime import ops
+
+        self.fmt = fmt
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self._run = {"affine_int": ops.affine_linear_from_format, "binary_residual": ops.binary_linear_from_format,
+                     "vq_codebook": ops.vq_linear_from_format}[fmt.kind]
+
+    def forward(self, x):
+        return self._run(x, self.fmt, self.bias)
+
+
 def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
     """Swap the trainable compressed linears for :class:`PackedTrainLinear`; returns ``{name: module}``.
 
     ``train="lora"``: the uniform and VQ (ReALLM) linears with a low-rank branch; ``"scales"``: every uniform
-    linear. Other layers (BiLLM's binary residual, VQ layers without a low-rank part) keep running as they
-    are, frozen."""
+    linear. Every other compressed linear (no low-rank part, BiLLM's binary residual, VQ under ``scales``)
+    becomes a :class:`PackedFrozenLinear` running its op: the model must compute what the artifact computes."""
     from lowbit.runtime.formats import AffineIntK, VQCodebook
 
     if train not in ("lora", "scales"):
@@ -168,16 +185,15 @@ def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
     out = {}
     for name, fmt in formats.items():
         vq = isinstance(fmt, VQCodebook)
-        if not isinstance(fmt, AffineIntK) and not (vq and train == "lora"):
-            if train == "lora":
-                raise LowbitError(f"{name}: {fmt.kind} layers cannot be fine-tuned (only uniform or VQ layers "
-                                  "with a low-rank branch)")
-            continue
-        if train == "lora" and fmt.lowrank is None:
-            continue
+        if not isinstance(fmt, AffineIntK) and not (vq and train == "lora") and train == "lora":
+            raise LowbitError(f"{name}: {fmt.kind} layers cannot be fine-tuned (only uniform or VQ layers "
+                              "with a low-rank branch)")
         parent, _, attr = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
         old = getattr(holder, attr)
+        if (train == "lora" and fmt.lowrank is None) or (train == "scales" and not isinstance(fmt, AffineIntK)):
+            setattr(holder, attr, PackedFrozenLinear(fmt, getattr(old, "bias", None)))
+            continue
         if vq:
             new = PackedVQLoRALinear(fmt, getattr(old, "bias", None))
         else:

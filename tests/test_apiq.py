@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from lowbit import api
 from lowbit.compiler.cli import compile_main, finetune_main
+from lowbit.compiler.finetune import attach
+from lowbit.compiler.kv_export import rebuild_model
 from lowbit.passes.methods.lora import LWCQuantizer, loftq_init
 from lowbit.passes.methods.quant import rtn_quantize
 from lowbit.runtime.artifact import load
@@ -90,8 +92,16 @@ def test_lora_targets_and_bits_count_the_branch(tiny_dir, text_file, tmp_path):
     out = tmp_path / "a"
     argv = [str(tiny_dir("llama")), "--method", "apiq", "--lora-init", "qlora", "--lora-rank", "4",
             "--lora-targets", "q_proj,v_proj", "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",
-            "-q", "-o", str(out)]
+            "--float-dtype", "float32", "-q", "-o", str(out)]
     assert compile_main(argv) == 0
+    # the fine-tuning model (rebuilt, LoRA layers trainable, the others frozen ops) computes what the artifact does
+    art = load(out)
+    model = rebuild_model(art)
+    trained = attach(model, art.formats, "lora")
+    assert {n.rsplit(".", 1)[-1] for n in trained} == {"q_proj", "v_proj"}
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, art(ids), rtol=1e-4, atol=1e-4)
     mods = json.loads((out / "manifest.json").read_text())["modules"]
     ranks = {n.rsplit(".", 1)[-1]: m["format"]["rank"] for n, m in mods.items()}
     assert ranks["q_proj"] == ranks["v_proj"] == 4 and ranks["k_proj"] == ranks["down_proj"] == 0

@@ -258,11 +258,23 @@ def test_finetune_trains_the_low_rank_parts_only(tiny_dir, text_file, tmp_path):
     from safetensors.torch import load_file
 
     from lowbit.compiler.cli import finetune_main
+    from lowbit.compiler.finetune import PackedFrozenLinear, attach
+    from lowbit.compiler.kv_export import rebuild_model
     from lowbit.runtime.artifact import load
 
-    art = tmp_path / "art"
-    assert _compile(tiny_dir("llama"), text_file, art, "--bits-budget", "6", "--reallm-candidates", "d2b5g32r4",
-                    "--reallm-kmeans-iters", "4", "--reallm-lq-iters", "1") == 0
+    art = tmp_path / "art"  # a budget between the two candidates: some matrices with a low-rank part, some without
+    assert _compile(tiny_dir("llama"), text_file, art, "--bits-budget", "4.2", "--reallm-candidates",
+                    "d2b4g32r0,d2b5g32r4", "--reallm-kmeans-iters", "4", "--reallm-lq-iters", "1") == 0
+    # lowbit-finetune's model (low-rank parts trainable, the matrices without one frozen ops) = the artifact
+    source = load(art)
+    model = rebuild_model(source)
+    trained = attach(model, source.formats, "lora")
+    frozen = [m for m in model.modules() if isinstance(m, PackedFrozenLinear)]
+    assert trained and frozen and len(trained) + len(frozen) == len(source.formats)
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source(ids), rtol=1e-4, atol=1e-4)
+
     out = tmp_path / "ft"
     assert finetune_main([str(art), "--data", str(text_file), "--nsamples", "6", "--seqlen", "32", "--val-samples", "2",
                           "--batch-size", "2", "--epochs", "2", "--lr", "3e-3", "-q", "-o", str(out)]) == 0
@@ -273,7 +285,7 @@ def test_finetune_trains_the_low_rank_parts_only(tiny_dir, text_file, tmp_path):
     for k in a:  # codes, codebooks, scales and permutations untouched; every low-rank factor trained
         assert torch.equal(a[k], b[k]) != ("lora_" in k), k
     ids = torch.randint(0, 200, (1, 9))
-    assert load(out)(ids).shape == load(art)(ids).shape
+    assert load(out)(ids).shape == source(ids).shape
 
 
 def test_block_finetuning_of_the_low_rank_parts(tiny_setup):
