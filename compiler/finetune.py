@@ -178,28 +178,25 @@ def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
     ``train="lora"``: the uniform and VQ (ReALLM) linears with a low-rank branch; ``"scales"``: every uniform
     linear. Every other compressed linear (no low-rank part, BiLLM's binary residual, VQ under ``scales``)
     becomes a :class:`PackedFrozenLinear` running its op: the model must compute what the artifact computes."""
+    from lowbit.passes.methods.base import swap_module
     from lowbit.runtime.formats import AffineIntK, VQCodebook
 
     if train not in ("lora", "scales"):
         raise LowbitError(f"--train must be lora or scales, got {train!r}")
     out = {}
     for name, fmt in formats.items():
-        vq = isinstance(fmt, VQCodebook)
-        if not isinstance(fmt, AffineIntK) and not (vq and train == "lora") and train == "lora":
+        if train == "lora" and not isinstance(fmt, (AffineIntK, VQCodebook)):
             raise LowbitError(f"{name}: {fmt.kind} layers cannot be fine-tuned (only uniform or VQ layers "
                               "with a low-rank branch)")
-        parent, _, attr = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        old = getattr(holder, attr)
+        bias = getattr(model.get_submodule(name), "bias", None)
         if (train == "lora" and fmt.lowrank is None) or (train == "scales" and not isinstance(fmt, AffineIntK)):
-            setattr(holder, attr, PackedFrozenLinear(fmt, getattr(old, "bias", None)))
+            swap_module(model, name, PackedFrozenLinear(fmt, bias))
             continue
-        if vq:
-            new = PackedVQLoRALinear(fmt, getattr(old, "bias", None))
+        if isinstance(fmt, VQCodebook):
+            out[name] = PackedVQLoRALinear(fmt, bias)
         else:
-            new = PackedTrainLinear(fmt, getattr(old, "bias", None), lora=train == "lora", scales=train == "scales")
-        setattr(holder, attr, new)
-        out[name] = new
+            out[name] = PackedTrainLinear(fmt, bias, lora=train == "lora", scales=train == "scales")
+        swap_module(model, name, out[name])
     if not out:
         if train == "lora":
             raise LowbitError("the artifact has no LoRA branch to train: compile it with --method apiq "

@@ -61,6 +61,15 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
+def _epilogue(out, x, x2, lora_a, lora_b, bias):
+    """Add the low-rank branch and the bias to the fp32 kernel output in place, cast and reshape like ``x``."""
+    if lora_a is not None:  # thin low-rank branch, added in place (no extra full-size temporary)
+        out.addmm_(x2.float() @ lora_a.float().t(), lora_b.float().t())
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[1])
+
+
 def affine_linear(x, qweight, scales, zeros, bias, lora_a, lora_b, bits, group_size, in_features):
     """Triton implementation of ``lowbit::affine_linear`` (any device Triton runs on)."""
     from .triton_affine import affine_gemm_kernel, affine_gemv_kernel
@@ -80,11 +89,7 @@ def affine_linear(x, qweight, scales, zeros, bias, lora_a, lora_b, bits, group_s
         grid = (triton_cdiv(m, 64), triton_cdiv(n, 64))
         affine_gemm_kernel[grid](x2, qweight, scales, zr, out, *dims, **consts,
                                  HALF=x.dtype in (torch.float16, torch.bfloat16), BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-    if lora_a is not None:  # thin low-rank branch, added in place (no extra full-size temporary)
-        out.addmm_(x2.float() @ lora_a.float().t(), lora_b.float().t())
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _epilogue(out, x, x2, lora_a, lora_b, bias)
 
 
 _MAPS: dict = {}
@@ -138,9 +143,7 @@ def binary_linear(x, signs, residual_signs, salient_cols, group, alphas, mus, ou
                                  BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
     if outlier_cols is not None and outlier_cols.numel():
         out.addmm_(x2[:, outlier_cols.long()].float(), outlier_vals.float().t())
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _epilogue(out, x, x2, None, None, bias)
 
 
 def vq_linear(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits, vec_dim, group_size, in_features):
@@ -162,11 +165,7 @@ def vq_linear(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits
         grid = (triton_cdiv(m, 64), triton_cdiv(n, 64))
         vq_gemm_kernel[grid](xp, codes, codebook, scales, out, *dims, **consts,
                              HALF=x.dtype in (torch.float16, torch.bfloat16), BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-    if lora_a is not None:  # original column order: the un-permuted activations
-        out.addmm_(x2.float() @ lora_a.float().t(), lora_b.float().t())
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _epilogue(out, x, x2, lora_a, lora_b, bias)  # x2: the original (un-permuted) column order
 
 
 _REGISTERED = False

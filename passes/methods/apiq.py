@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Method, UniformConfig, register
+from .base import Method, UniformConfig, register, swap_module
 from .lora import LWCQuantizer, QuantLoRALinear, kaiming_lora, loftq_init
 
 
@@ -75,14 +75,6 @@ class ApiQConfig(UniformConfig):
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _swap(root: nn.Module, rel: str, new: nn.Module) -> nn.Module:
-    parent, _, attr = rel.rpartition(".")
-    holder = root.get_submodule(parent) if parent else root
-    old = getattr(holder, attr)
-    setattr(holder, attr, new)
-    return old
 
 
 @register
@@ -194,7 +186,7 @@ class ApiQ(Method):
         for name, mod in ctx.linears.items():
             stand_ins[name] = self._stand_in(ctx, name, mod)
         for name, s in stand_ins.items():
-            originals[name] = _swap(block, name[len(ctx.prefix) + 1:], s)
+            originals[name] = swap_module(block, name[len(ctx.prefix) + 1:], s)
         # Only the clipping logits and LoRA factors train; the block's own parameters (norms) stay fixed.
         frozen = [p for p in block.parameters() if p.requires_grad and not any(p is q for q in self._trainable(stand_ins))]
         for p in frozen:
@@ -210,7 +202,7 @@ class ApiQ(Method):
                                           list(stand_ins.values()), ctx.prefix)
         finally:
             for name, mod in originals.items():
-                _swap(block, name[len(ctx.prefix) + 1:], mod)
+                swap_module(block, name[len(ctx.prefix) + 1:], mod)
             for p in frozen:
                 p.requires_grad_(True)
         out = {}

@@ -86,6 +86,15 @@ class HessianMethod(Method):
         return out
 
 
+def swap_module(root, rel: str, new):
+    """Put ``new`` at dotted path ``rel`` under ``root``; returns the module it replaces (to swap back)."""
+    parent, _, attr = rel.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    old = getattr(holder, attr)
+    setattr(holder, attr, new)
+    return old
+
+
 def get_method(name: str) -> type[Method]:
     from . import apiq, billm, efficientqat, gptq, reallm, rtn  # noqa: F401  (populate the registry)
 

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .base import Method, UniformConfig, register
+from .base import Method, UniformConfig, register, swap_module
 from .checkpoints import BlockCheckpoints, save_atomic
 
 PHASES = ("block-ap", "e2e-qp")
@@ -176,14 +176,6 @@ class BlockAPLinear(nn.Module):
         return AffineIntK.from_codes(codes.to(torch.uint8), s, z.to(torch.uint8), self.bits, self.group_size)
 
 
-def _swap(root: nn.Module, rel: str, new: nn.Module) -> nn.Module:
-    parent, _, attr = rel.rpartition(".")
-    holder = root.get_submodule(parent) if parent else root
-    old = getattr(holder, attr)
-    setattr(holder, attr, new)
-    return old
-
-
 @register
 class EfficientQAT(BlockCheckpoints, Method):
     name = "efficientqat"
@@ -228,7 +220,7 @@ class EfficientQAT(BlockCheckpoints, Method):
         starts = self._gptq_starts(ctx) if c.init == "gptq" else {}
         stand_ins = {name: BlockAPLinear(ctx.weight_of(mod).float(), getattr(mod, "bias", None), c.bits,
                                          c.group_size, starts.get(name)) for name, mod in ctx.linears.items()}
-        originals = {name: _swap(block, name[len(ctx.prefix) + 1:], s) for name, s in stand_ins.items()}
+        originals = {name: swap_module(block, name[len(ctx.prefix) + 1:], s) for name, s in stand_ins.items()}
         own = {id(p) for s in stand_ins.values() for p in s.parameters()}
         frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in own]
         for p in frozen:
@@ -238,7 +230,7 @@ class EfficientQAT(BlockCheckpoints, Method):
                 info = self._train_block(ctx, stand_ins, lambda x: engine.call_block(block, x))
         finally:
             for name, mod in originals.items():
-                _swap(block, name[len(ctx.prefix) + 1:], mod)
+                swap_module(block, name[len(ctx.prefix) + 1:], mod)
             for p in frozen:
                 p.requires_grad_(True)
         out = {}
@@ -384,7 +376,7 @@ class EfficientQAT(BlockCheckpoints, Method):
             res = train_loop(model, modules, train, val, cfg, ckpt, key, self.resume, say)
         finally:
             for name, mod in originals.items():
-                _swap(model, name, mod)
+                swap_module(model, name, mod)
             for p, f in flags.items():
                 p.requires_grad_(f)
         out = dict(results)

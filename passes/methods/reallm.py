@@ -52,7 +52,7 @@ from torch import nn
 
 from lowbit.runtime.formats import LowRank, VQCodebook
 
-from .base import Method, register
+from .base import Method, register, swap_module
 from .checkpoints import BlockCheckpoints
 from .gptq import _inverse_cholesky_upper
 
@@ -394,14 +394,6 @@ class _LowRankStandIn(nn.Module):
         return LowRank(self.a.detach().half().contiguous(), self.b.detach().half().contiguous())
 
 
-def _swap(root: nn.Module, rel: str, new: nn.Module) -> nn.Module:
-    parent, _, attr = rel.rpartition(".")
-    holder = root.get_submodule(parent) if parent else root
-    old = getattr(holder, attr)
-    setattr(holder, attr, new)
-    return old
-
-
 @register
 class ReALLM(BlockCheckpoints, Method):
     name = "reallm"
@@ -422,7 +414,7 @@ class ReALLM(BlockCheckpoints, Method):
             return None
         block, engine = ctx.block, ctx.engine
         stand = {n: _LowRankStandIn(out[n], getattr(ctx.linears[n], "bias", None)) for n in names}
-        originals = {n: _swap(block, n[len(ctx.prefix) + 1:], m) for n, m in stand.items()}
+        originals = {n: swap_module(block, n[len(ctx.prefix) + 1:], m) for n, m in stand.items()}
         own = {id(p) for m in stand.values() for p in m.parameters()}
         frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in own]
         for p in frozen:
@@ -467,7 +459,7 @@ class ReALLM(BlockCheckpoints, Method):
                         p.copy_(b)
         finally:
             for n, m in originals.items():
-                _swap(block, n[len(ctx.prefix) + 1:], m)
+                swap_module(block, n[len(ctx.prefix) + 1:], m)
             for p in frozen:
                 p.requires_grad_(True)
         for n, m in stand.items():
