@@ -2,27 +2,40 @@
 the eager dequantize-then-matmul reference; whole-model decode tokens/s of a compiled SmolLM2 against fp16.
 
 One command on a CUDA machine:  python benchmarks/triton_kernels.py [--artifact DIR] [--reps 200]
+(``--smoke`` runs the same code on CPU under ``TRITON_INTERPRET=1`` with tiny shapes: a check that the script
+works, not a measurement; the test suite runs it.)
 
 Effective bandwidth = bytes the kernel must read (packed weight + scales/zeros + activations + output) /
 time; the H100's HBM3 peak (~3.35 TB/s SXM) is printed beside it, so each kernel's distance from the
 memory-bandwidth limit is visible. Speed-up = fp16 matmul time / kernel time (measured in the same run).
 Shapes: SmolLM2 (576x576, 1536x576, 576x1536) and Llama-7B-like (4096x4096, 11008x4096, 4096x11008), out x in,
-at M = 1, 16, 128.
+at M = 1, 16, 128. The first call of each kernel and shape autotunes its tile (untimed warm-up).
 """
 
 import argparse
+import os
 import sys
 import time
 
-import torch
+if "--smoke" in sys.argv:  # must be set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]
+SMOKE_SHAPES = [(40, 96)]
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}
 
 
-def bench(fn, reps):
-    for _ in range(10):
+def bench(fn, reps, device):
+    """Mean seconds per call (CUDA events on a GPU, wall clock on CPU)."""
+    for _ in range(3 if device == "cpu" else 10):
         fn()
+    if device == "cpu":
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -33,20 +46,21 @@ def bench(fn, reps):
     return start.elapsed_time(end) / reps / 1e3  # seconds
 
 
-def kernels_table(reps):
+def kernels_table(reps, device, shapes, rows):
     from lowbit.kernels import dispatch
     from lowbit.passes.methods.billm import BiLLMConfig, billm_quantize
     from lowbit.passes.methods.quant import rtn_quantize
     from lowbit.runtime.formats import VQCodebook, dequantize_affine, dequantize_binary, dequantize_vq
 
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter: not a measurement)"
     peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
     print(f"{name}; peak HBM bandwidth {peak or '?'} GB/s; times in microseconds\n")
     print("| shape (out x in) | M | fp16 matmul | format | kernel | GB/s (% of peak) | vs fp16 | eager dequant+matmul | vs eager |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for n, k in SHAPES:
+    worst = 0.0
+    for n, k in shapes:
         w = torch.randn(n, k) * 0.02
-        wh = w.half().cuda()
+        wh = w.half().to(device)
         fmts = {f"w{b}g{g}": rtn_quantize(w, b, g, False) for b, g in ((4, 128), (3, 128), (2, 64), (8, 128))}
         fb, _ = billm_quantize(w, torch.eye(k), BiLLMConfig(outlier_ratio=0))
         fmts["billm b128"] = fb
@@ -57,10 +71,10 @@ def kernels_table(reps):
                 torch.rand(n, -(-k // 128), generator=gen), b, 128, perm=torch.randperm(k, generator=gen))
         for label, f in fmts.items():
             for kk, v in f.tensors().items():
-                setattr(f, kk, v.cuda())
-        for m in (1, 16, 128):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            t16 = bench(lambda: x @ wh.t(), reps)
+                setattr(f, kk, v.to(device))
+        for m in rows:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            t16 = bench(lambda: x @ wh.t(), reps, device)
             for label, f in fmts.items():
                 if f.kind == "affine_int":
                     run = lambda: dispatch.affine_linear(x, f.qweight, f.scales, f.zeros, None, None, None,  # noqa: E731
@@ -78,60 +92,91 @@ def kernels_table(reps):
                                                          f.block_size, f.in_features)
                     eager = lambda: x @ dequantize_binary(f.signs, f.residual_signs, f.salient_cols, f.group,  # noqa: E731
                                                           f.alphas, f.mus, f.block_size, f.in_features).half().t()
-                tk, te = bench(run, reps), bench(eager, max(5, reps // 10))
+                ref = eager().float()
+                worst = max(worst, float((run().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)))
+                tk, te = bench(run, reps, device), bench(eager, max(2, reps // 10), device)
                 nbytes = f.nbytes() + x.numel() * 2 + m * n * 2
                 gbs = nbytes / tk / 1e9
                 pct = f" ({100 * gbs / peak:.0f}%)" if peak else ""
                 print(f"| {n}x{k} | {m} | {t16 * 1e6:.1f} | {label} | {tk * 1e6:.1f} | {gbs:.0f}{pct} | "
                       f"{t16 / tk:.2f}x | {te * 1e6:.1f} | {te / tk:.1f}x |", flush=True)
+    print(f"\nlargest kernel-vs-eager difference (relative to max |output|): {worst:.2e}")
+    return worst
 
 
-def decode_table(artifact, tokens=128):
-    """Decode tokens/s: the artifact's decoder (lowbit ops -> Triton) vs the float model in fp16."""
-    from lowbit.compiler.kv_export import DecoderWithCache, _cache_shape, capture_decoder, rebuild_model
+def _source_spec(art) -> str:
+    """The model the artifact was compiled from: its recorded source path if it still exists, else its id."""
+    m = art.manifest["model"]
+    return m["source"] if m.get("source") and os.path.exists(m["source"]) else m["id"]
+
+
+def decode_table(artifact, device, tokens, float_model_spec=None):
+    """Greedy decode tokens/s: the artifact (its compressed linears run their lowbit ops, i.e. the Triton
+    kernels on CUDA) against the source model in fp16, both as eager Hugging Face models with a KV cache."""
+    from lowbit.compiler import models
+    from lowbit.compiler.packed_model import packed_model
+    from lowbit.kernels.dispatch import force_reference
     from lowbit.runtime.artifact import load
 
+    dtype = torch.float16 if device == "cuda" else torch.float32
     art = load(artifact)
-    gm, _, _, _, layers = capture_decoder(art)
-    gm = gm.cuda()
-    base = rebuild_model(art)  # float tensors only where the artifact keeps them float
-    _, kv, hd = _cache_shape(base)
+    lowbit_model = packed_model(art, device, dtype)
+    float_model, _, _ = models.load(float_model_spec or _source_spec(art))
+    float_model = float_model.to(device, dtype).eval()
+    vocab = float_model.config.vocab_size
 
-    def run(step):
-        cache = [torch.zeros(1, kv, 0, hd, device="cuda", dtype=torch.float32) for _ in range(2 * layers)]
-        ids = torch.randint(100, 5000, (1, 16), device="cuda")
-        out = step(ids, *cache)
-        cache = list(out[1:])
-        torch.cuda.synchronize()
+    def rate(model):
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (1, 16), generator=gen).to(device)
+        out = model(input_ids=ids, use_cache=True)
+        for _ in range(3):  # warm-up (autotuning of the decode shapes happens here)
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(tokens):
-            nxt = out[0][:, -1:].argmax(-1)
-            out = step(nxt, *cache)
-            cache = list(out[1:])
-        torch.cuda.synchronize()
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         return tokens / (time.perf_counter() - t)
 
     with torch.no_grad():
-        tq = run(gm)
-        from lowbit.compiler import models
-
-        fm, _, _ = models.load(art.manifest["model"]["id"])
-        fw = DecoderWithCache(fm.half().cuda().eval(), layers)
-        tf = run(lambda ids, *c: fw(ids, *[x.half() for x in c]))
-    print(f"\nwhole-model decode ({artifact}): lowbit {tq:.1f} tok/s vs fp16 {tf:.1f} tok/s ({tq / tf:.2f}x)")
+        ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(1)).to(device)
+        fast = lowbit_model(input_ids=ids).logits.float()
+        force_reference(True)
+        try:
+            ref = lowbit_model(input_ids=ids).logits.float()
+        finally:
+            force_reference(False)
+        diff = float((fast - ref).abs().max() / ref.abs().max())
+        tq, tf = rate(lowbit_model), rate(float_model)
+    print(f"\nwhole-model greedy decode ({artifact}, {tokens} tokens, {dtype}): lowbit {tq:.1f} tok/s vs float "
+          f"{tf:.1f} tok/s ({tq / tf:.2f}x); logits kernels vs eager reference: max rel. diff {diff:.2e}")
+    return diff
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--artifact", default=None, help="a compiled artifact for the whole-model decode figure")
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--float-model", default=None,
+                    help="the float model to compare with (default: the artifact's recorded source)")
+    ap.add_argument("--tokens", type=int, default=128, help="decode steps timed for the whole-model figure")
+    ap.add_argument("--smoke", action="store_true",
+                    help="run on CPU under TRITON_INTERPRET=1 with tiny shapes (checks the script, measures nothing)")
     a = ap.parse_args()
+    if a.smoke:
+        kernels_table(1, "cpu", SMOKE_SHAPES, (1, 16))
+        if a.artifact:
+            decode_table(a.artifact, "cpu", 2, a.float_model)
+        return 0
     if not torch.cuda.is_available():
-        print("triton_kernels.py needs a CUDA GPU (the kernels' correctness is tested on CPU by the test suite)")
+        print("triton_kernels.py needs a CUDA GPU (the kernels' correctness is tested on CPU by the test suite; "
+              "--smoke runs this script there)")
         return 2
-    kernels_table(a.reps)
+    kernels_table(a.reps, "cuda", SHAPES, (1, 16, 128))
     if a.artifact:
-        decode_table(a.artifact)
+        decode_table(a.artifact, "cuda", a.tokens, a.float_model)
     return 0
 
 

@@ -2,10 +2,15 @@
 
 The rule (:func:`choose`), readable on purpose:
 
-* ``M <= 8`` rows (decode): **GEMV**. One program per ``BLOCK_N`` = 64 output columns; if that gives
-  fewer than ``2 x SMs`` programs and K is long (>= 2048), the K range is split into ``SPLIT_K`` slices
-  (at most 8, each >= 512 columns) so that more programs stream the weight at once.
-* more rows (prefill): **GEMM** with 64 x 64 x 32 tiles (``tl.dot``).
+* ``M <= 8`` rows (decode, small batches): **GEMV**. The weight tile is decoded once and used for every row
+  (``M_ROWS`` = M rounded up to a power of two). One program per ``BLOCK_N`` output columns (autotuned,
+  16-128); if the 64-column blocks give fewer than ``2 x SMs`` programs and K is long (>= 2048), K is split
+  into ``SPLIT_K`` slices (at most 8, each >= 512 columns) so that more programs stream the weight at once,
+  and their float32 partial sums are added afterwards.
+* more rows (prefill): **GEMM**, ``tl.dot`` tiles (autotuned, 16x64 to 128x256).
+
+Both fuse the epilogue (bias, low-rank branch, BiLLM outlier columns, cast to the activations' dtype) into
+the launch when K is not split (:func:`lowbit.kernels.triton_common.finish`).
 
 ``LOWBIT_REFERENCE=1`` in the environment, or :func:`force_reference(True)`, makes every op run its
 eager reference (dequantize, then matmul) instead, for debugging.
@@ -14,6 +19,7 @@ eager reference (dequantize, then matmul) instead, for debugging.
 from __future__ import annotations
 
 import os
+
 import torch
 
 _FORCE_REFERENCE = False
@@ -46,28 +52,57 @@ def choose(m: int, n: int, k: int, sms: int = 132) -> tuple[str, int]:
     return "gemv", max(1, split)
 
 
-def _launch_gemv(kernel, x2, n, k, args, consts, split, device):
-    m = x2.shape[0]
-    k_per = -(-k // split)
-    k_per = -(-k_per // 64) * 64
-    split = -(-k // k_per)
-    part = torch.empty(split, m, n, device=device, dtype=torch.float32)
-    grid = (triton_cdiv(n, 64), split)
-    kernel[grid](x2, *args[:-1], part, *args[-1], k_per, **consts, M_ROWS=8, BLOCK_N=64, BLOCK_K=64)
-    return part.sum(0) if split > 1 else part[0]
-
-
-def triton_cdiv(a, b):
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _epilogue(out, x, x2, lora_a, lora_b, bias):
-    """Add the low-rank branch and the bias to the fp32 kernel output in place, cast and reshape like ``x``."""
-    if lora_a is not None:  # thin low-rank branch, added in place (no extra full-size temporary)
-        out.addmm_(x2.float() @ lora_a.float().t(), lora_b.float().t())
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[1])
+def _dot_kind(dtype) -> int:
+    """GEMM ``tl.dot`` precision: the activations' (fp16 1, bf16 2); fp32 activations get exact fp32 (0)."""
+    return {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0)
+
+
+def _launch(gemv_kernel, gemm_kernel, x, xk, n, k, wargs, fmt_dims, consts, bias, thin_t, thin_b):
+    """Run the GEMV or GEMM kernel of a format on activations ``xk`` (M x K, the kernel's column order).
+
+    ``wargs`` are the format's tensors, ``fmt_dims`` its integer sizes (both in the kernels' order);
+    ``thin_t @ thin_b.T`` (M x r times r x N) is the thin term of the epilogue (low-rank branch or outlier
+    columns). Returns the output shaped and typed like ``x`` with N features."""
+    m = xk.shape[0]
+    r = 0 if thin_t is None else thin_t.shape[1]
+    kind, split = choose(m, n, k, _sm_count(x.device))
+    fused = split == 1
+    out = torch.empty(split, m, n, device=x.device, dtype=x.dtype if fused else torch.float32)
+    dummy = out  # any pointer for the arguments a constexpr flag switches off
+    t = thin_t.float().contiguous() if r else dummy
+    b = thin_b.contiguous() if r else dummy
+    epi = dict(HAS_THIN=bool(r) and fused, HAS_BIAS=bias is not None and fused)
+    common = (xk, *wargs, out, t, b, bias if bias is not None else dummy, m, n, k, r)
+    if kind == "gemv":
+        k_per = _cdiv(_cdiv(k, split), 256) * 256 if split > 1 else k
+        split = _cdiv(k, k_per)
+        grid = lambda meta: (_cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+        gemv_kernel[grid](*common, k_per, *fmt_dims, **consts, **epi, M_ROWS=max(1, 1 << (m - 1).bit_length()))
+    else:
+        grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]), _cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        m_bucket = min(1 << (m - 1).bit_length(), 4096)  # autotune once per power-of-two row count
+        gemm_kernel[grid](*common, m_bucket, *fmt_dims, **consts, **epi, DOT=_dot_kind(x.dtype))
+    if fused:
+        res = out[0]
+    else:  # split-K: add the float32 partial sums, then the epilogue the kernels skipped
+        res = out[:split].sum(0)
+        if r:
+            res.addmm_(thin_t.float(), thin_b.float().t())
+        if bias is not None:
+            res += bias.float()
+        res = res.to(x.dtype)
+    return res.reshape(*x.shape[:-1], n)
+
+
+def _low_rank(x2, lora_a, lora_b):
+    """The epilogue's thin term for a low-rank branch: ``t = x @ A^T`` (M x r) and ``B`` (N x r)."""
+    if lora_a is None or lora_a.shape[0] == 0:
+        return None, None
+    return x2.float() @ lora_a.float().t(), lora_b
 
 
 def affine_linear(x, qweight, scales, zeros, bias, lora_a, lora_b, bits, group_size, in_features):
@@ -75,21 +110,12 @@ def affine_linear(x, qweight, scales, zeros, bias, lora_a, lora_b, bits, group_s
     from .triton_affine import affine_gemm_kernel, affine_gemv_kernel
 
     n, g = scales.shape
-    k = in_features
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
+    x2 = x.reshape(-1, in_features).contiguous()
     zr = zeros if zeros is not None else qweight  # any pointer; unused when SYM
-    dims = (m, n, k, g, qweight.shape[1], zr.shape[1])
-    consts = dict(BITS=bits, GROUP=group_size, SYM=zeros is None)
-    kind, split = choose(m, n, k, _sm_count(x.device))
-    if kind == "gemv":
-        out = _launch_gemv(affine_gemv_kernel, x2, n, k, (qweight, scales, zr, dims), consts, split, x.device)
-    else:
-        out = torch.empty(m, n, device=x.device, dtype=torch.float32)
-        grid = (triton_cdiv(m, 64), triton_cdiv(n, 64))
-        affine_gemm_kernel[grid](x2, qweight, scales, zr, out, *dims, **consts,
-                                 HALF=x.dtype in (torch.float16, torch.bfloat16), BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-    return _epilogue(out, x, x2, lora_a, lora_b, bias)
+    t, b = _low_rank(x2, lora_a, lora_b)
+    return _launch(affine_gemv_kernel, affine_gemm_kernel, x, x2, n, in_features, (qweight, scales, zr),
+                   (g, qweight.shape[1], zr.shape[1]), dict(BITS=bits, GROUP=group_size, SYM=zeros is None),
+                   bias, t, b)
 
 
 _MAPS: dict = {}
@@ -124,26 +150,16 @@ def binary_linear(x, signs, residual_signs, salient_cols, group, alphas, mus, ou
     from .triton_binary import binary_gemm_kernel, binary_gemv_kernel
 
     n, nb = alphas.shape[0], alphas.shape[1]
-    k = in_features
-    s = salient_cols.numel()
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    kind_c, spos, npos = column_maps(salient_cols, outlier_cols, k)
+    x2 = x.reshape(-1, in_features).contiguous()
+    kind_c, spos, npos = column_maps(salient_cols, outlier_cols, in_features)
     mu = mus if mus is not None else alphas
-    dims = (m, n, k, s, nb, signs.shape[1], residual_signs.shape[1], group.shape[1])
-    ptrs = (signs, residual_signs, group, alphas, mu, kind_c, spos, npos)
-    consts = dict(BLOCK=block_size, HAS_MU=mus is not None)
-    kind, split = choose(m, n, k, _sm_count(x.device))
-    if kind == "gemv":
-        out = _launch_gemv(binary_gemv_kernel, x2, n, k, (*ptrs, dims), consts, split, x.device)
-    else:
-        out = torch.empty(m, n, device=x.device, dtype=torch.float32)
-        grid = (triton_cdiv(m, 64), triton_cdiv(n, 64))
-        binary_gemm_kernel[grid](x2, *ptrs, out, *dims, **consts, HALF=x.dtype in (torch.float16, torch.bfloat16),
-                                 BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-    if outlier_cols is not None and outlier_cols.numel():
-        out.addmm_(x2[:, outlier_cols.long()].float(), outlier_vals.float().t())
-    return _epilogue(out, x, x2, None, None, bias)
+    t = b = None
+    if outlier_cols is not None and outlier_cols.numel():  # fp16 outlier columns: the epilogue's thin term
+        t, b = x2[:, outlier_cols.long()], outlier_vals
+    return _launch(binary_gemv_kernel, binary_gemm_kernel, x, x2, n, in_features,
+                   (signs, residual_signs, group, alphas, mu, kind_c, spos, npos),
+                   (salient_cols.numel(), nb, signs.shape[1], residual_signs.shape[1], group.shape[1]),
+                   dict(BLOCK=block_size, HAS_MU=mus is not None), bias, t, b)
 
 
 def vq_linear(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits, vec_dim, group_size, in_features):
@@ -151,21 +167,11 @@ def vq_linear(x, codes, codebook, scales, perm, bias, lora_a, lora_b, index_bits
     from .triton_vq import vq_gemm_kernel, vq_gemv_kernel
 
     n, g = scales.shape
-    k = in_features
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x.reshape(-1, in_features).contiguous()
     xp = x2 if perm is None else x2.index_select(1, perm.long()).contiguous()  # stored column order
-    m = x2.shape[0]
-    dims = (m, n, k, g, codes.shape[1])
-    consts = dict(IBITS=index_bits, VEC=vec_dim, GROUP=group_size)
-    kind, split = choose(m, n, k, _sm_count(x.device))
-    if kind == "gemv":
-        out = _launch_gemv(vq_gemv_kernel, xp, n, k, (codes, codebook, scales, dims), consts, split, x.device)
-    else:
-        out = torch.empty(m, n, device=x.device, dtype=torch.float32)
-        grid = (triton_cdiv(m, 64), triton_cdiv(n, 64))
-        vq_gemm_kernel[grid](xp, codes, codebook, scales, out, *dims, **consts,
-                             HALF=x.dtype in (torch.float16, torch.bfloat16), BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-    return _epilogue(out, x, x2, lora_a, lora_b, bias)  # x2: the original (un-permuted) column order
+    t, b = _low_rank(x2, lora_a, lora_b)  # the low-rank branch reads x in its original column order
+    return _launch(vq_gemv_kernel, vq_gemm_kernel, x, xp, n, in_features, (codes, codebook, scales),
+                   (g, codes.shape[1]), dict(IBITS=index_bits, VEC=vec_dim, GROUP=group_size), bias, t, b)
 
 
 _REGISTERED = False

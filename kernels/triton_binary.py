@@ -4,8 +4,8 @@ Reads the 1-bit planes directly. Per column the host precomputes (once per weigh
 (0 = non-salient, 1 = salient, 2 = fp16 outlier) and its position in the salient order (for the residual
 sign plane) and in the non-salient order (for the group bitmap). A weight is then
 ``alpha[part]*s (+ mu[part])``, or ``alpha0*s + alpha1*r (+ mu0 + mu1)`` for salient columns; outlier
-columns contribute 0 here and are added by the wrapper as ``x[:, cols] @ vals.T`` (a few columns).
-Same GEMV / GEMM split as :mod:`lowbit.kernels.triton_affine`.
+columns contribute 0 to the tile and enter through the fused epilogue as the thin term ``x[:, cols] @ vals.T``
+(:func:`~.triton_common.finish`). Same GEMV / GEMM kernels as :mod:`.triton_affine`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_affine import _codes
+from .triton_common import GEMM_CONFIGS, GEMM_KEY, GEMV_CONFIGS, GEMV_KEY, codes, dot_step, finish, gemv_step
 
 
 @triton.jit
@@ -24,9 +24,9 @@ def _binary_tile(signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind_ptr, spos_pt
     kind = tl.load(kind_ptr + offs_k, mask=kmask, other=2).to(tl.int32)
     spos = tl.load(spos_ptr + offs_k, mask=kmask, other=0)
     npos = tl.load(npos_ptr + offs_k, mask=kmask, other=0)
-    s = _codes(signs_ptr, offs_n, offs_k, sign_bytes, N, K, 1).to(tl.float32) * 2.0 - 1.0
-    r = _codes(res_ptr, offs_n, spos, res_bytes, N, S, 1).to(tl.float32) * 2.0 - 1.0
-    g = _codes(group_ptr, offs_n, npos, group_bytes, N, K - S, 1)
+    s = codes(signs_ptr, offs_n, offs_k, sign_bytes, N, K, 1).to(tl.float32) * 2.0 - 1.0
+    r = codes(res_ptr, offs_n, spos, res_bytes, N, S, 1).to(tl.float32) * 2.0 - 1.0
+    g = codes(group_ptr, offs_n, npos, group_bytes, N, K - S, 1)
     blk = offs_k // BLOCK
     aidx = (offs_n[:, None] * NB + blk[None, :]) * 4
     a0 = tl.load(a_ptr + aidx, mask=ok, other=0.0).to(tl.float32)
@@ -43,32 +43,34 @@ def _binary_tile(signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind_ptr, spos_pt
     return tl.where(ok & (kind[None, :] != 2), w, 0.0)
 
 
+@triton.autotune(configs=GEMV_CONFIGS, key=GEMV_KEY)
 @triton.jit
 def binary_gemv_kernel(x_ptr, signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind_ptr, spos_ptr, npos_ptr, out_ptr,
-                       M, N, K, S, NB, sign_bytes, res_bytes, group_bytes, k_per_split,
-                       BLOCK: tl.constexpr, HAS_MU: tl.constexpr, M_ROWS: tl.constexpr,
+                       t_ptr, lb_ptr, bias_ptr, M, N, K, R, k_per_split, S, NB, sign_bytes, res_bytes, group_bytes,
+                       BLOCK: tl.constexpr, HAS_MU: tl.constexpr,
+                       HAS_THIN: tl.constexpr, HAS_BIAS: tl.constexpr, M_ROWS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = pid_k * k_per_split
-    for m in range(M_ROWS):
-        if m < M:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                kmask = (offs_k < K) & (offs_k < k_lo + k_per_split)
-                xv = tl.load(x_ptr + m * K + offs_k, mask=kmask, other=0.0).to(tl.float32)
-                w = _binary_tile(signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind_ptr, spos_ptr, npos_ptr, offs_n,
-                                 offs_k, N, K, S, NB, sign_bytes, res_bytes, group_bytes, BLOCK, HAS_MU)
-                acc += tl.sum(w * xv[None, :], axis=1)
-            tl.store(out_ptr + (pid_k * M + m) * N + offs_n, acc, mask=offs_n < N)
+    acc = tl.zeros((M_ROWS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = (offs_k < K) & (offs_k < k_lo + k_per_split)
+        w = _binary_tile(signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind_ptr, spos_ptr, npos_ptr, offs_n,
+                         offs_k, N, K, S, NB, sign_bytes, res_bytes, group_bytes, BLOCK, HAS_MU)
+        acc = gemv_step(acc, w, x_ptr, offs_k, kmask, M, K, M_ROWS)
+    finish(acc, tl.arange(0, M_ROWS), offs_n, out_ptr + pid_k * M * N, t_ptr, lb_ptr, bias_ptr, M, N, R,
+           HAS_THIN, HAS_BIAS)
 
 
+@triton.autotune(configs=GEMM_CONFIGS, key=GEMM_KEY)
 @triton.jit
 def binary_gemm_kernel(x_ptr, signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind_ptr, spos_ptr, npos_ptr, out_ptr,
-                       M, N, K, S, NB, sign_bytes, res_bytes, group_bytes,
-                       BLOCK: tl.constexpr, HAS_MU: tl.constexpr, HALF: tl.constexpr,
+                       t_ptr, lb_ptr, bias_ptr, M, N, K, R, M_BUCKET, S, NB, sign_bytes, res_bytes, group_bytes,
+                       BLOCK: tl.constexpr, HAS_MU: tl.constexpr,
+                       HAS_THIN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -77,13 +79,9 @@ def binary_gemm_kernel(x_ptr, signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xm = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=xm, other=0.0)
+        xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _binary_tile(signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind_ptr, spos_ptr, npos_ptr, offs_n, offs_k,
                          N, K, S, NB, sign_bytes, res_bytes, group_bytes, BLOCK, HAS_MU)
-        if HALF:
-            acc += tl.dot(xt.to(tl.float16), tl.trans(w.to(tl.float16)), out_dtype=tl.float32)
-        else:
-            acc += tl.dot(xt.to(tl.float32), tl.trans(w), out_dtype=tl.float32, input_precision="ieee")
-    om = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=om)
+        acc = dot_step(acc, xt, w, DOT)
+    finish(acc, offs_m, offs_n, out_ptr, t_ptr, lb_ptr, bias_ptr, M, N, R, HAS_THIN, HAS_BIAS)

@@ -1,11 +1,11 @@
 """Triton kernels for ``lowbit::vq_linear`` (ReALLM's :class:`~lowbit.runtime.formats.VQCodebook`).
 
 The weight is never materialized: a tile ``W[offs_n, offs_k]`` (stored column order) is decoded in
-registers from the packed indices (one index per ``VEC`` columns, read like an affine code: two byte loads,
-a shift and a mask), a gather from the codebook (``2**IBITS x VEC`` fp16, a few KiB that stay in cache) and
+registers from the packed indices (one index per ``VEC`` columns, read like an affine code: a byte load or
+two, a shift and a mask), a gather from the codebook (``2**IBITS x VEC`` fp16, a few KiB that stay in cache) and
 the group scale. The column permutation is applied to the activations instead (``x[:, perm]``, M x K,
-negligible next to the weight), so the kernels see a plain row-major product. GEMV for few rows, GEMM
-with ``tl.dot`` for many, chosen by :func:`lowbit.kernels.dispatch.choose` like the affine ones.
+negligible next to the weight), so the kernels see a plain row-major product. Same GEMV / GEMM kernels and
+fused epilogue (low-rank branch, bias) as :mod:`.triton_affine` (see :mod:`.triton_common`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_affine import _codes
+from .triton_common import GEMM_CONFIGS, GEMM_KEY, GEMV_CONFIGS, GEMV_KEY, codes, dot_step, finish, gemv_step
 
 
 @triton.jit
@@ -21,36 +21,38 @@ def _vq_tile(idx_ptr, book_ptr, s_ptr, offs_n, offs_k, N, K, G, row_bytes,
              IBITS: tl.constexpr, VEC: tl.constexpr, GROUP: tl.constexpr):
     """``Wp[offs_n, offs_k]`` (stored order) as float32 ``(BLOCK_N, BLOCK_K)`` (0 outside the matrix)."""
     vec = offs_k // VEC
-    code = _codes(idx_ptr, offs_n, vec, row_bytes, N, K // VEC, IBITS)
+    code = codes(idx_ptr, offs_n, vec, row_bytes, N, K // VEC, IBITS)
     ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     val = tl.load(book_ptr + code * VEC + (offs_k % VEC)[None, :], mask=ok, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + offs_n[:, None] * G + (offs_k // GROUP)[None, :], mask=ok, other=0.0).to(tl.float32)
     return tl.where(ok, val * s, 0.0)
 
 
+@triton.autotune(configs=GEMV_CONFIGS, key=GEMV_KEY)
 @triton.jit
-def vq_gemv_kernel(x_ptr, idx_ptr, book_ptr, s_ptr, out_ptr, M, N, K, G, row_bytes, k_per_split,
-                   IBITS: tl.constexpr, VEC: tl.constexpr, GROUP: tl.constexpr, M_ROWS: tl.constexpr,
+def vq_gemv_kernel(x_ptr, idx_ptr, book_ptr, s_ptr, out_ptr, t_ptr, lb_ptr, bias_ptr, M, N, K, R, k_per_split,
+                   G, row_bytes, IBITS: tl.constexpr, VEC: tl.constexpr, GROUP: tl.constexpr,
+                   HAS_THIN: tl.constexpr, HAS_BIAS: tl.constexpr, M_ROWS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = pid_k * k_per_split
-    for m in range(M_ROWS):
-        if m < M:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                kmask = (offs_k < K) & (offs_k < k_lo + k_per_split)
-                xv = tl.load(x_ptr + m * K + offs_k, mask=kmask, other=0.0).to(tl.float32)
-                w = _vq_tile(idx_ptr, book_ptr, s_ptr, offs_n, offs_k, N, K, G, row_bytes, IBITS, VEC, GROUP)
-                acc += tl.sum(w * xv[None, :], axis=1)
-            tl.store(out_ptr + (pid_k * M + m) * N + offs_n, acc, mask=offs_n < N)
+    acc = tl.zeros((M_ROWS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = (offs_k < K) & (offs_k < k_lo + k_per_split)
+        w = _vq_tile(idx_ptr, book_ptr, s_ptr, offs_n, offs_k, N, K, G, row_bytes, IBITS, VEC, GROUP)
+        acc = gemv_step(acc, w, x_ptr, offs_k, kmask, M, K, M_ROWS)
+    finish(acc, tl.arange(0, M_ROWS), offs_n, out_ptr + pid_k * M * N, t_ptr, lb_ptr, bias_ptr, M, N, R,
+           HAS_THIN, HAS_BIAS)
 
 
+@triton.autotune(configs=GEMM_CONFIGS, key=GEMM_KEY)
 @triton.jit
-def vq_gemm_kernel(x_ptr, idx_ptr, book_ptr, s_ptr, out_ptr, M, N, K, G, row_bytes,
-                   IBITS: tl.constexpr, VEC: tl.constexpr, GROUP: tl.constexpr, HALF: tl.constexpr,
+def vq_gemm_kernel(x_ptr, idx_ptr, book_ptr, s_ptr, out_ptr, t_ptr, lb_ptr, bias_ptr, M, N, K, R, M_BUCKET,
+                   G, row_bytes, IBITS: tl.constexpr, VEC: tl.constexpr, GROUP: tl.constexpr,
+                   HAS_THIN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -59,12 +61,8 @@ def vq_gemm_kernel(x_ptr, idx_ptr, book_ptr, s_ptr, out_ptr, M, N, K, G, row_byt
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xm = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=xm, other=0.0)
+        xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _vq_tile(idx_ptr, book_ptr, s_ptr, offs_n, offs_k, N, K, G, row_bytes, IBITS, VEC, GROUP)
-        if HALF:
-            acc += tl.dot(xt.to(tl.float16), tl.trans(w.to(tl.float16)), out_dtype=tl.float32)
-        else:
-            acc += tl.dot(xt.to(tl.float32), tl.trans(w), out_dtype=tl.float32, input_precision="ieee")
-    om = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=om)
+        acc = dot_step(acc, xt, w, DOT)
+    finish(acc, offs_m, offs_n, out_ptr, t_ptr, lb_ptr, bias_ptr, M, N, R, HAS_THIN, HAS_BIAS)

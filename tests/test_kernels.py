@@ -22,7 +22,7 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 @pytest.mark.parametrize("bits,group,k,sym", [(4, 32, 96, False), (2, 16, 80, False), (3, 32, 70, False),
                                               (8, 64, 64, True), (3, 24, 50, True), (1, 16, 48, False)])
-@pytest.mark.parametrize("m", [1, 3, 19])
+@pytest.mark.parametrize("m", [1, 3, 8, 19])
 def test_affine_kernel_matches_reference(bits, group, k, sym, m):
     torch.manual_seed(bits * 100 + k + m)
     n = 37
@@ -36,17 +36,40 @@ def test_affine_kernel_matches_reference(bits, group, k, sym, m):
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_affine_kernel_low_rank_and_split_k():
-    torch.manual_seed(0)
-    n, k, r = 20, 2048, 4
+@pytest.mark.parametrize("m", [1, 2])
+def test_affine_kernel_low_rank_and_split_k(m):
+    """Split-K (partial sums added after the launch, epilogue applied then) with bias and low-rank branch."""
+    torch.manual_seed(m)
+    n, k, r = 20, 2100, 4  # K not a multiple of the split slices
     fmt = rtn_quantize(torch.randn(n, k), 4, 128, False)
     fmt.lowrank = LowRank(lora_a=torch.randn(r, k).half(), lora_b=torch.randn(n, r).half())
-    assert dispatch.choose(2, n, k, sms=4)[1] > 1  # few columns, long K: split-K is chosen
-    x = torch.randn(2, k)
-    ref = affine_linear_from_format(x, fmt)
-    d = [t.to(DEV) for t in (x, fmt.qweight, fmt.scales, fmt.zeros, fmt.lowrank.lora_a, fmt.lowrank.lora_b)]
-    got = dispatch.affine_linear(d[0], d[1], d[2], d[3], None, d[4], d[5], 4, 128, k)
+    assert dispatch.choose(m, n, k, sms=4)[1] > 1  # few columns, long K: split-K is chosen
+    x, bias = torch.randn(m, 3, k)[:, 0], torch.randn(n)  # a non-contiguous input
+    ref = affine_linear_from_format(x, fmt, bias)
+    d = [t.to(DEV) for t in (x, fmt.qweight, fmt.scales, fmt.zeros, bias, fmt.lowrank.lora_a, fmt.lowrank.lora_b)]
+    got = dispatch.affine_linear(*d, 4, 128, k)
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 24])
+def test_kernels_half_activations_keep_dtype(dtype, m):
+    """fp16 / bf16 activations: tensor-core dot in that precision (GEMM), output stored in that dtype."""
+    if DEV == "cpu" and dtype == torch.bfloat16 and m > 8:
+        pytest.skip("Triton 3.x's interpreter computes bf16 tl.dot wrongly (errors ~1e10 on a plain 16x16 product); "
+                    "the bf16 GEMM runs on a GPU")
+    torch.manual_seed(m)
+    n, k = 40, 192
+    fmt = rtn_quantize(torch.randn(n, k), 4, 64, False)
+    fmt.lowrank = LowRank(lora_a=torch.randn(2, k).half() * 0.1, lora_b=torch.randn(n, 2).half() * 0.1)
+    x, bias = torch.randn(1, m, k), torch.randn(n)
+    ref = affine_linear_from_format(x, fmt, bias)
+    d = [t.to(DEV) for t in (x.to(dtype), fmt.qweight, fmt.scales, fmt.zeros, bias.to(dtype),
+                             fmt.lowrank.lora_a, fmt.lowrank.lora_b)]
+    got = dispatch.affine_linear(*d, 4, 64, k)
+    assert got.dtype == dtype and got.shape == (1, m, n)
+    tol = 2e-2 if dtype == torch.float16 else 1e-1
+    torch.testing.assert_close(got.cpu().float(), ref, rtol=tol, atol=tol * 4)
 
 
 @pytest.mark.parametrize("cfg", [BiLLMConfig(block_size=32, outlier_ratio=2), BiLLMConfig(block_size=64, mean_shift=True)],
@@ -114,3 +137,31 @@ def test_selection_rule_and_reference_switch(monkeypatch):
     assert dispatch.reference_forced()
     monkeypatch.setenv("LOWBIT_REFERENCE", "0")
     assert not dispatch.reference_forced()
+
+
+def test_binary_and_vq_kernels_split_k():
+    """Split-K for the binary (outlier columns added after the partial sums) and VQ (low-rank) kernels."""
+    from lowbit.runtime.formats import VQCodebook
+    from lowbit.runtime.ops import vq_linear_from_format
+
+    torch.manual_seed(0)
+    n, k = 24, 2112
+    assert dispatch.choose(1, n, k, sms=4)[1] > 1
+    xs = torch.randn(256, k)
+    xs[:, [7, 900]] *= 30  # massive channels: kept as fp16 outlier columns
+    fmt, _ = billm_quantize(torch.randn(n, k) * 0.05, xs.t() @ xs / 256, BiLLMConfig(block_size=128, outlier_ratio=2))
+    assert fmt.outlier_cols is not None and fmt.outlier_cols.numel()
+    x, bias = torch.randn(1, k), torch.randn(n)
+    ref = binary_linear_from_format(x, fmt, bias)
+    dev = [None if t is None else t.to(DEV) for t in (x, fmt.signs, fmt.residual_signs, fmt.salient_cols, fmt.group,
+                                                         fmt.alphas, fmt.mus, fmt.outlier_cols, fmt.outlier_vals, bias)]
+    torch.testing.assert_close(dispatch.binary_linear(*dev, fmt.block_size, k).cpu(), ref, rtol=1e-4, atol=1e-3)
+
+    g = torch.Generator().manual_seed(1)
+    vq = VQCodebook.from_indices(torch.randint(0, 64, (n, k // 2), generator=g), torch.randn(64, 2, generator=g),
+                                 torch.rand(n, k // 64, generator=g) + 0.1, 6, 64, perm=torch.randperm(k, generator=g),
+                                 lowrank=LowRank(torch.randn(3, k, generator=g), torch.randn(n, 3, generator=g)))
+    ref = vq_linear_from_format(x, vq, bias)
+    lr = vq.lowrank
+    dev = [t.to(DEV) for t in (x, vq.codes, vq.codebook, vq.scales, vq.perm, bias, lr.lora_a, lr.lora_b)]
+    torch.testing.assert_close(dispatch.vq_linear(*dev, 6, 2, 64, k).cpu(), ref, rtol=1e-4, atol=2e-3)
