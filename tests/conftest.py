@@ -8,7 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run on CPU through the interpreter; the flag must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (scripts/test runs one worker per core) each worker gets one thread: the tests are
+# mostly tracing and Python, and two workers x two threads on two cores only contend.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 WORDS = ("the of and to in is was for on that with as by at from his her are this which an be has had it "
          "river city music model weight layer number small large first second history science water light "
