@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import LowbitError
+from .packed_model import PackedLinear
 
 CKPT_FILE = "finetune.pt"
 
@@ -155,21 +156,9 @@ class PackedVQLoRALinear(nn.Module):
         return type(self.fmt).from_tensors(self.fmt.meta(), {**self.fmt.tensors(), **new})
 
 
-class PackedFrozenLinear(nn.Module):
-    """A compressed linear that does not train: its lowbit op over the packed format (any kind). The rebuilt
-    float model has no weight for compressed linears, so every one of them must run its op."""
-
-    def __init__(self, fmt, bias: torch.Tensor | None):
-        super().__init__()
-        from lowbit.runtime import ops
-
-        self.fmt = fmt
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
-        self._run = {"affine_int": ops.affine_linear_from_format, "binary_residual": ops.binary_linear_from_format,
-                     "vq_codebook": ops.vq_linear_from_format}[fmt.kind]
-
-    def forward(self, x):
-        return self._run(x, self.fmt, self.bias)
+# A compressed linear that does not train is packed_model's PackedLinear (its lowbit op over the packed format);
+# the old name stays for callers.
+PackedFrozenLinear = PackedLinear
 
 
 def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
@@ -177,7 +166,8 @@ def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
 
     ``train="lora"``: the uniform and VQ (ReALLM) linears with a low-rank branch; ``"scales"``: every uniform
     linear. Every other compressed linear (no low-rank part, BiLLM's binary residual, VQ under ``scales``)
-    becomes a :class:`PackedFrozenLinear` running its op: the model must compute what the artifact computes."""
+    becomes a :class:`~lowbit.compiler.packed_model.PackedLinear` running its op: the model must compute what
+    the artifact computes."""
     from lowbit.passes.methods.base import swap_module
     from lowbit.runtime.formats import AffineIntK, VQCodebook
 
@@ -190,7 +180,7 @@ def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
                               "with a low-rank branch)")
         bias = getattr(model.get_submodule(name), "bias", None)
         if (train == "lora" and fmt.lowrank is None) or (train == "scales" and not isinstance(fmt, AffineIntK)):
-            swap_module(model, name, PackedFrozenLinear(fmt, bias))
+            swap_module(model, name, PackedLinear(fmt, bias))
             continue
         if isinstance(fmt, VQCodebook):
             out[name] = PackedVQLoRALinear(fmt, bias)

@@ -26,8 +26,9 @@ class PackedLinear(nn.Module):
 
         self._meta = fmt.meta()
         self._cls = type(fmt)
-        self._names = list(fmt.tensors())
-        for k, v in fmt.tensors().items():
+        tensors = fmt.tensors()
+        self._names = list(tensors)
+        for k, v in tensors.items():
             self.register_buffer(k, v)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._run = {"affine_int": ops.affine_linear_from_format, "binary_residual": ops.binary_linear_from_format,

@@ -70,6 +70,10 @@ def _launch(gemv_kernel, gemm_kernel, x, xk, n, k, wargs, fmt_dims, consts, bias
     m = xk.shape[0]
     r = 0 if thin_t is None else thin_t.shape[1]
     kind, split = choose(m, n, k, _sm_count(x.device))
+    k_per = k
+    if split > 1:  # slices of whole 256-column steps; rounding may leave fewer slices than asked
+        k_per = _cdiv(_cdiv(k, split), 256) * 256
+        split = _cdiv(k, k_per)
     fused = split == 1
     out = torch.empty(split, m, n, device=x.device, dtype=x.dtype if fused else torch.float32)
     dummy = out  # any pointer for the arguments a constexpr flag switches off
@@ -78,8 +82,6 @@ def _launch(gemv_kernel, gemm_kernel, x, xk, n, k, wargs, fmt_dims, consts, bias
     epi = dict(HAS_THIN=bool(r) and fused, HAS_BIAS=bias is not None and fused)
     common = (xk, *wargs, out, t, b, bias if bias is not None else dummy, m, n, k, r)
     if kind == "gemv":
-        k_per = _cdiv(_cdiv(k, split), 256) * 256 if split > 1 else k
-        split = _cdiv(k, k_per)
         grid = lambda meta: (_cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
         gemv_kernel[grid](*common, k_per, *fmt_dims, **consts, **epi, M_ROWS=max(1, 1 << (m - 1).bit_length()))
     else:
@@ -89,7 +91,7 @@ def _launch(gemv_kernel, gemm_kernel, x, xk, n, k, wargs, fmt_dims, consts, bias
     if fused:
         res = out[0]
     else:  # split-K: add the float32 partial sums, then the epilogue the kernels skipped
-        res = out[:split].sum(0)
+        res = out.sum(0)
         if r:
             res.addmm_(thin_t.float(), thin_b.float().t())
         if bias is not None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import GEMM_CONFIGS, GEMM_KEY, GEMV_CONFIGS, GEMV_KEY, codes, dot_step, finish, gemv_step
+from .triton_common import (GEMM_CONFIGS, GEMM_KEY, GEMV_CONFIGS, GEMV_KEY, codes, dot_step, finish, gemv_step,
+                            x_tile)
 
 
 @triton.jit
@@ -79,9 +80,7 @@ def binary_gemm_kernel(x_ptr, signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _binary_tile(signs_ptr, res_ptr, group_ptr, a_ptr, mu_ptr, kind_ptr, spos_ptr, npos_ptr, offs_n, offs_k,
                          N, K, S, NB, sign_bytes, res_bytes, group_bytes, BLOCK, HAS_MU)
-        acc = dot_step(acc, xt, w, DOT)
+        acc = dot_step(acc, x_tile(x_ptr, offs_m, offs_k, M, K), w, DOT)
     finish(acc, offs_m, offs_n, out_ptr, t_ptr, lb_ptr, bias_ptr, M, N, R, HAS_THIN, HAS_BIAS)

@@ -63,6 +63,13 @@ def gemv_step(acc, w, x_ptr, offs_k, kmask, M, K, M_ROWS: tl.constexpr):
 
 
 @triton.jit
+def x_tile(x_ptr, offs_m, offs_k, M, K):
+    """Activations ``x[offs_m, offs_k]`` of the row-major M x K input (0 outside)."""
+    return tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                   mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+
+
+@triton.jit
 def dot_step(acc, xt, w, DOT: tl.constexpr):
     """``acc += xt @ w.T`` in the activations' precision: 1 = fp16, 2 = bf16 (tensor cores), 0 = fp32 (exact)."""
     if DOT == 1:

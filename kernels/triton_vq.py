@@ -13,7 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import GEMM_CONFIGS, GEMM_KEY, GEMV_CONFIGS, GEMV_KEY, codes, dot_step, finish, gemv_step
+from .triton_common import (GEMM_CONFIGS, GEMM_KEY, GEMV_CONFIGS, GEMV_KEY, codes, dot_step, finish, gemv_step,
+                            x_tile)
 
 
 @triton.jit
@@ -61,8 +62,6 @@ def vq_gemm_kernel(x_ptr, idx_ptr, book_ptr, s_ptr, out_ptr, t_ptr, lb_ptr, bias
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _vq_tile(idx_ptr, book_ptr, s_ptr, offs_n, offs_k, N, K, G, row_bytes, IBITS, VEC, GROUP)
-        acc = dot_step(acc, xt, w, DOT)
+        acc = dot_step(acc, x_tile(x_ptr, offs_m, offs_k, M, K), w, DOT)
     finish(acc, offs_m, offs_n, out_ptr, t_ptr, lb_ptr, bias_ptr, M, N, R, HAS_THIN, HAS_BIAS)
