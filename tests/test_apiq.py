@@ -13,6 +13,7 @@ from lowbit.compiler.kv_export import rebuild_model
 from lowbit.passes.methods.lora import LWCQuantizer, loftq_init
 from lowbit.passes.methods.quant import rtn_quantize
 from lowbit.runtime.artifact import load
+from quality import block_output_error
 
 
 @pytest.mark.parametrize("sym,k,gs", [(False, 96, 32), (True, 96, 32), (False, 70, 32)])
@@ -53,39 +54,25 @@ def tiny_setup(tiny_dir, text_file):
     model, tok, _ = api.load_model(str(tiny_dir("llama")))
     windows, _ = api.calibration_data(tok, str(text_file), nsamples=8, seqlen=64)
     ids, _ = api.calibration_data(tok, str(text_file), nsamples=4, seqlen=64, seed=1)
-    with torch.no_grad():
-        ref = model(input_ids=ids, use_cache=False).logits
-    return model, windows, ids, ref
-
-
-def _logit_error(model, cal, ids, ref):
-    from lowbit.compiler.models import set_linear_weight
-
-    mods = dict(model.named_modules())
-    saved = {n: mods[n].weight.detach().clone() for n in cal.results}
-    try:
-        for n, f in cal.results.items():
-            set_linear_weight(mods[n], f.dequantize())
-        with torch.no_grad():
-            return float((model(input_ids=ids, use_cache=False).logits - ref).pow(2).mean())
-    finally:
-        for n, w in saved.items():
-            mods[n].weight.data.copy_(w)
+    return model, windows, ids
 
 
 def test_apiq_beats_the_baseline_initializations(tiny_setup):
-    model, windows, ids, ref = tiny_setup
+    # ApiQ trains each block (bw) or linear (lw) to keep the float output; measured on held-out windows at
+    # block 0 (float inputs in every run): QLoRA 1.23, LoftQ 0.83, lw 0.71, bw 0.60 (torch 2.13 CPU).
+    model, windows, ids = tiny_setup
     common = dict(bits=2, group_size=32, rank=4, progress=False)
     errs = {}
     for label, opts in {"qlora": dict(init="qlora"), "loftq": dict(init="loftq"),
                         "lw": dict(mode="lw", epochs=3), "bw": dict(mode="bw", epochs=3)}.items():
         cal = api.calibrate(model, "apiq", windows, **common, **opts)
-        errs[label] = _logit_error(model, cal, ids, ref)
+        errs[label] = block_output_error(model, cal.results, ids)[0]
         f = cal.results["model.layers.0.self_attn.q_proj"]
         assert f.lowrank is not None and f.lowrank.rank == 4 and f.bits == 2
         if label in ("lw", "bw"):  # trained: B moved away from zero
             assert f.lowrank.lora_b.float().abs().max() > 0
-    assert errs["bw"] < errs["qlora"] and errs["lw"] < errs["qlora"], errs
+    assert errs["loftq"] < 0.8 * errs["qlora"], errs
+    assert errs["bw"] < 0.85 * errs["loftq"] and errs["lw"] < 0.95 * errs["loftq"], errs
 
 
 def test_lora_targets_and_bits_count_the_branch(tiny_dir, text_file, tmp_path):
