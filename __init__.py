@@ -1,12 +1,33 @@
 """lowbit: compress LLMs to 1-8 bits per weight through torch.export graph passes.
 
-Layout (all importable under ``lowbit.*``):
+Layout (all importable under ``lowbit.*``), lowest layer first; every import points down (the order is
+written once, in ``tests/test_layers.py``, which checks it):
 
-- ``lowbit.runtime``  packed formats, bit packing, the ``lowbit::*`` custom ops, artifact save/load.
-- ``lowbit.kernels``  fast implementations of the runtime ops (selected by shape; optional).
-- ``lowbit.passes``   graph passes (find sites, rewrite, verify, clean up) and calibration methods.
-- ``lowbit.compiler`` model loading, calibration data, capture, the block-sequential engine,
-                      evaluation, reports and the command-line tools.
+- ``lowbit.errors``, ``lowbit.version``  the user-facing error type, the version.
+- ``lowbit.runtime``   packed formats, bit packing, the ``lowbit::*`` custom ops, artifact save/load,
+                       compressed linears as modules.
+- ``lowbit.kernels``   Triton implementations of the runtime ops, registered as their CUDA kernels.
+- ``lowbit.passes``    graph passes (find sites, rewrite, verify, clean up, ONNX layout, decompose).
+- ``lowbit.passes.methods``  calibration methods, and the training loop they share with lowbit-finetune.
+- ``lowbit.compiler``  ``engine/`` (model loading, data, capture, block-sequential calibration, evaluation,
+                       report), ``lowering/`` (ONNX, MLIR, GPTQ checkpoints), ``training/`` (lowbit-finetune),
+                       ``frontend/`` (the compile pipeline and the command-line tools).
+- ``lowbit.api``       the public Python API.
 """
 
-__version__ = "0.1.0"
+from lowbit.version import __version__  # noqa: F401
+
+
+def _register_fast_paths() -> None:
+    # CUDA only: the Triton kernels replace the eager reference as the ops' CUDA implementations. Done here,
+    # at the top, because the runtime (plain torch, the bottom layer) must not import the kernels above it;
+    # every ``import lowbit.*`` runs this file first.
+    import torch
+
+    if torch.cuda.is_available():
+        from lowbit.kernels.dispatch import register_cuda
+
+        register_cuda()
+
+
+_register_fast_paths()

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from lowbit.compiler.errors import LowbitError  # noqa: F401  (re-exported)
-from lowbit.passes.base import PASS_NAMES, PassContext, PassError, PassManager, PassReport, pass_by_name  # noqa: F401
+from lowbit.errors import LowbitError  # noqa: F401  (re-exported)
+from lowbit.passes.base import PassContext, PassError, PassManager, PassReport  # noqa: F401
+from lowbit.passes.registry import PASS_NAMES, pass_by_name
 from lowbit.runtime.artifact import ArtifactError, load  # noqa: F401
 
 __all__ = ["load_model", "calibration_data", "calibrate", "capture", "run_passes", "save", "lower", "load",
@@ -36,14 +37,14 @@ __all__ = ["load_model", "calibration_data", "calibrate", "capture", "run_passes
 
 def load_model(spec: str):
     """``(model, tokenizer, source)`` for a Hugging Face directory, a ``.gguf`` file or an alias."""
-    from lowbit.compiler import models
+    from lowbit.compiler.engine import models
 
     return models.load(spec)
 
 
 def calibration_data(tokenizer, spec: str = "c4", nsamples: int = 128, seqlen: int = 512, seed: int = 0):
     """``(windows (nsamples, seqlen) token ids, info with hashes)`` from c4 or a .txt/.jsonl file."""
-    from lowbit.compiler import data
+    from lowbit.compiler.engine import data
 
     return data.calibration_windows(tokenizer, spec, nsamples, seqlen, seed)
 
@@ -51,11 +52,11 @@ def calibration_data(tokenizer, spec: str = "c4", nsamples: int = 128, seqlen: i
 def calibrate(model, method: str, windows=None, overrides=None, progress: bool = True, **options):
     """Run a method block by block (``options``: the method's config, e.g. ``bits``, ``group_size``).
 
-    ``overrides``: rule dicts or a .toml/.json path (:mod:`lowbit.compiler.overrides`). Returns a
-    :class:`~lowbit.compiler.calibrate.Calibration` (formats by module name); the model keeps float weights.
+    ``overrides``: rule dicts or a .toml/.json path (:mod:`lowbit.compiler.engine.overrides`). Returns a
+    :class:`~lowbit.compiler.engine.calibrate.Calibration` (formats by module name); the model keeps float weights.
     Methods with an end-to-end phase (``efficientqat``'s E2E-QP) run it here too, without checkpoints."""
-    from lowbit.compiler.calibrate import Engine
-    from lowbit.compiler.overrides import MethodPlan, load_rules, parse_rules
+    from lowbit.compiler.engine.calibrate import Engine
+    from lowbit.compiler.engine.overrides import MethodPlan, load_rules, parse_rules
     from lowbit.passes.methods import build_method
 
     m = build_method(method, **options)
@@ -76,7 +77,7 @@ def calibrate(model, method: str, windows=None, overrides=None, progress: bool =
 
 def capture(model) -> torch.fx.GraphModule:
     """The float model as a graph module (``input_ids -> logits``, dynamic batch and sequence)."""
-    from lowbit.compiler import capture as cap
+    from lowbit.compiler.engine import capture as cap
 
     return cap.capture(model).module()
 
@@ -96,9 +97,9 @@ def run_passes(gm, calibration, passes=None, calib_batch=None, log=print) -> lis
 def save(output, gm, calibration, tokenizer=None, model=None, overwrite: bool = False,
          float_dtype: torch.dtype | None = torch.float16) -> Path:
     """Write an artifact directory from a rewritten graph module (atomic: staged, then renamed)."""
-    from lowbit import __version__
-    from lowbit.compiler.capture import recapture
+    from lowbit.compiler.engine.capture import recapture
     from lowbit.runtime import artifact as art
+    from lowbit.version import __version__
 
     ctx = getattr(gm, "_lowbit_ctx", None)
     if ctx is None or not ctx.replaced:
@@ -120,20 +121,20 @@ def save(output, gm, calibration, tokenizer=None, model=None, overwrite: bool = 
 
 
 def lower(artifact_dir, target: str, **kwargs) -> dict:
-    """Lower an artifact: ``target`` ``"onnx"`` (kwargs of :func:`lowbit.compiler.onnx_export.export_artifact`)
-    or ``"mlir"`` (kwargs of :func:`lowbit.compiler.mlir_export.export_artifact`)."""
+    """Lower an artifact: ``target`` ``"onnx"`` (kwargs of :func:`lowbit.compiler.lowering.onnx.export_artifact`)
+    or ``"mlir"`` (kwargs of :func:`lowbit.compiler.lowering.mlir.export_artifact`)."""
     if target == "onnx":
-        from lowbit.compiler.onnx_export import export_artifact
+        from lowbit.compiler.lowering.onnx_artifact import export_artifact
     elif target == "mlir":
-        from lowbit.compiler.mlir_export import export_artifact
+        from lowbit.compiler.lowering.mlir import export_artifact
     else:
         raise LowbitError(f"target must be 'onnx' or 'mlir', got {target!r}")
     return export_artifact(artifact_dir, **kwargs)
 
 
 def compile(model: str, method: str = "gptq", output=None, **kwargs) -> dict:  # noqa: A001
-    """The whole ``lowbit-compile`` pipeline; ``kwargs`` are :class:`~lowbit.compiler.pipeline.CompileOptions`
+    """The whole ``lowbit-compile`` pipeline; ``kwargs`` are :class:`~lowbit.compiler.frontend.pipeline.CompileOptions`
     fields (``method_options``, ``overrides``, ``extra_passes``, ``target``, ``eval``, ...). Returns the report."""
-    from lowbit.compiler.pipeline import CompileOptions, compile_model
+    from lowbit.compiler.frontend.pipeline import CompileOptions, compile_model
 
     return compile_model(CompileOptions(model=model, method=method, output=output, **kwargs))

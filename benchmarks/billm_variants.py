@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from lowbit.compiler import data, models
+from lowbit.compiler.engine import data, models
 from lowbit.passes.methods.billm import BiLLMConfig, billm_quantize
 from lowbit.passes.methods.gptq import GPTQConfig, gptq_quantize
 

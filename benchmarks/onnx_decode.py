@@ -52,7 +52,7 @@ def main():
         return child(a.child, a.prompt_len, a.new_tokens, a.threads)
     fdir = Path(a.float_dir)
     if not (fdir / "export.json").exists():
-        from lowbit.compiler.kv_export import export_float_decoder
+        from lowbit.compiler.lowering.onnx_decoder import export_float_decoder
 
         print(f"exporting the float32 decoder of {a.float_model} to {fdir} ...", file=sys.stderr)
         export_float_decoder(a.float_model, fdir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.compiler.onnx_export import _onnx_program, save_model
+from lowbit.compiler.lowering.onnx import _onnx_program, save_model
 from lowbit.passes.base import PassContext
 from lowbit.passes.methods.billm import BiLLMConfig, billm_quantize
 from lowbit.passes.methods.quant import rtn_quantize

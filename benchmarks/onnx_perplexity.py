@@ -22,8 +22,8 @@ def main():
     ap.add_argument("--data", default="wikitext2")
     ap.add_argument("--torch", action="store_true", help="recompute the torch perplexity instead of reading the report")
     a = ap.parse_args()
-    from lowbit.compiler import data
-    from lowbit.compiler.evaluate import perplexity
+    from lowbit.compiler.engine import data
+    from lowbit.compiler.engine.evaluate import perplexity
     from lowbit.runtime.artifact import load
     from lowbit.runtime.onnx_runtime import session
 

@@ -113,8 +113,8 @@ def _source_spec(art) -> str:
 def decode_table(artifact, device, tokens, float_model_spec=None):
     """Greedy decode tokens/s: the artifact (its compressed linears run their lowbit ops, i.e. the Triton
     kernels on CUDA) against the source model in fp16, both as eager Hugging Face models with a KV cache."""
-    from lowbit.compiler import models
-    from lowbit.compiler.packed_model import packed_model
+    from lowbit.compiler.engine import models
+    from lowbit.compiler.engine.packed_model import packed_model
     from lowbit.kernels.dispatch import force_reference
     from lowbit.runtime.artifact import load
 

@@ -1,9 +1,14 @@
-"""Model loading, calibration data, capture, the block-sequential engine, evaluation, reports, CLI.
+"""The compiler, in four sub-packages, each importing only those before it:
 
-Library entry point: :func:`lowbit.compiler.pipeline.compile_model` with
-:class:`lowbit.compiler.pipeline.CompileOptions`.
+* :mod:`lowbit.compiler.engine` -- model loading, data, capture, block-sequential calibration, evaluation, report;
+* :mod:`lowbit.compiler.lowering` -- ONNX (program and KV-cache decoder), MLIR, GPTQ checkpoints;
+* :mod:`lowbit.compiler.training` -- ``lowbit-finetune``;
+* :mod:`lowbit.compiler.frontend` -- the compile pipeline and the command-line tools.
+
+Library entry point: :func:`lowbit.compiler.frontend.pipeline.compile_model` with
+:class:`lowbit.compiler.frontend.pipeline.CompileOptions` (or :mod:`lowbit.api`).
 """
 
-from .errors import LowbitError
+from lowbit.errors import LowbitError
 
 __all__ = ["LowbitError"]

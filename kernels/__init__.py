@@ -10,6 +10,6 @@
   launch wrappers, :func:`~lowbit.kernels.dispatch.register_cuda`, and the switch that forces the eager
   reference (``LOWBIT_REFERENCE=1`` or :func:`~lowbit.kernels.dispatch.force_reference`).
 
-The runtime calls :func:`~lowbit.kernels.dispatch.register_cuda` when CUDA and Triton are present; on CPU
+``import lowbit`` (the package's top) calls :func:`~lowbit.kernels.dispatch.register_cuda` when CUDA and Triton are present; on CPU
 every op runs its eager reference (tests run the kernels on CPU through ``TRITON_INTERPRET=1``).
 """

@@ -4,7 +4,8 @@ Default pipeline: ``find-linear-sites -> replace-linears -> verify -> clean-up``
 :func:`default_passes`). User passes follow the same protocol (:class:`Pass`).
 """
 
-from .base import PASS_NAMES, Pass, PassContext, PassError, PassManager, PassReport, default_passes, pass_by_name
+from .base import Pass, PassContext, PassError, PassManager, PassReport
+from .registry import PASS_NAMES, default_passes, pass_by_name
 
 __all__ = ["PASS_NAMES", "Pass", "PassContext", "PassError", "PassManager", "PassReport", "default_passes",
            "pass_by_name"]

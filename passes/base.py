@@ -81,31 +81,3 @@ class PassManager:
             if self.log:
                 self.log(f"[passes] {rep.summary()}")
         return reports
-
-
-def pass_by_name(name: str, **kwargs):
-    """One of lowbit's passes by its name (see :data:`PASS_NAMES`)."""
-    from .cleanup import CleanUp
-    from .decompose import DecomposeLowbitOps
-    from .ort_layout import ToMatMulNBits
-    from .rewrite import ReplaceLinears
-    from .sites import FindLinearSites
-    from .verify import Verify
-
-    table = {"find-linear-sites": FindLinearSites, "replace-linears": ReplaceLinears, "verify": Verify,
-             "clean-up": CleanUp, "to-matmulnbits": ToMatMulNBits, "decompose-lowbit": DecomposeLowbitOps}
-    if name not in table:
-        raise ValueError(f"unknown pass {name!r}; lowbit's passes are {sorted(table)}")
-    return table[name](**kwargs)
-
-
-PASS_NAMES = ("find-linear-sites", "replace-linears", "verify", "clean-up", "to-matmulnbits", "decompose-lowbit")
-
-
-def default_passes() -> list:
-    from .cleanup import CleanUp
-    from .rewrite import ReplaceLinears
-    from .sites import FindLinearSites
-    from .verify import Verify
-
-    return [FindLinearSites(), ReplaceLinears(), Verify(), CleanUp()]

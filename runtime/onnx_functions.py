@@ -1,4 +1,4 @@
-"""ONNX translations of the ``lowbit::*`` ops (onnxscript), used by :mod:`lowbit.compiler.onnx_export`.
+"""ONNX translations of the ``lowbit::*`` ops (onnxscript), used by :mod:`lowbit.compiler.lowering.onnx`.
 
 * ``lowbit::matmul_nbits`` -> ``com.microsoft::MatMulNBits`` (one node; ``accuracy_level`` chosen at export).
 * ``lowbit::affine_linear`` (1/3-bit, odd group sizes, symmetric 8-bit) -> ``lowbit.AffineLinear`` /

@@ -273,13 +273,3 @@ def _matmul_nbits_fake(x, b, scales, zero_points, bias, k, n, bits, block_size):
     torch._check(x.shape[-1] == k, lambda: f"x has {x.shape[-1]} features, expected {k}")
     return x.new_empty((*x.shape[:-1], n))
 
-
-def _register_fast_paths() -> None:
-    # CUDA only: Triton kernels replace the eager reference as the ops' CUDA implementations.
-    if torch.cuda.is_available():
-        from lowbit.kernels.dispatch import register_cuda
-
-        register_cuda()
-
-
-_register_fast_paths()

@@ -37,7 +37,7 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Factory: tiny model directory per architecture, built once per session."""
-    from lowbit.compiler.tiny import make_tiny
+    from lowbit.compiler.engine.tiny import make_tiny
 
     cache = {}
 

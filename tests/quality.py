@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.compiler.models import find_blocks, is_linear_like, set_linear_weight
+from lowbit.compiler.engine.models import find_blocks, is_linear_like, set_linear_weight
 
 
 def _dense_weight(m: nn.Module) -> torch.Tensor:

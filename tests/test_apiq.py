@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit import api
-from lowbit.compiler.cli import compile_main, finetune_main
-from lowbit.compiler.finetune import attach
-from lowbit.compiler.kv_export import rebuild_model
+from lowbit.compiler.frontend.cli import compile_main, finetune_main
+from lowbit.passes.methods.training import attach
+from lowbit.compiler.engine.rebuild import rebuild_model
 from lowbit.passes.methods.lora import LWCQuantizer, loftq_init
 from lowbit.passes.methods.quant import rtn_quantize
 from lowbit.runtime.artifact import load

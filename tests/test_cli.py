@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.compiler.cli import compile_main
+from lowbit.compiler.frontend.cli import compile_main
 from lowbit.runtime.artifact import ArtifactError, load
 
 from conftest import make_text
@@ -60,7 +60,7 @@ def test_reload_in_fresh_process_matches_in_memory(artifact, tmp_path):
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
     in_memory = a(ids)
     # Reference: dequantize the packed weights and run a float matmul (dense eager model).
-    from lowbit.compiler import models
+    from lowbit.compiler.engine import models
 
     model, _, _ = models.load(a.manifest["model"]["source"])
     mods = dict(model.named_modules())
@@ -80,7 +80,7 @@ def test_reload_in_fresh_process_matches_in_memory(artifact, tmp_path):
 
 
 def test_lowbit_run_generates(artifact, capsys):
-    from lowbit.compiler.cli import run_main
+    from lowbit.compiler.frontend.cli import run_main
 
     assert run_main([str(artifact), "--prompt", "the river", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("the river")

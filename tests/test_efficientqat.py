@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit import api
-from lowbit.compiler.cli import compile_main
+from lowbit.compiler.frontend.cli import compile_main
 from lowbit.passes.methods import efficientqat
 from lowbit.passes.methods.efficientqat import BlockAPLinear
 from lowbit.passes.methods.quant import rtn_quantize

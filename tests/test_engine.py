@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lowbit.compiler import calibrate, models
-from lowbit.compiler.errors import LowbitError
+from lowbit.compiler.engine import calibrate, models
+from lowbit.errors import LowbitError
 from lowbit.passes.methods.base import Method, UniformConfig
 from lowbit.passes.methods.quant import rtn_quantize
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowbit.compiler.cli import compile_main, export_main, import_gptq_main
+from lowbit.compiler.frontend.cli import compile_main, export_main, import_gptq_main
 from lowbit.passes.methods.quant import rtn_quantize
 from lowbit.runtime.artifact import load
 from lowbit.runtime.gptq_layout import GPTQLayoutError, from_gptq, to_gptq

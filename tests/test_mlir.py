@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("torch_mlir")
 
-from lowbit.compiler.cli import compile_main, export_main  # noqa: E402
-from lowbit.compiler.mlir_export import decomposed_program  # noqa: E402
+from lowbit.compiler.frontend.cli import compile_main, export_main  # noqa: E402
+from lowbit.compiler.lowering.mlir import decomposed_program  # noqa: E402
 from lowbit.runtime.artifact import load  # noqa: E402
 
 

@@ -9,8 +9,9 @@ import onnx
 import pytest
 import torch
 
-from lowbit.compiler.cli import compile_main, export_main
-from lowbit.compiler.onnx_export import export_artifact, node_counts
+from lowbit.compiler.frontend.cli import compile_main, export_main
+from lowbit.compiler.lowering.onnx_artifact import export_artifact
+from lowbit.compiler.lowering.onnx import node_counts
 from lowbit.runtime.artifact import load
 from lowbit.runtime.onnx_runtime import OnnxModelError, OrtDecoder, session
 from lowbit.runtime.tolerances import tolerance
@@ -88,7 +89,7 @@ def test_architectures_export_with_matmulnbits(tiny_dir, text_file, tmp_path, ar
 
 @pytest.fixture(scope="module")
 def exported(tiny_dir, text_file, tmp_path_factory):
-    from lowbit.compiler import onnx_export
+    from lowbit.compiler.lowering import onnx as onnx_export
 
     # float16 storage (the default): the tied embedding goes to the file in fp16 behind a Cast
     d = _compile(tiny_dir, text_file, tmp_path_factory.mktemp("kv") / "art", "llama",
@@ -120,7 +121,7 @@ def test_decoder_with_kv_cache_matches_full_recompute(exported):
 
 
 def test_run_with_onnxruntime_streams_tokens(exported, capsys):
-    from lowbit.compiler.cli import run_main
+    from lowbit.compiler.frontend.cli import run_main
 
     assert run_main([str(exported), "--runtime", "onnxruntime", "--prompt", "the river", "--max-new-tokens", "4"]) == 0
     assert "tokens/s" in capsys.readouterr().err
@@ -168,7 +169,7 @@ def test_export_refuses_existing_and_leaves_nothing(exported, capsys):
 def test_activation_outlier_split_is_exact_and_found(tmp_path):
     """Massive input channels leave the int8 path of MatMulNBits: the rewritten layer still equals the
     reference (float path for those channels), in torch and in ONNX Runtime."""
-    from lowbit.compiler.onnx_export import _onnx_program, save_model
+    from lowbit.compiler.lowering.onnx import _onnx_program, save_model
     from lowbit.passes.base import PassContext
     from lowbit.passes.methods.quant import rtn_quantize
     from lowbit.passes.ort_layout import ToMatMulNBits, activation_outliers

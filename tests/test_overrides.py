@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lowbit.compiler.cli import compile_main
+from lowbit.compiler.frontend.cli import compile_main
 
 RULES = """
 [[rule]]

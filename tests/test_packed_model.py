@@ -1,4 +1,4 @@
-"""An artifact as an eager model on any device (compiler/packed_model.py): same logits as the artifact's
+"""An artifact as an eager model on any device (compiler/engine/packed_model.py): same logits as the artifact's
 program for every format (biases, low-rank branches, outlier columns included); the packed tensors keep
 their dtypes under ``.to(dtype)``; the kernel benchmark's CPU smoke mode runs end to end on one."""
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.compiler.cli import compile_main
-from lowbit.compiler.packed_model import PackedLinear, packed_model
+from lowbit.compiler.frontend.cli import compile_main
+from lowbit.runtime.modules import PackedLinear
+from lowbit.compiler.engine.packed_model import packed_model
 from lowbit.runtime.artifact import load
 
 ROOT = Path(__file__).resolve().parents[1]

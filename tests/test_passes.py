@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lowbit.compiler import calibrate, capture, models
-from lowbit.compiler.tiny import ARCHS
+from lowbit.compiler.engine import calibrate, capture, models
+from lowbit.compiler.engine.tiny import ARCHS
 from lowbit.passes import PassContext, PassError, PassManager, PassReport, default_passes
 from lowbit.passes.methods import build_method
 from lowbit.passes.sites import FindLinearSites

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_gptq_w4g128_small(tmp_path):
-    from lowbit.compiler.pipeline import CompileOptions, compile_model
+    from lowbit.compiler.frontend.pipeline import CompileOptions, compile_model
     from lowbit.runtime import load
 
     out = tmp_path / "smol"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit import api
-from lowbit.compiler.cli import compile_main
+from lowbit.compiler.frontend.cli import compile_main
 from lowbit.passes.decompose import vq_linear_decomposed
 from lowbit.passes.methods import reallm
 from lowbit.runtime.formats import LowRank, VQCodebook, format_from_meta
@@ -249,9 +249,9 @@ def test_refusals(tiny_dir, text_file, tmp_path, capsys):
 def test_finetune_trains_the_low_rank_parts_only(tiny_dir, text_file, tmp_path):
     from safetensors.torch import load_file
 
-    from lowbit.compiler.cli import finetune_main
-    from lowbit.compiler.finetune import PackedFrozenLinear, attach
-    from lowbit.compiler.kv_export import rebuild_model
+    from lowbit.compiler.frontend.cli import finetune_main
+    from lowbit.passes.methods.training import PackedFrozenLinear, attach
+    from lowbit.compiler.engine.rebuild import rebuild_model
     from lowbit.runtime.artifact import load
 
     art = tmp_path / "art"  # a budget between the two candidates: some matrices with a low-rank part, some without

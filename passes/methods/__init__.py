@@ -1,6 +1,6 @@
 """Calibration methods, one module each, in one registry keyed by name (``--method NAME``)."""
 
-from .base import REGISTRY, Method, UniformConfig, build_method, get_method
-from . import apiq, billm, efficientqat, gptq, rtn  # noqa: F401,E402  (register)
+from .base import REGISTRY, Method, UniformConfig
+from .registry import build_method, get_method
 
 __all__ = ["REGISTRY", "Method", "UniformConfig", "build_method", "get_method"]

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Method, UniformConfig, register, swap_module
+from lowbit.runtime.modules import swap_module
+
+from .base import Method, UniformConfig, register
 from .lora import LWCQuantizer, QuantLoRALinear, kaiming_lora, loftq_init
 
 

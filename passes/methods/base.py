@@ -1,7 +1,7 @@
 """Method protocol and registry.
 
 A method decides the values of every compressed linear; a format stores them. Methods run inside
-the block-sequential calibration engine (:mod:`lowbit.compiler.calibrate`), which calls
+the block-sequential calibration engine (:mod:`lowbit.compiler.engine.calibrate`), which calls
 ``calibrate_block`` once per decoder block with a :class:`BlockContext`-like object offering:
 
 * ``linears``: ``{qualified name: module}`` of the block's linear-like modules (``nn.Linear`` or
@@ -84,30 +84,3 @@ class HessianMethod(Method):
             ctx.record(name, info)
             out[name] = fmt
         return out
-
-
-def swap_module(root, rel: str, new):
-    """Put ``new`` at dotted path ``rel`` under ``root``; returns the module it replaces (to swap back)."""
-    parent, _, attr = rel.rpartition(".")
-    holder = root.get_submodule(parent) if parent else root
-    old = getattr(holder, attr)
-    setattr(holder, attr, new)
-    return old
-
-
-def get_method(name: str) -> type[Method]:
-    from . import apiq, billm, efficientqat, gptq, reallm, rtn  # noqa: F401  (populate the registry)
-
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
-
-
-def build_method(name: str, **options) -> Method:
-    """Instantiate a method from keyword options; unknown options raise a clear error."""
-    cls = get_method(name)
-    known = {f.name for f in fields(cls.Config)}
-    unknown = set(options) - known
-    if unknown:
-        raise ValueError(f"method {name!r} does not take option(s) {sorted(unknown)}; it takes {sorted(known)}")
-    return cls(cls.Config(**options))

@@ -42,7 +42,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .base import Method, UniformConfig, register, swap_module
+from lowbit.runtime.modules import swap_module
+
+from .base import Method, UniformConfig, register
 from .checkpoints import BlockCheckpoints, save_atomic
 
 PHASES = ("block-ap", "e2e-qp")
@@ -355,7 +357,7 @@ class EfficientQAT(BlockCheckpoints, Method):
         """E2E-QP: train the fp16 scales of the packed model end to end; returns the updated formats."""
         if not self.e2e:
             return results
-        from lowbit.compiler.finetune import LoopSettings, attach, train_loop
+        from .training import LoopSettings, attach, train_loop
 
         c = self.config
         t0 = time.perf_counter()

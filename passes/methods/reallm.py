@@ -51,8 +51,9 @@ import torch
 from torch import nn
 
 from lowbit.runtime.formats import LowRank, VQCodebook
+from lowbit.runtime.modules import swap_module
 
-from .base import Method, register, swap_module
+from .base import Method, register
 from .checkpoints import BlockCheckpoints
 from .gptq import _inverse_cholesky_upper
 

@@ -1,76 +1,27 @@
-"""``lowbit-finetune``: train the LoRA branches (or the group scales) of a compiled artifact; the packed codes stay
-frozen and packed.
+"""The training loop shared by ``--method efficientqat``'s E2E-QP phase and ``lowbit-finetune``.
 
-The model is rebuilt from the artifact (``model_config/`` + its float tensors); every compressed uniform linear
-becomes a :class:`PackedTrainLinear` whose base is the ``lowbit::affine_linear`` op on the artifact's packed
-tensors (differentiable with respect to its input and its scales, never densified into a parameter). What
-trains (``--train``): ``lora`` -- the LoRA factors, float32 parameters initialized from the artifact's fp16
-``lora_a``/``lora_b`` (ApiQ's fine-tuning); ``scales`` -- the fp16 group scales, float32 masters rounded back
-to fp16 when stored, codes and zero points frozen (EfficientQAT's E2E-QP).
-
-Training (:func:`train_loop`, shared with ``--method efficientqat``'s E2E-QP phase): next-token loss on
-windows of ``--data`` (C4 by default: documents 0-999), AdamW, 3% warm-up, cosine decay, a fixed window
-order drawn from ``--seed``. A checkpoint (trained tensors, optimizer and schedule state, step) is written
-atomically every ``--checkpoint-every`` steps into ``OUTPUT.ckpt/``; ``--resume`` continues from it and
-reaches the same result as an uninterrupted run. The new artifact is written (staged, then renamed) only
-when training ends; a NaN/Inf loss stops training with an error and writes nothing.
+* :func:`attach`: swap the trainable compressed linears of a rebuilt model for :class:`PackedTrainLinear`
+  (uniform: LoRA factors and/or fp16 group scales train, codes frozen and packed) or
+  :class:`PackedVQLoRALinear` (ReALLM: the low-rank factors train); every other compressed linear becomes a
+  :class:`~lowbit.runtime.modules.PackedLinear` running its op, so the model computes what the artifact does.
+* :func:`train_loop`: next-token training of those tensors (AdamW, warm-up then cosine decay, fixed window
+  order from the seed, validation loss, atomic checkpoints every ``checkpoint_every`` steps, exact resume).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import LowbitError
-from .packed_model import PackedLinear
-
-CKPT_FILE = "finetune.pt"
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-@dataclass
-class FinetuneOptions:
-    artifact: str
-    output: str
-    train: str = "lora"  # lora | scales
-    data: str = "c4"
-    nsamples: int = 256
-    seqlen: int = 512
-    val_samples: int = 8
-    epochs: int = 1
-    batch_size: int = 4
-    lr: float | None = None  # None: lora 3e-4 (ApiQ); scales 2e-5 at 2 bits, else 1e-5 (EfficientQAT)
-    weight_decay: float | None = None  # None: lora 0.1; scales 0
-    grad_clip: float | None = None  # max gradient norm; None: lora none, scales 0.3 (EfficientQAT)
-    warmup: float = 0.03
-    seed: int = 0
-    checkpoint_every: int = 16
-    resume: bool = False
-    overwrite: bool = False
-    stop_after: int | None = None  # train at most this many steps in this run, checkpoint, and stop
-    eval: tuple = ()
-    eval_windows: int | None = None
-    eval_seqlen: int = 2048
-    progress: bool = True
-
-    def training_key(self) -> dict:
-        """What must match for a checkpoint to be resumed (everything that changes the result)."""
-        keep = ("train", "data", "nsamples", "seqlen", "val_samples", "epochs", "batch_size", "lr", "weight_decay", "warmup",
-                "seed", "grad_clip")
-        return {k: v for k, v in asdict(self).items() if k in keep}
+from lowbit.errors import LowbitError
+from lowbit.runtime.modules import PackedLinear, swap_module
 
 
 class PackedTrainLinear(nn.Module):
@@ -166,9 +117,8 @@ def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
 
     ``train="lora"``: the uniform and VQ (ReALLM) linears with a low-rank branch; ``"scales"``: every uniform
     linear. Every other compressed linear (no low-rank part, BiLLM's binary residual, VQ under ``scales``)
-    becomes a :class:`~lowbit.compiler.packed_model.PackedLinear` running its op: the model must compute what
+    becomes a :class:`~lowbit.compiler.engine.packed_model.PackedLinear` running its op: the model must compute what
     the artifact computes."""
-    from lowbit.passes.methods.base import swap_module
     from lowbit.runtime.formats import AffineIntK, VQCodebook
 
     if train not in ("lora", "scales"):
@@ -203,10 +153,6 @@ def _schedule(step: int, total: int, warmup: float) -> float:
     if step < w:
         return (step + 1) / w
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
-
-
-def _source_key(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
 def _save_ckpt(path: Path, state: dict) -> None:
@@ -322,124 +268,3 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
         checkpoint()
         say(f"{tag} stopped after {ran} steps at step {step}/{total}; checkpoint {ckpt} (continue with --resume)")
     return {"history": history, "steps": total, "step": step, "stopped": stopped, "trainable_params": n_train}
-
-
-def finetune(opts: FinetuneOptions) -> dict:
-    """Train, then write the new artifact at ``opts.output``. Returns the fine-tuning report.
-
-    With ``stop_after`` the run stops after that many steps (checkpoint written, no artifact) and the
-    report has ``"stopped": True``."""
-    from lowbit.runtime import artifact as art
-    from lowbit.runtime.artifact import ArtifactError
-
-    from . import data
-    from .kv_export import rebuild_model
-
-    say = _log if opts.progress else (lambda m: None)
-    out = Path(opts.output)
-    if out.exists() and not opts.overwrite:
-        raise LowbitError(f"output directory {out} already exists (use --overwrite to replace it)")
-    ckpt_dir = out.with_name(out.name + ".ckpt")
-    ckpt = ckpt_dir / CKPT_FILE
-    if ckpt.exists() and not opts.resume and not opts.overwrite:
-        raise LowbitError(f"{ckpt} exists from an earlier run: pass --resume to continue it or --overwrite to restart")
-    for name, v in (("--epochs", opts.epochs), ("--batch-size", opts.batch_size), ("--nsamples", opts.nsamples),
-                    ("--checkpoint-every", opts.checkpoint_every)):
-        if v < 1:
-            raise LowbitError(f"{name} must be >= 1, got {v}")
-    try:
-        source = art.load(opts.artifact)
-    except ArtifactError as e:
-        raise LowbitError(str(e)) from e
-    if opts.lr is None:
-        low = min((f.bits for f in source.formats.values() if hasattr(f, "bits")), default=4)
-        opts.lr = 3e-4 if opts.train == "lora" else (2e-5 if low <= 2 else 1e-5)
-    if opts.weight_decay is None:
-        opts.weight_decay = 0.1 if opts.train == "lora" else 0.0
-    if opts.grad_clip is None and opts.train == "scales":
-        opts.grad_clip = 0.3
-    if not opts.lr > 0:
-        raise LowbitError(f"--lr must be > 0, got {opts.lr}")
-    data.load_text(opts.data, "calib")  # refuses evaluation-only text (wikitext2)
-
-    t_start = time.perf_counter()
-    torch.manual_seed(opts.seed)
-    model = rebuild_model(source)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    modules = attach(model, source.formats, opts.train)
-
-    tok = source.tokenizer
-    windows, info = data.calibration_windows(tok, opts.data, opts.nsamples + opts.val_samples, opts.seqlen, opts.seed)
-    train, val = windows[: opts.nsamples], windows[opts.nsamples:]
-    key = {"training": opts.training_key(), "source": _source_key(source.manifest)}
-    cfg = LoopSettings(opts.epochs, opts.batch_size, opts.lr, opts.weight_decay, opts.warmup, opts.seed,
-                       opts.checkpoint_every, grad_clip=opts.grad_clip, stop_after=opts.stop_after)
-    say(f"[finetune] training the {opts.train} of {source.path} on {info['source']}")
-    res = train_loop(model, modules, train, val, cfg, ckpt, key, opts.resume, say)
-    train_time = time.perf_counter() - t_start
-    if res["stopped"]:
-        return {"stopped": True, "step": res["step"], "total_steps": res["steps"], "checkpoint": str(ckpt)}
-
-    formats = dict(source.formats)
-    for name, m in modules.items():
-        formats[name] = m.trained_format()
-    report = {"source": str(opts.artifact), "options": opts.training_key(), "steps": res["steps"],
-              "trainable_params": res["trainable_params"], "time_s": train_time, "history": res["history"],
-              "data": info, "eval": {}}
-    try:
-        source_eval = json.loads((Path(source.path) / "report.json").read_text()).get("eval", {})
-    except (OSError, json.JSONDecodeError):
-        source_eval = {}
-
-    def evaluate(loaded) -> None:  # on the staged artifact: what ships is what is evaluated
-        from .evaluate import perplexity
-
-        for e in opts.eval:
-            tokens, _ = data.eval_tokens(tok, e)
-            r = perplexity(loaded, tokens, opts.eval_seqlen, opts.eval_windows, label=f"eval {e} fine-tuned",
-                           progress=opts.progress)
-            before = source_eval.get(e, {}).get("after")
-            report["eval"][e] = {"before": before, "after": r}
-            b = f"{before['ppl']:.3f} ({before['windows']} windows) -> " if before else ""
-            say(f"[eval] {e} perplexity {b}{r['ppl']:.3f} ({r['windows']} windows) after fine-tuning")
-
-    _write_artifact(source, formats, out, report, opts.overwrite, evaluate)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    say(f"[finetune] wrote {out} ({train_time:.0f}s of training, {time.perf_counter() - t_start:.0f}s in all)")
-    return report
-
-
-def rewrite_program(float_model: nn.Module, formats: dict):
-    """``(program, attrs)``: ``float_model`` captured and its linears rewritten into ``formats`` (compile's passes)."""
-    from lowbit.passes.base import PassContext, PassManager
-    from lowbit.passes.cleanup import CleanUp
-    from lowbit.passes.rewrite import ReplaceLinears
-    from lowbit.passes.sites import FindLinearSites
-
-    from . import capture
-
-    gm = capture.capture(float_model).module()
-    ctx = PassContext(results=formats)
-    PassManager([FindLinearSites(), ReplaceLinears(), CleanUp()]).run(gm, ctx)
-    return capture.recapture(gm), {m: v["attrs"] for m, v in ctx.replaced.items()}
-
-
-def _write_artifact(source, formats: dict, out: Path, report: dict, overwrite: bool, evaluate) -> None:
-    """Capture the float architecture again and rewrite it with the trained formats (same passes as compile)."""
-    from lowbit.runtime import artifact as art
-
-    from .kv_export import rebuild_model
-
-    program, attrs = rewrite_program(rebuild_model(source), formats)
-    extra = {k: v for k, v in source.manifest.items() if k not in ("lowbit_manifest", "modules", "tensors", "files")}
-    extra["finetune"] = {k: report[k] for k in ("source", "options", "steps", "trainable_params")}
-    extra["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(source.manifest.get("float_storage_dtype"))
-    with art.staging_dir(out, overwrite=overwrite) as tmp:
-        art.write(tmp, program, formats, attrs, extra, float_dtype=dtype)
-        for sub in ("tokenizer", "model_config"):
-            if (Path(source.path) / sub).is_dir():
-                shutil.copytree(Path(source.path) / sub, tmp / sub)
-        evaluate(art.load(tmp))
-        (tmp / "finetune.json").write_text(json.dumps(report, indent=1))  # a log beside the manifest, like report.json

@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LowbitError
+from lowbit.errors import LowbitError
 
 _KEYS = {"match", "skip", "method"}
 

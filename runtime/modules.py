@@ -1,12 +1,8 @@
-"""An artifact as an eager Hugging Face model on any device: every compressed linear runs its lowbit op.
+"""Compressed linears as ``nn.Module``s, and module surgery.
 
-``packed_model(art, device="cuda", dtype=torch.float16)`` rebuilds the architecture from the artifact's
-``model_config/`` with its float tensors (embeddings, norms, uncompressed layers) in ``dtype`` and puts a
-:class:`PackedLinear` at every compressed linear. The packed tensors keep their own dtypes (uint8 codes,
-fp16 scales) and only move device, so on CUDA the ops run the Triton kernels (:mod:`lowbit.kernels`) on
-exactly the bytes of ``packed.safetensors``; on CPU they run the eager reference. Unlike ``program.pt2``
-(an exported CPU graph) the model takes any device and Hugging Face's own key/value cache, which is what a
-decode benchmark or a serving loop needs.
+* :class:`PackedLinear`: a compressed linear whose forward is its format's ``lowbit::*`` op on the packed tensors
+  (used by :mod:`lowbit.compiler.engine.packed_model` and by the training loop for layers that do not train);
+* :func:`swap_module`: put a module at a dotted path (methods, training and model rebuilding all use it).
 """
 
 from __future__ import annotations
@@ -52,14 +48,10 @@ class PackedLinear(nn.Module):
         return f"{self._meta['kind']}, in={self._meta['in_features']}, out={self._meta['out_features']}"
 
 
-def packed_model(art, device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The artifact as an ``nn.Module`` (Hugging Face causal LM) on ``device``, float tensors in ``dtype``."""
-    from lowbit.passes.methods.base import swap_module
-
-    from .kv_export import rebuild_model
-
-    model = rebuild_model(art).to(dtype)
-    for name, fmt in art.formats.items():
-        bias = getattr(model.get_submodule(name), "bias", None)
-        swap_module(model, name, PackedLinear(fmt, bias))
-    return model.to(device).eval()
+def swap_module(root, rel: str, new):
+    """Put ``new`` at dotted path ``rel`` under ``root``; returns the module it replaces (to swap back)."""
+    parent, _, attr = rel.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    old = getattr(holder, attr)
+    setattr(holder, attr, new)
+    return old

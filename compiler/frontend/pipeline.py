@@ -17,17 +17,16 @@ from pathlib import Path
 
 import torch
 
-from lowbit import __version__
+from lowbit.compiler.engine import capture, data, models
+from lowbit.compiler.engine import report as report_mod
+from lowbit.compiler.engine.calibrate import Engine
+from lowbit.compiler.engine.evaluate import perplexity
+from lowbit.errors import LowbitError
 from lowbit.passes import PassContext, PassManager, default_passes
 from lowbit.passes.base import PassError
 from lowbit.passes.methods import build_method
 from lowbit.runtime import artifact as art
-
-from . import capture, data, models
-from . import report as report_mod
-from .calibrate import Engine
-from .errors import LowbitError
-from .evaluate import perplexity
+from lowbit.version import __version__
 
 TARGETS = ("torch", "onnx", "mlir")
 
@@ -55,7 +54,7 @@ class CompileOptions:
     float_dtype: str = "float16"  # storage dtype of the parameters that stay float
     progress: bool = True
     onnx_accuracy_level: int = 4  # MatMulNBits accuracy_level for --target onnx (4 = int8 activations)
-    # Per-module overrides (lowbit.compiler.overrides): a .json/.toml path or a list of rule dicts.
+    # Per-module overrides (lowbit.compiler.engine.overrides): a .json/.toml path or a list of rule dicts.
     overrides: object = None
     resume: bool = False  # continue a training method's interrupted run from OUTPUT.ckpt/
     # The user's own passes (objects with ``name`` and ``run(gm, ctx) -> PassReport``), run after lowbit's.
@@ -84,11 +83,32 @@ class _Timer:
         return _S()
 
 
+class _Run:
+    """What the stages of one compile share: the options, and what each stage adds for the next."""
+
+    def __init__(self, opts: CompileOptions):
+        self.opts = opts
+        self.say = log if opts.progress else (lambda m: None)
+        self.t_all = time.perf_counter()
+        self.timer = _Timer()
+        self.report: dict = {}
+        self.eval_tokens: dict = {}
+
+
 def compile_model(opts: CompileOptions) -> dict:
     """Run the whole pipeline; returns the report dict (also written into the artifact)."""
-    say = log if opts.progress else (lambda m: None)
-    t_all = time.perf_counter()
-    # -- cheap validation first ----------------------------------------------------------------------
+    run = _Run(opts)
+    _check_inputs(run)  # options, output directory, data files: before the model loads, so bad input fails fast
+    _load_model(run)
+    _evaluate_float(run)
+    _calibrate(run)
+    _rewrite_graph(run)
+    _write_artifact(run)  # staged, reloaded and evaluated as it ships, lowered (--target), renamed when complete
+    return run.report
+
+
+def _check_inputs(run: _Run) -> None:
+    opts = run.opts
     if opts.target not in TARGETS:
         raise LowbitError(f"--target must be one of {TARGETS}, got {opts.target!r}")
     try:
@@ -97,7 +117,7 @@ def compile_model(opts: CompileOptions) -> dict:
         raise LowbitError(str(e)) from e
     plan = None
     if opts.overrides is not None:
-        from .overrides import MethodPlan, load_rules, parse_rules
+        from lowbit.compiler.engine.overrides import MethodPlan, load_rules, parse_rules
 
         rules = parse_rules(opts.overrides) if isinstance(opts.overrides, list) else load_rules(opts.overrides)
         plan = MethodPlan(method, opts.method_options, rules)
@@ -125,63 +145,83 @@ def compile_model(opts: CompileOptions) -> dict:
         data.load_text(e, "eval")
     if opts.eval_windows is not None and opts.eval_windows < 1:
         raise LowbitError("--eval-windows must be >= 1")
+    run.method, run.plan, run.tag, run.out, run.ckpt_dir, run.float_dtype = method, plan, tag, out, ckpt_dir, float_dtype
 
-    timer = _Timer()
-    with timer.stage("load"):
-        say(f"[load] {opts.model}")
-        model, tokenizer, src = models.load(opts.model)
+
+def _load_model(run: _Run) -> None:
+    opts, method, plan = run.opts, run.method, run.plan
+    with run.timer.stage("load"):
+        run.say(f"[load] {opts.model}")
+        run.model, run.tokenizer, src = models.load(opts.model)
     if plan is not None:
-        plan.precheck(n for n, m in model.named_modules() if models.is_linear_like(m))
-    float_params = {id(p): p for p in model.parameters()}
-    n_params = sum(p.numel() for p in float_params.values())
-
-    report = {
+        plan.precheck(n for n, m in run.model.named_modules() if models.is_linear_like(m))
+    float_params = {id(p): p for p in run.model.parameters()}
+    run.n_params = sum(p.numel() for p in float_params.values())
+    run.report = {
         "lowbit_version": __version__,
-        "model": {"id": src.model_id, "source": str(src.path), "kind": src.kind, "class": type(model).__name__,
-                  "params": n_params},
-        "method": {**method.describe(), "tag": tag,
+        "model": {"id": src.model_id, "source": str(src.path), "kind": src.kind, "class": type(run.model).__name__,
+                  "params": run.n_params},
+        "method": {**method.describe(), "tag": run.tag,
                    **({"overrides": [r.describe() for r in plan.rules]} if plan is not None else {})},
         "eval": {},
     }
-    eval_tokens = {}
-    for e in opts.eval:
-        eval_tokens[e] = data.eval_tokens(tokenizer, e)
-        if opts.eval_float:
-            with timer.stage("eval float"):
-                r = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_tokens[e][0],
-                               opts.eval_seqlen, opts.eval_windows, label=f"eval {e} float", progress=opts.progress)
-            report["eval"][e] = {"data": eval_tokens[e][1], "before": r}
-            say(f"[eval] {e} float perplexity {r['ppl']:.3f} over {r['windows']} windows")
 
-    with timer.stage("data"):
-        windows, calib_info = data.calibration_windows(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
-    report["calibration"] = calib_info
-    with timer.stage("calibrate"):
-        say(f"[calibrate] {opts.method} {tag} on {windows.shape[0]} x {windows.shape[1]} tokens of {calib_info['source']}")
+
+def _evaluate_float(run: _Run) -> None:
+    opts, model = run.opts, run.model
+    for e in opts.eval:
+        run.eval_tokens[e] = data.eval_tokens(run.tokenizer, e)
+        if opts.eval_float:
+            with run.timer.stage("eval float"):
+                r = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, run.eval_tokens[e][0],
+                               opts.eval_seqlen, opts.eval_windows, label=f"eval {e} float", progress=opts.progress)
+            run.report["eval"][e] = {"data": run.eval_tokens[e][1], "before": r}
+            run.say(f"[eval] {e} float perplexity {r['ppl']:.3f} over {r['windows']} windows")
+
+
+def _calibrate(run: _Run) -> None:
+    opts, method, plan = run.opts, run.method, run.plan
+    with run.timer.stage("data"):
+        run.windows, run.calib_info = data.calibration_windows(run.tokenizer, opts.calib, opts.nsamples, opts.seqlen,
+                                                               opts.seed)
+    run.report["calibration"] = run.calib_info
+    with run.timer.stage("calibrate"):
+        run.say(f"[calibrate] {opts.method} {run.tag} on {run.windows.shape[0]} x {run.windows.shape[1]} tokens of "
+                f"{run.calib_info['source']}")
         needs_data = plan.needs_data if plan is not None else method.needs_data
         try:
-            cal = Engine(model, method, windows if needs_data else None, progress=opts.progress, plan=plan).run()
+            run.cal = Engine(run.model, method, run.windows if needs_data else None, progress=opts.progress,
+                             plan=plan).run()
         except ValueError as e:  # a method's training refusal (NaN loss, mismatched checkpoint)
             raise LowbitError(str(e)) from e
     if hasattr(method, "after_calibration"):  # end-to-end phases over the whole quantized model
-        with timer.stage(f"{opts.method} end-to-end"):
+        with run.timer.stage(f"{opts.method} end-to-end"):
             try:
-                cal.results = method.after_calibration(model, cal.results, windows, opts.progress)
+                run.cal.results = method.after_calibration(run.model, run.cal.results, run.windows, opts.progress)
             except ValueError as e:
                 raise LowbitError(str(e)) from e
-    with timer.stage("export"):
-        ep = capture.capture(model)
+
+
+def _rewrite_graph(run: _Run) -> None:
+    """Capture the (quantized-chain) model, rewrite its linears into lowbit ops, and lower it to a program."""
+    cal = run.cal
+    with run.timer.stage("export"):
+        ep = capture.capture(run.model)
         gm = ep.module()
-    with timer.stage("passes"):
-        ctx = PassContext(results=cal.results, float_weights=cal.float_weights, calib_batch=windows[:1])
+    with run.timer.stage("passes"):
+        run.ctx = PassContext(results=cal.results, float_weights=cal.float_weights, calib_batch=run.windows[:1])
         try:
-            reports = PassManager([*default_passes(), *opts.extra_passes], log=say).run(gm, ctx)
+            run.pass_reports = PassManager([*default_passes(), *run.opts.extra_passes], log=run.say).run(gm, run.ctx)
         except PassError as e:  # nothing has been written yet
             raise LowbitError(str(e)) from e
         del ep
-    with timer.stage("lower"):
-        program = capture.recapture(gm)
+    with run.timer.stage("lower"):
+        run.program = capture.recapture(gm)
 
+
+def _write_artifact(run: _Run) -> None:
+    opts, cal, ctx, method, timer, say = run.opts, run.cal, run.ctx, run.method, run.timer, run.say
+    report, out, tag = run.report, run.out, run.tag
     layers = {}
     for name, fmt in cal.results.items():
         layers[name] = {**fmt.meta(), "nbytes": fmt.nbytes(), "bits_per_weight": fmt.bits_per_weight(),
@@ -191,7 +231,7 @@ def compile_model(opts: CompileOptions) -> dict:
     manifest_extra = {
         "model": report["model"],
         "method": report["method"],
-        "calibration": calib_info,
+        "calibration": run.calib_info,
         "versions": {"lowbit": __version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "float_storage_dtype": opts.float_dtype,
@@ -201,23 +241,23 @@ def compile_model(opts: CompileOptions) -> dict:
     try:
         with art.staging_dir(out, overwrite=opts.overwrite) as tmp:
             with timer.stage("save"):
-                art.write(tmp, program, cal.results, attrs, manifest_extra, float_dtype=float_dtype)
-                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+                art.write(tmp, run.program, cal.results, attrs, manifest_extra, float_dtype=run.float_dtype)
+                run.tokenizer.save_pretrained(str(tmp / "tokenizer"))
                 # The architecture, so that lowerings can rebuild graphs the program does not hold
                 # (the ONNX decoder with a key/value cache).
-                model.config.save_pretrained(str(tmp / "model_config"))
+                run.model.config.save_pretrained(str(tmp / "model_config"))
                 loaded = art.load(tmp)  # what ships is what we evaluate
             packed_file = (tmp / art.PACKED_FILE).stat().st_size
             artifact_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             for e in opts.eval:
                 with timer.stage("eval quantized"):
-                    r = perplexity(loaded, eval_tokens[e][0], opts.eval_seqlen, opts.eval_windows,
+                    r = perplexity(loaded, run.eval_tokens[e][0], opts.eval_seqlen, opts.eval_windows,
                                    label=f"eval {e} {opts.method}", progress=opts.progress)
-                report["eval"].setdefault(e, {"data": eval_tokens[e][1]})["after"] = r
+                report["eval"].setdefault(e, {"data": run.eval_tokens[e][1]})["after"] = r
                 say(f"[eval] {e} {opts.method} {tag} perplexity {r['ppl']:.3f}")
             report.update({
-                "calibration": calib_info,
-                "passes": [r.to_json() for r in reports],
+                "calibration": run.calib_info,
+                "passes": [r.to_json() for r in run.pass_reports],
                 "layers": layers,
                 "summary": {
                     "compressed_linears": len(cal.results),
@@ -230,32 +270,31 @@ def compile_model(opts: CompileOptions) -> dict:
                     "linears_packed_bytes": comp_bytes,
                     "linears_fp16_bytes": 2 * comp_params,
                     "packed_file_bytes": packed_file,
-                    "float_fp16_bytes": 2 * n_params,
-                    "float_fp32_bytes": 4 * n_params,
+                    "float_fp16_bytes": 2 * run.n_params,
+                    "float_fp32_bytes": 4 * run.n_params,
                     "artifact_bytes": artifact_bytes,
                     "output": str(out),
                 },
             })
             if opts.target == "onnx":
-                from .onnx_export import export_artifact
+                from lowbit.compiler.lowering.onnx_artifact import export_artifact
 
                 with timer.stage("onnx"):
                     report["onnx"] = export_artifact(tmp, accuracy_level=opts.onnx_accuracy_level, progress=say)
             if opts.target == "mlir":
-                from . import mlir_export
+                from lowbit.compiler.lowering import mlir
 
                 with timer.stage("mlir"):
-                    report["mlir"] = mlir_export.export_artifact(tmp, progress=say)
+                    report["mlir"] = mlir.export_artifact(tmp, progress=say)
             if getattr(method, "e2e_report", None):
                 report["end_to_end"] = method.e2e_report
-            report["times"] = {**timer.times, "total": time.perf_counter() - t_all}
+            report["times"] = {**timer.times, "total": time.perf_counter() - run.t_all}
             report_mod.write(report, tmp)
     except FileExistsError as e:
         raise LowbitError(str(e)) from e
     report["summary"]["output"] = str(out)
     if hasattr(method, "checkpoint_dir"):  # the artifact is complete: the checkpoints have served
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return report
+        shutil.rmtree(run.ckpt_dir, ignore_errors=True)
 
 
 def summary_text(report: dict) -> str:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from .errors import LowbitError
+from lowbit.errors import LowbitError
 
 
 class CausalLMLogits(nn.Module):

@@ -8,18 +8,16 @@ complete, like artifacts.
 
 Two graphs can be exported (``kv_cache``): ``model.onnx`` takes ``input_ids`` and returns ``logits``
 (prefill / perplexity), ``decoder.onnx`` also takes and returns the key/value cache so generation is one
-token per step (see :mod:`lowbit.compiler.kv_export`).
+token per step (see :mod:`lowbit.compiler.lowering.onnx_decoder`).
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import torch
 
-from .errors import LowbitError
+from lowbit.errors import LowbitError
 
 ONNX_DIR = "onnx"
 MODEL_FILE = "model.onnx"
@@ -50,10 +48,9 @@ INT8_MAX_BLOCK = 32
 def lower_program(program: torch.export.ExportedProgram, matmulnbits: bool = True, outliers: dict | None = None,
                   max_block: int | None = None):
     """Apply the ORT-layout pass to a lowbit program; returns ``(ExportedProgram, PassReport, gm)``."""
+    from lowbit.compiler.engine.capture import recapture
     from lowbit.passes.base import PassContext
     from lowbit.passes.ort_layout import ToMatMulNBits
-
-    from .capture import recapture
 
     gm = program.module()
     rep = None
@@ -66,9 +63,8 @@ def find_activation_outliers(art, spec: str | None, progress=print) -> dict:
     """Massive input channels per uniform layer, measured on 4 x 512 tokens of ``spec`` (c4 or a file)."""
     if not spec or spec == "none":
         return {}
+    from lowbit.compiler.engine import data
     from lowbit.passes.ort_layout import activation_outliers
-
-    from . import data
 
     try:
         windows, _ = data.calibration_windows(art.tokenizer, spec, 4, 512, 0)
@@ -113,70 +109,6 @@ def save_model(onnx_program, path: Path, float16_storage: bool = True) -> None:
             g.node.insert(0, c)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=0)
-
-
-def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = True, kv_cache: bool = True,
-                    overwrite: bool = False, check: bool = True, outlier_data: str | None = "c4",
-                    progress=print) -> dict:
-    """Export an artifact directory to ONNX under ``DIR/onnx``; returns the export summary."""
-    from lowbit.runtime.artifact import load
-
-    from .kv_export import export_decoder
-
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise LowbitError(f"--accuracy-level must be 0-4, got {accuracy_level}")
-    artifact_dir = Path(artifact_dir)
-    art = load(artifact_dir)
-    final = artifact_dir / ONNX_DIR
-    if final.exists() and not overwrite:
-        raise LowbitError(f"{final} already exists (use --overwrite to replace it)")
-    t0 = time.perf_counter()
-    from lowbit.runtime.artifact import staging_dir
-
-    with staging_dir(final, overwrite=True) as tmp:
-        progress(f"[onnx] lowering {artifact_dir} (MatMulNBits: {'on' if matmulnbits else 'off'}, "
-                 f"accuracy_level {accuracy_level})")
-        outliers = find_activation_outliers(art, outlier_data, progress) if matmulnbits and accuracy_level == 4 else {}
-        max_block = INT8_MAX_BLOCK if accuracy_level == 4 else None
-        ep, rep, gm = lower_program(art.program, matmulnbits, outliers, max_block)
-        example = (torch.randint(0, 100, (1, 8)),)
-        try:
-            prog = _onnx_program(ep, example, accuracy_level, ["input_ids"], ["logits"],
-                                 dynamic_shapes=({0: "batch", 1: "sequence"},))
-        except Exception as e:
-            raise LowbitError(f"ONNX export of {artifact_dir} failed: {type(e).__name__}: {e}") from e
-        f16 = art.manifest.get("float_storage_dtype", "float16") != "float32"
-        save_model(prog, tmp / MODEL_FILE, float16_storage=f16)
-        files = [MODEL_FILE, MODEL_FILE + ".data"]
-        summary = {"opset": OPSET, "accuracy_level": accuracy_level, "matmulnbits": matmulnbits,
-                   "float_storage": "float16" if f16 else "float32",
-                   "activation_outliers": {k: v.tolist() for k, v in outliers.items()},
-                   "matmulnbits_max_block": max_block,
-                   "pass": None if rep is None else rep.to_json(), "graphs": {"prefill": MODEL_FILE}}
-        if kv_cache:
-            progress("[onnx] exporting the decoder with key/value cache")
-            dec = export_decoder(art, tmp, accuracy_level, matmulnbits, float16_storage=f16, outliers=outliers,
-                                 max_block=max_block)
-            files += [dec["file"], dec["file"] + ".data"]
-            summary["graphs"]["decoder"] = dec["file"]
-            summary["cache"] = dec["cache"]
-        summary["nodes"] = node_counts(tmp / MODEL_FILE)
-        if check:
-            from lowbit.runtime.onnx_runtime import session
-
-            s = session(tmp, MODEL_FILE)
-            ids = torch.randint(0, min(100, art.manifest.get("vocab_size", 100)), (1, 12))
-            ref = art(ids).float()
-            got = torch.from_numpy(s.run(None, {"input_ids": ids.numpy()})[0])
-            err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-9))
-            summary["check"] = {"max_rel_err_vs_torch": err, "tokens": 12}
-            progress(f"[onnx] ONNX Runtime vs torch program: max relative logit error {err:.2e}")
-        from lowbit.runtime.artifact import sha256_file
-
-        summary["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
-        summary["seconds"] = time.perf_counter() - t0
-        (tmp / EXPORT_JSON).write_text(json.dumps(summary, indent=1))
-    return summary
 
 
 def node_counts(path: Path) -> dict:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .errors import LowbitError
+from lowbit.errors import LowbitError
 
 EPILOG = """\
 examples:
@@ -147,7 +147,7 @@ def _compile_parser() -> argparse.ArgumentParser:
 
 def compile_main(argv=None) -> int:
     args = _compile_parser().parse_args(argv)
-    from .pipeline import CompileOptions, compile_model, summary_text
+    from lowbit.compiler.frontend.pipeline import CompileOptions, compile_model, summary_text
 
     # Only the flags the user gave are passed; a method refuses options it does not take.
     flags = {"bits": "bits", "group_size": "group_size", "sym": "symmetric", "damp": "damp",
@@ -326,7 +326,7 @@ def export_main(argv=None) -> int:
         print("lowbit-export: error: choose a target (--onnx, --mlir and/or --gptq OUT)", file=sys.stderr)
         return 2
     if args.gptq:
-        from .gptq_checkpoint import export_gptq
+        from lowbit.compiler.lowering.gptq_checkpoint import export_gptq
 
         try:
             g = export_gptq(args.artifact, args.gptq, version=int(args.gptq_format[1]), overwrite=args.overwrite,
@@ -338,12 +338,11 @@ def export_main(argv=None) -> int:
               f"{g['layers']} layers w{g['bits']}g{g['group_size']}, {g['bytes'] / 2**20:.1f} MiB ({g['seconds']:.0f}s)")
         if not (args.onnx or args.mlir):
             return 0
+    from lowbit.compiler.lowering.onnx_artifact import export_artifact
     from lowbit.runtime.artifact import ArtifactError
 
-    from .onnx_export import export_artifact
-
     if args.mlir:
-        from . import mlir_export
+        from lowbit.compiler.lowering import mlir
 
         try:
             shape = tuple(int(v) for v in args.static_shape.split(","))
@@ -353,7 +352,7 @@ def export_main(argv=None) -> int:
             print(f"lowbit-export: error: --static-shape must be BATCH,SEQ (got {args.static_shape!r})", file=sys.stderr)
             return 2
         try:
-            m = mlir_export.export_artifact(args.artifact, dialects=tuple(x for x in args.dialects.split(",") if x),
+            m = mlir.export_artifact(args.artifact, dialects=tuple(x for x in args.dialects.split(",") if x),
                                             overwrite=args.overwrite, static_shape=shape,
                                             progress=lambda msg: print(msg, file=sys.stderr))
         except (LowbitError, ArtifactError) as e:
@@ -424,7 +423,7 @@ def finetune_main(argv=None) -> int:
     p.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (default 2048)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    from .finetune import FinetuneOptions, finetune
+    from lowbit.compiler.training.finetune import FinetuneOptions, finetune
 
     opts = FinetuneOptions(
         artifact=args.artifact, train=args.train, output=args.output or args.artifact.rstrip("/") + "-ft", data=args.data,
@@ -471,7 +470,7 @@ def import_gptq_main(argv=None) -> int:
                    help="storage dtype of the tensors that stay float (default float16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
-    from .gptq_checkpoint import import_gptq
+    from lowbit.compiler.lowering.gptq_checkpoint import import_gptq
 
     try:
         r = import_gptq(args.checkpoint, args.output, overwrite=args.overwrite, float_dtype=args.float_dtype,

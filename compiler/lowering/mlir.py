@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LowbitError
+from lowbit.errors import LowbitError
 
 MLIR_DIR = "mlir"
 DIALECTS = ("torch", "linalg-on-tensors", "tosa", "stablehlo")
@@ -35,10 +35,9 @@ _CONST = re.compile(r"(?:torch\.vtensor\.literal|arith\.constant|tosa\.const|sta
 def decomposed_program(art, static_shape=None):
     """``(ExportedProgram, PassReport)``: the artifact's program with every lowbit op decomposed
     (dynamic batch and sequence, or the fixed ``static_shape = (batch, seq)``)."""
+    from lowbit.compiler.engine.capture import recapture
     from lowbit.passes.base import PassContext
     from lowbit.passes.decompose import DecomposeLowbitOps
-
-    from .capture import recapture
 
     gm = art.program.module()
     rep = DecomposeLowbitOps().run(gm, PassContext())

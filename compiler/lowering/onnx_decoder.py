@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from .errors import LowbitError
+from lowbit.compiler.engine.rebuild import rebuild_model
+from lowbit.errors import LowbitError
 
 DECODER_FILE = "decoder.onnx"
 
@@ -39,54 +40,6 @@ class DecoderWithCache(nn.Module):
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
-
-
-def rebuild_model(art) -> nn.Module:
-    """The float model (architecture from ``model_config/``, float tensors from the artifact)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg_dir = Path(art.path) / "model_config"
-    if not (cfg_dir / "config.json").is_file():
-        raise LowbitError(f"{art.path}: no model_config/config.json (artifact written by an older lowbit; "
-                          "compile it again to export a decoder with a key/value cache)")
-    config = AutoConfig.from_pretrained(str(cfg_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    sd = art.program.state_dict
-    own = dict(model.named_parameters(remove_duplicate=False))
-    own.update(dict(model.named_buffers()))
-    fill = {}
-    for k, v in list(sd.items()) + list(art.program.constants.items()):
-        if isinstance(v, torch.Tensor) and k.startswith("model.") and k[len("model."):] in own:
-            fill[k[len("model."):]] = v.float()
-    quantized = {f"{m}.weight" for m in art.formats}
-    for name, t in own.items():
-        if name not in fill:
-            # compressed linears have no float weight (their op replaces them); tied/non-persistent tensors
-            # are re-created by the model below
-            fill[name] = torch.zeros(t.shape, dtype=torch.float32) if name in quantized else None
-    for name, t in fill.items():
-        if t is None:
-            continue
-        mod_name, _, attr = name.rpartition(".")
-        mod = model.get_submodule(mod_name)
-        if isinstance(getattr(mod, attr), nn.Parameter):
-            setattr(mod, attr, nn.Parameter(t, requires_grad=False))
-        else:
-            mod._buffers[attr] = t
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        # tied embeddings: the program keeps one copy (under lm_head)
-        inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
-        if inp is not None and outp is not None and inp.weight.is_meta and not outp.weight.is_meta:
-            inp.weight = outp.weight
-        missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise LowbitError(f"{art.path}: no tensor for parameter(s) {missing[:3]} of the decoder")
-    for name, b in list(model.named_buffers()):
-        if b.is_meta:  # non-persistent buffers (rotary inv_freq): recompute on CPU
-            raise LowbitError(f"{art.path}: buffer {name} not in the artifact")
-    return model.eval()
 
 
 def _cache_shape(model) -> tuple[int, int, int]:
@@ -124,10 +77,9 @@ def capture_decoder(art):
 
 def export_decoder(art, out_dir: Path, accuracy_level: int, matmulnbits: bool, float16_storage: bool = True,
                    outliers: dict | None = None, max_block: int | None = None) -> dict:
+    from lowbit.compiler.lowering.onnx import _onnx_program, save_model
     from lowbit.passes.base import PassContext
     from lowbit.passes.ort_layout import ToMatMulNBits
-
-    from .onnx_export import _onnx_program, save_model
 
     gm, _, args, dyn, layers = capture_decoder(art)
     if matmulnbits:
@@ -151,8 +103,8 @@ def export_float_decoder(model_spec: str, out_dir, dtype: torch.dtype = torch.fl
     Writes ``out_dir/decoder.onnx`` (+ ``.data``) and an ``export.json`` like :func:`export_artifact`."""
     import json
 
-    from . import models
-    from .onnx_export import _onnx_program, save_model
+    from lowbit.compiler.engine import models
+    from lowbit.compiler.lowering.onnx import _onnx_program, save_model
 
     model, _, _ = models.load(model_spec)
     model = model.to(dtype).eval()

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import LowbitError
-from .models import find_blocks, is_linear_like, linear_weight, set_linear_weight
+from lowbit.compiler.engine.models import find_blocks, is_linear_like, linear_weight, set_linear_weight
+from lowbit.errors import LowbitError
 
 
 class _Captured(Exception):
@@ -105,7 +105,7 @@ class Engine:
         self.batch_size = batch_size
         self.model = model
         self.method = method
-        self.plan = plan  # lowbit.compiler.overrides.MethodPlan, or None: every linear gets `method`
+        self.plan = plan  # lowbit.compiler.engine.overrides.MethodPlan, or None: every linear gets `method`
         self.windows = windows
         self.progress = progress
         self.prefix, self.blocks = find_blocks(model)
@@ -140,7 +140,7 @@ class Engine:
         if head is None or not is_linear_like(head):
             return
         name = next(n for n, m in self.model.named_modules() if m is head)
-        from .overrides import first_match
+        from lowbit.compiler.engine.overrides import first_match
 
         rule = first_match(self.plan.rules, name)
         if rule is None or rule.skip:

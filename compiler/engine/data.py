@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.runtime.artifact import sha256_file
-
-from .errors import LowbitError
 
 _C4 = "c4/c4_validation_2k.jsonl"
 _WIKI = "wikitext-2-raw-v1/wiki.test.hf_joined.txt"

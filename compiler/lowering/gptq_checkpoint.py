@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import LowbitError
+from lowbit.errors import LowbitError
 
 WEIGHTS_FILE = "model.safetensors"
 
 
 def _quant_config(bits: int, group_size: int, version: int) -> dict:
-    from lowbit import __version__
+    from lowbit.version import __version__
 
     return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": False,
             "static_groups": False, "true_sequential": True, "lm_head": False,
@@ -39,11 +39,10 @@ def export_gptq(artifact_dir, out_dir, version: int = 1, overwrite: bool = False
     """Write the GPTQ checkpoint of an artifact; returns a summary (layers, bytes, zero points at 0)."""
     from safetensors.torch import save_file
 
+    from lowbit.compiler.engine.rebuild import rebuild_model
     from lowbit.runtime import artifact as art
     from lowbit.runtime.artifact import ArtifactError
     from lowbit.runtime.gptq_layout import to_gptq, why_not_gptq
-
-    from .kv_export import rebuild_model
 
     say = progress or (lambda m: None)
     t0 = time.perf_counter()
@@ -123,12 +122,11 @@ def import_gptq(src_dir, out_dir, overwrite: bool = False, float_dtype: str = "f
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit import __version__
+    from lowbit.compiler.engine.models import set_linear_weight
+    from lowbit.compiler.engine.rebuild import rewrite_program
     from lowbit.runtime import artifact as art
     from lowbit.runtime.gptq_layout import GPTQLayoutError, from_gptq
-
-    from .finetune import rewrite_program
-    from .models import set_linear_weight
+    from lowbit.version import __version__
 
     say = progress or (lambda m: None)
     t0 = time.perf_counter()

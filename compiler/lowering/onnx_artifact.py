@@ -1,0 +1,88 @@
+"""``lowbit-export --onnx``: an artifact's ``DIR/onnx/`` -- the prefill graph (:mod:`~lowbit.compiler.lowering.onnx`),
+the decoder with key/value cache (:mod:`~lowbit.compiler.lowering.onnx_decoder`), ``export.json``, and a check in
+ONNX Runtime against the torch program. Written to a hidden staging folder and renamed when complete."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.compiler.lowering.onnx import (
+    EXPORT_JSON,
+    INT8_MAX_BLOCK,
+    MODEL_FILE,
+    ONNX_DIR,
+    OPSET,
+    _onnx_program,
+    find_activation_outliers,
+    lower_program,
+    node_counts,
+    save_model,
+)
+from lowbit.errors import LowbitError
+
+
+def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = True, kv_cache: bool = True,
+                    overwrite: bool = False, check: bool = True, outlier_data: str | None = "c4",
+                    progress=print) -> dict:
+    """Export an artifact directory to ONNX under ``DIR/onnx``; returns the export summary."""
+    from lowbit.compiler.lowering.onnx_decoder import export_decoder
+    from lowbit.runtime.artifact import load
+
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise LowbitError(f"--accuracy-level must be 0-4, got {accuracy_level}")
+    artifact_dir = Path(artifact_dir)
+    art = load(artifact_dir)
+    final = artifact_dir / ONNX_DIR
+    if final.exists() and not overwrite:
+        raise LowbitError(f"{final} already exists (use --overwrite to replace it)")
+    t0 = time.perf_counter()
+    from lowbit.runtime.artifact import staging_dir
+
+    with staging_dir(final, overwrite=True) as tmp:
+        progress(f"[onnx] lowering {artifact_dir} (MatMulNBits: {'on' if matmulnbits else 'off'}, "
+                 f"accuracy_level {accuracy_level})")
+        outliers = find_activation_outliers(art, outlier_data, progress) if matmulnbits and accuracy_level == 4 else {}
+        max_block = INT8_MAX_BLOCK if accuracy_level == 4 else None
+        ep, rep, gm = lower_program(art.program, matmulnbits, outliers, max_block)
+        example = (torch.randint(0, 100, (1, 8)),)
+        try:
+            prog = _onnx_program(ep, example, accuracy_level, ["input_ids"], ["logits"],
+                                 dynamic_shapes=({0: "batch", 1: "sequence"},))
+        except Exception as e:
+            raise LowbitError(f"ONNX export of {artifact_dir} failed: {type(e).__name__}: {e}") from e
+        f16 = art.manifest.get("float_storage_dtype", "float16") != "float32"
+        save_model(prog, tmp / MODEL_FILE, float16_storage=f16)
+        files = [MODEL_FILE, MODEL_FILE + ".data"]
+        summary = {"opset": OPSET, "accuracy_level": accuracy_level, "matmulnbits": matmulnbits,
+                   "float_storage": "float16" if f16 else "float32",
+                   "activation_outliers": {k: v.tolist() for k, v in outliers.items()},
+                   "matmulnbits_max_block": max_block,
+                   "pass": None if rep is None else rep.to_json(), "graphs": {"prefill": MODEL_FILE}}
+        if kv_cache:
+            progress("[onnx] exporting the decoder with key/value cache")
+            dec = export_decoder(art, tmp, accuracy_level, matmulnbits, float16_storage=f16, outliers=outliers,
+                                 max_block=max_block)
+            files += [dec["file"], dec["file"] + ".data"]
+            summary["graphs"]["decoder"] = dec["file"]
+            summary["cache"] = dec["cache"]
+        summary["nodes"] = node_counts(tmp / MODEL_FILE)
+        if check:
+            from lowbit.runtime.onnx_runtime import session
+
+            s = session(tmp, MODEL_FILE)
+            ids = torch.randint(0, min(100, art.manifest.get("vocab_size", 100)), (1, 12))
+            ref = art(ids).float()
+            got = torch.from_numpy(s.run(None, {"input_ids": ids.numpy()})[0])
+            err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-9))
+            summary["check"] = {"max_rel_err_vs_torch": err, "tokens": 12}
+            progress(f"[onnx] ONNX Runtime vs torch program: max relative logit error {err:.2e}")
+        from lowbit.runtime.artifact import sha256_file
+
+        summary["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
+        summary["seconds"] = time.perf_counter() - t0
+        (tmp / EXPORT_JSON).write_text(json.dumps(summary, indent=1))
+    return summary
