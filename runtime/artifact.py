@@ -13,23 +13,24 @@ Layout of ``DIR/``::
 
 Writing happens in a hidden ``.DIR.partial-<pid>`` directory renamed to ``DIR`` only when complete;
 ``manifest.json`` is written last. Loading checks every file's size and sha256, every tensor's
-shape and dtype against the manifest, and rebuilds every format (which validates its own shapes);
-no pickle from the artifact is unpickled except the program, which ``torch.export.load`` reads.
+shape and dtype against the manifest, and rebuilds every format (which validates its own shapes).
+Nothing from the artifact is unpickled or executed: the program is rebuilt from the JSON graph inside
+``program.pt2`` after checking it (:mod:`lowbit.runtime.program_io`), with the tensors of the safetensors files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import shutil
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .formats import format_from_meta
+from .output_dir import staging_dir  # noqa: F401  (writers stage through the artifact module)
+from .program_io import ProgramError, read_program
 
 MANIFEST_VERSION = 1
 PACKED_FILE = "packed.safetensors"
@@ -52,45 +53,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def staging_dir(final: Path, overwrite: bool = False):
-    """Yield a hidden temporary directory next to ``final``; rename it to ``final`` on success.
-
-    On any exception (KeyboardInterrupt included) the temporary directory is removed, so an
-    interrupted run never leaves a directory that looks like an artifact.
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"output directory {final} already exists (use --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-
-
 def _placeholder(t: torch.Tensor) -> torch.Tensor:
     """A tensor with ``t``'s shape and dtype backed by one element: keeps the graph's metadata valid
     while the real bytes live in safetensors only."""
     ph = torch.zeros((), dtype=t.dtype).expand(t.shape)
     return torch.nn.Parameter(ph, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else ph
 
-
-def _like(template: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` wrapped as a Parameter when the program holds a Parameter there."""
-    return torch.nn.Parameter(t, requires_grad=False) if isinstance(template, torch.nn.Parameter) else t
 
 
 def write(
@@ -142,7 +110,11 @@ def write(
         with warnings.catch_warnings():
             # The 1-element placeholders trigger a harmless "no complete tensor" warning.
             warnings.simplefilter("ignore", UserWarning)
-            torch.export.save(program, str(directory / PROGRAM_FILE))
+            # into memory first (the graph alone: a few MB): torch's zip writer aborts the process on a failed
+            # write (full disk, file-size limit), Python's file write raises an error that can be handled
+            buf = io.BytesIO()
+            torch.export.save(program, buf)
+        (directory / PROGRAM_FILE).write_bytes(buf.getvalue())
     finally:
         for k, v in saved.items():
             real_state[k] = v
@@ -200,6 +172,40 @@ class Artifact:
         return sum(m["nbytes"] for m in self.manifest["modules"].values())
 
 
+def _check_manifest(m, mpath: Path) -> None:
+    """The manifest's structure (types of every field load uses), so that a hand-edited or damaged manifest is an
+    :class:`ArtifactError` naming the field, not a ``TypeError`` or ``KeyError``."""
+    def bad(field: str, expected: str):
+        raise ArtifactError(f"{mpath}: field {field}: expected {expected}")
+
+    if not isinstance(m, dict):
+        bad("(top level)", "a JSON object")
+    v = m.get("lowbit_manifest")
+    if not isinstance(v, int) or isinstance(v, bool):
+        bad("lowbit_manifest", "an integer manifest version (is this a lowbit artifact?)")
+    if v > MANIFEST_VERSION:
+        raise ArtifactError(f"{mpath}: manifest version {v} is newer than this lowbit reads ({MANIFEST_VERSION})")
+    for key in ("files", "tensors", "modules"):
+        if not isinstance(m.get(key), dict):
+            bad(key, "an object")
+    for rel, meta in m["files"].items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not parts:
+            bad(f"files[{rel!r}]", "a path inside the artifact directory")
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)):
+            bad(f"files[{rel!r}]", '{"bytes": int, "sha256": str}')
+    for key, meta in m["tensors"].items():
+        if not (isinstance(meta, dict) and meta.get("file") in (PACKED_FILE, FLOAT_FILE)
+                and isinstance(meta.get("shape"), list) and all(type(s) is int and s >= 0 for s in meta["shape"])
+                and all(isinstance(meta.get(k), str) and meta[k] in _DTYPES for k in ("dtype", "program_dtype"))):
+            bad(f"tensors[{key!r}]", f'{{"file": {PACKED_FILE} or {FLOAT_FILE}, "shape": [int], "dtype", '
+                                     '"program_dtype": torch dtype names}')
+    for name, mod in m["modules"].items():
+        if not (isinstance(mod, dict) and isinstance(mod.get("format"), dict) and isinstance(mod.get("tensors"), dict)
+                and all(isinstance(k, str) and k in m["tensors"] for k in mod["tensors"].values())):
+            bad(f"modules[{name!r}]", '{"format": {...}, "tensors": {name: a key of "tensors"}}')
+
+
 def load(path, verify_hashes: bool = True) -> Artifact:
     """Load and validate an artifact directory; raises :class:`ArtifactError` naming the problem."""
     from safetensors import safe_open
@@ -213,11 +219,10 @@ def load(path, verify_hashes: bool = True) -> Artifact:
     if not mpath.is_file():
         raise ArtifactError(f"{path} is not a complete lowbit artifact: manifest.json is missing")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath}: not valid JSON ({e})") from e
-    if manifest.get("lowbit_manifest", 0) > MANIFEST_VERSION or "files" not in manifest:
-        raise ArtifactError(f"{mpath}: unsupported manifest version {manifest.get('lowbit_manifest')!r}")
+    _check_manifest(manifest, mpath)
     for rel, meta in manifest["files"].items():
         f = path / rel
         if not f.is_file():
@@ -251,24 +256,13 @@ def load(path, verify_hashes: bool = True) -> Artifact:
     for name, m in manifest["modules"].items():
         try:
             formats[name] = format_from_meta(m["format"], {t: tensors[k] for t, k in m["tensors"].items()})
-        except (KeyError, ValueError) as e:
-            raise ArtifactError(f"{path}: compressed layer {name}: {e}") from e
+        except KeyError as e:
+            raise ArtifactError(f"{mpath}: compressed layer {name}: no {e} (format field or tensor)") from None
+        except Exception as e:  # a format that does not validate: its own message names the field
+            raise ArtifactError(f"{mpath}: compressed layer {name}: {type(e).__name__}: {e}") from None
 
-    try:
-        program = torch.export.load(str(path / PROGRAM_FILE))
-    except Exception as e:
-        raise ArtifactError(f"{path / PROGRAM_FILE}: cannot load the exported program: {type(e).__name__}: {e}") from e
-    sd = program.state_dict
-    for k in list(sd):
-        if k not in tensors:
-            raise ArtifactError(f"{path}: program parameter {k} has no tensor in the artifact")
-        if tuple(sd[k].shape) != tuple(tensors[k].shape):
-            raise ArtifactError(f"{path}: program parameter {k} expects shape {tuple(sd[k].shape)}, "
-                                f"artifact has {tuple(tensors[k].shape)}")
-        sd[k] = _like(sd[k], tensors[k])
-    for k in list(program.constants):
-        if isinstance(program.constants[k], torch.Tensor):
-            if k not in tensors:
-                raise ArtifactError(f"{path}: program constant {k} has no tensor in the artifact")
-            program.constants[k] = tensors[k]
+    try:  # the graph from the archive's JSON, the tensors from safetensors: nothing is unpickled or run
+        program = read_program(path / PROGRAM_FILE, tensors)
+    except ProgramError as e:
+        raise ArtifactError(str(e)) from e
     return Artifact(path, manifest, program, formats)

@@ -44,7 +44,13 @@ def test_billm_beats_naive_sign_and_op_matches_reference(cfg):
                            fmt.outlier_cols, fmt.outlier_vals, bias, fmt.block_size, fmt.in_features))
     # bits: the paper's count is 1 + salient fraction; true storage matches the tensors exactly
     assert abs(fmt.paper_bits_per_weight() - (1 + info["salient_columns"] / w.shape[1])) < 1e-9
-    assert fmt.nbytes() == sum(t.numel() * t.element_size() for t in fmt.tensors().values())
+    # true storage from the layout alone: sign plane, residual plane of the S salient columns, their int32
+    # indices, the group bitmap of the K-S others, fp16 alphas (and mus) per row-block and part, fp16 outliers
+    n, k, s_, r_ = w.shape[0], w.shape[1], info["salient_columns"], info["outlier_columns"]
+    blocks = -(-k // cfg.block_size)
+    want = n * -(-k // 8) + n * -(-s_ // 8) + 4 * s_ + n * -(-(k - s_) // 8) + 2 * n * blocks * 4
+    want += (2 * n * blocks * 4 if cfg.mean_shift else 0) + (4 * r_ + 2 * n * r_ if r_ else 0)
+    assert fmt.nbytes() == want
     # round trip through tensors/meta
     again = BinaryResidual.from_tensors(fmt.meta(), fmt.tensors())
     assert torch.equal(again.dequantize(), deq)

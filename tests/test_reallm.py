@@ -43,7 +43,12 @@ def test_vq_format_reference_and_roundtrip(d, bits, gs, perm, rank):
     torch.testing.assert_close(fmt.dequantize(), w)
     again = format_from_meta(json.loads(json.dumps(fmt.meta())), fmt.tensors())
     torch.testing.assert_close(again.dequantize(), fmt.dequantize(), rtol=0, atol=0)
-    assert fmt.nbytes() == sum(t.numel() * t.element_size() for t in fmt.tensors().values())
+    # true storage from the layout alone: packed indices per row, fp16 codebook and scales, int16 permutation,
+    # fp16 low-rank factors
+    n, k = fmt.out_features, fmt.in_features
+    want = n * -(-(k // d) * bits // 8) + 2 * (1 << bits) * d + 2 * n * -(-k // gs) + (2 * k if perm else 0)
+    want += 2 * rank * (k + n)
+    assert fmt.nbytes() == want
     x = torch.randn(2, 3, fmt.in_features)
     ref = x @ fmt.dequantize().t()
     torch.testing.assert_close(vq_linear_from_format(x, fmt), ref, rtol=1e-5, atol=1e-5)

@@ -59,6 +59,16 @@ class TextSource:
 def _read_file(path: Path) -> list[str]:
     if not path.is_file():
         raise LowbitError(f"text file not found: {path}")
+    try:
+        return _read_utf8(path)
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"{path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); expected a UTF-8 "
+                          ".txt or .jsonl file") from None
+    except OSError as e:
+        raise LowbitError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def _read_utf8(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
         with open(path, encoding="utf-8") as f:

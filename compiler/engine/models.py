@@ -52,10 +52,24 @@ def resolve(spec: str) -> ModelSource:
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise LowbitError(f"model file {p} is not a .gguf file; pass a GGUF file or a model directory")
+        _check_gguf(p)
         return ModelSource(spec, "gguf", p.resolve(), p.stem)
     if not (p / "config.json").is_file():
         raise LowbitError(f"model directory {p} has no config.json (expected a Hugging Face model directory)")
     return ModelSource(spec, "hf", p.resolve(), p.name)
+
+
+def _check_gguf(path: Path) -> None:
+    """Parse the GGUF header and tensor index, so that a damaged file fails here, named, before anything loads."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        n = len(reader.tensors)
+    except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on junk
+        raise LowbitError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    if n == 0:
+        raise LowbitError(f"{path}: GGUF file holds no tensors")
 
 
 def _check_safetensors(directory: Path) -> None:

@@ -76,7 +76,10 @@ def load_rules(path) -> list[Rule]:
     p = Path(path)
     if not p.is_file():
         raise LowbitError(f"--overrides file not found: {p}")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"{p}: not UTF-8 text (byte {e.start}); expected a .toml or .json rules file") from None
     try:
         if p.suffix == ".toml":
             import tomllib

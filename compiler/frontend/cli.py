@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import signal
 import sys
 import time
 
@@ -24,6 +27,39 @@ models: a Hugging Face directory (safetensors), a .gguf file, or the alias smoll
 data: c4 (documents 0-999 calibrate, 1000-1999 evaluate), wikitext2 (evaluation only), or a .txt/.jsonl file.
 """
 
+
+@contextlib.contextmanager
+def _terminations_as_interrupts():
+    """SIGTERM and SIGHUP (timeout, kill, batch schedulers, container stops, a closed terminal) act like Ctrl-C:
+    they raise KeyboardInterrupt, so staging folders are removed and the previous output stays as it was."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    except ValueError:  # not the main thread (library use): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _entry(prog: str):
+    """A command-line entry point: terminations handled like Ctrl-C (exit 130, nothing half-written)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def main(argv=None) -> int:
+            with _terminations_as_interrupts():
+                try:
+                    return fn(argv)
+                except KeyboardInterrupt:
+                    print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+                    return 130
+        return main
+    return wrap
 
 def _compile_parser() -> argparse.ArgumentParser:
     from lowbit.passes.methods import REGISTRY, get_method
@@ -145,6 +181,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_entry("lowbit-compile")
 def compile_main(argv=None) -> int:
     args = _compile_parser().parse_args(argv)
     from lowbit.compiler.frontend.pipeline import CompileOptions, compile_model, summary_text
@@ -195,6 +232,7 @@ def compile_main(argv=None) -> int:
     return 0
 
 
+@_entry("lowbit-run")
 def run_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lowbit-run", description="Generate text from a lowbit artifact directory.")
     p.add_argument("artifact", help="artifact directory written by lowbit-compile")
@@ -294,6 +332,7 @@ def _run_onnxruntime(args) -> int:
     return 0
 
 
+@_entry("lowbit-export")
 def export_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lowbit-export",
                                 description="Lower an existing lowbit artifact to another runtime's format.")
@@ -383,6 +422,7 @@ def export_main(argv=None) -> int:
     return 0
 
 
+@_entry("lowbit-finetune")
 def finetune_main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="lowbit-finetune",
@@ -459,6 +499,7 @@ if __name__ == "__main__":
     sys.exit(compile_main())
 
 
+@_entry("lowbit-import-gptq")
 def import_gptq_main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="lowbit-import-gptq",

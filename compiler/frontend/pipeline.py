@@ -26,6 +26,7 @@ from lowbit.passes import PassContext, PassManager, default_passes
 from lowbit.passes.base import PassError
 from lowbit.passes.methods import build_method
 from lowbit.runtime import artifact as art
+from lowbit.runtime.output_dir import check_output
 from lowbit.version import __version__
 
 TARGETS = ("torch", "onnx", "mlir")
@@ -125,8 +126,8 @@ def _check_inputs(run: _Run) -> None:
     if plan is not None:
         tag += "-overrides"
     out = Path(opts.output) if opts.output else default_output(opts, tag)
-    if out.exists() and not opts.overwrite:
-        raise LowbitError(f"output directory {out} already exists (use --overwrite to replace it)")
+    src = models.resolve(opts.model)
+    check_output(out, opts.overwrite, protect=[src.path], need_bytes=_artifact_estimate(src.path))
     ckpt_dir = out.with_name(out.name + ".ckpt")
     if hasattr(method, "checkpoint_dir"):  # training methods checkpoint beside the output
         if ckpt_dir.exists() and not opts.resume and not opts.overwrite:
@@ -139,13 +140,20 @@ def _check_inputs(run: _Run) -> None:
     float_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}.get(opts.float_dtype, "bad")
     if float_dtype == "bad":
         raise LowbitError(f"--float-dtype must be float16, bfloat16 or float32, got {opts.float_dtype!r}")
-    models.resolve(opts.model)
     data.load_text(opts.calib, "calib")
     for e in opts.eval:
         data.load_text(e, "eval")
     if opts.eval_windows is not None and opts.eval_windows < 1:
         raise LowbitError("--eval-windows must be >= 1")
     run.method, run.plan, run.tag, run.out, run.ckpt_dir, run.float_dtype = method, plan, tag, out, ckpt_dir, float_dtype
+    run.source_path = src.path
+
+
+def _artifact_estimate(path: Path) -> int:
+    """Bytes the artifact may take: the input's size, times 1.5 because a quantized GGUF input (Q4_1) comes out
+    with fp16 embeddings and norms (SmolLM2: 98 MB in, 117 MB out); an fp16/fp32 input comes out smaller."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return int(1.5 * sum(p.stat().st_size for p in files))
 
 
 def _load_model(run: _Run) -> None:
@@ -239,7 +247,7 @@ def _write_artifact(run: _Run) -> None:
     }
     attrs = {m: v["attrs"] for m, v in ctx.replaced.items()}
     try:
-        with art.staging_dir(out, overwrite=opts.overwrite) as tmp:
+        with art.staging_dir(out, overwrite=opts.overwrite, protect=[run.source_path]) as tmp:
             with timer.stage("save"):
                 art.write(tmp, run.program, cal.results, attrs, manifest_extra, float_dtype=run.float_dtype)
                 run.tokenizer.save_pretrained(str(tmp / "tokenizer"))

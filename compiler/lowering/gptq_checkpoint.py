@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.output_dir import check_output
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -51,8 +52,7 @@ def export_gptq(artifact_dir, out_dir, version: int = 1, overwrite: bool = False
     except ArtifactError as e:
         raise LowbitError(str(e)) from e
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"output directory {out} already exists (use --overwrite to replace it)")
+    check_output(out, overwrite, protect=[artifact_dir])
     kinds = set()
     for name, fmt in source.formats.items():
         why = why_not_gptq(fmt)
@@ -79,7 +79,7 @@ def export_gptq(artifact_dir, out_dir, version: int = 1, overwrite: bool = False
     qc = _quant_config(bits, group_size, version)
     config["quantization_config"] = qc
     config["torch_dtype"] = "float16"
-    with art.staging_dir(out, overwrite=overwrite) as tmp:
+    with art.staging_dir(out, overwrite=overwrite, protect=[artifact_dir]) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2))
@@ -134,8 +134,7 @@ def import_gptq(src_dir, out_dir, overwrite: bool = False, float_dtype: str = "f
     if not src.is_dir():
         raise LowbitError(f"GPTQ checkpoint directory not found: {src}")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"output directory {out} already exists (use --overwrite to replace it)")
+    check_output(out, overwrite, protect=[src])
     qc = _read_quant_config(src)
     version = 2 if qc.get("checkpoint_format") == "gptq_v2" else 1
     files = sorted(src.glob("*.safetensors"))
@@ -192,7 +191,7 @@ def import_gptq(src_dir, out_dir, overwrite: bool = False, float_dtype: str = "f
                         "checkpoint_format": qc.get("checkpoint_format", "gptq"), "tag": f"w{qc['bits']}g{qc['group_size']}"},
              "versions": {"lowbit": __version__, "torch": torch.__version__},
              "float_storage_dtype": float_dtype, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with art.staging_dir(out, overwrite=overwrite) as tmp:
+    with art.staging_dir(out, overwrite=overwrite, protect=[src]) as tmp:
         art.write(tmp, program, formats, attrs, extra, float_dtype=dtype)
         try:
             AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp / "tokenizer"))

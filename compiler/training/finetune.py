@@ -30,6 +30,7 @@ import torch
 
 from lowbit.compiler.engine.rebuild import rewrite_program
 from lowbit.errors import LowbitError
+from lowbit.runtime.output_dir import check_output
 from lowbit.passes.methods.training import LoopSettings, attach, train_loop
 
 CKPT_FILE = "finetune.pt"
@@ -87,8 +88,7 @@ def finetune(opts: FinetuneOptions) -> dict:
 
     say = _log if opts.progress else (lambda m: None)
     out = Path(opts.output)
-    if out.exists() and not opts.overwrite:
-        raise LowbitError(f"output directory {out} already exists (use --overwrite to replace it)")
+    check_output(out, opts.overwrite, protect=[opts.artifact])
     ckpt_dir = out.with_name(out.name + ".ckpt")
     ckpt = ckpt_dir / CKPT_FILE
     if ckpt.exists() and not opts.resume and not opts.overwrite:
@@ -170,7 +170,7 @@ def _write_artifact(source, formats: dict, out: Path, report: dict, overwrite: b
     extra["finetune"] = {k: report[k] for k in ("source", "options", "steps", "trainable_params")}
     extra["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(source.manifest.get("float_storage_dtype"))
-    with art.staging_dir(out, overwrite=overwrite) as tmp:
+    with art.staging_dir(out, overwrite=overwrite, protect=[source.path]) as tmp:
         art.write(tmp, program, formats, attrs, extra, float_dtype=dtype)
         for sub in ("tokenizer", "model_config"):
             if (Path(source.path) / sub).is_dir():

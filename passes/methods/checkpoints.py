@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.runtime.checkpoint_io import load_checkpoint
+
 
 def save_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -75,7 +77,7 @@ class BlockCheckpoints:
         done = self.ckpt_path(f"block-{ctx.index}.pt")
         if not (self.resume and done is not None and done.exists()):
             return None
-        state = torch.load(done, weights_only=True)
+        state = load_checkpoint(done)
         out = {}
         for name, mod in ctx.linears.items():
             if name not in state["formats"]:

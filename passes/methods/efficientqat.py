@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from lowbit.runtime.checkpoint_io import load_checkpoint
 from lowbit.runtime.modules import swap_module
 
 from .base import Method, UniformConfig, register
@@ -284,7 +285,7 @@ class EfficientQAT(BlockCheckpoints, Method):
         best = {"val_loss": float("inf"), "step": 0, "params": None}  # params None: the current ones
         cur = self.ckpt_path("block-current.pt")
         if self.resume and cur is not None and cur.exists():
-            state = torch.load(cur, weights_only=True)
+            state = load_checkpoint(cur)
             if state["block"] == ctx.index:
                 for k, p in named.items():
                     p.data.copy_(state["params"][k])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.checkpoint_io import CheckpointError, load_checkpoint
 from lowbit.runtime.modules import PackedLinear, swap_module
 
 
@@ -195,7 +196,10 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
     step, history = 0, []
     tag = f"[{cfg.label}]"
     if resume and ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        try:
+            state = load_checkpoint(ckpt)
+        except CheckpointError as e:
+            raise LowbitError(str(e)) from None
         if state["key"] != key_s:
             raise LowbitError(f"{ckpt} was written for another artifact or other training options; "
                               "use the same options, or --overwrite to restart")
