@@ -7,9 +7,13 @@ activation dtype, integer zero points packed per row as ORT reads them. A low-ra
 plain matmuls added to the output. What it cannot hold is left to the ``lowbit`` ONNX functions, with
 the reason in the report:
 
-* bits other than 2, 4, 8 (ORT's CPU kernel has no 1- or 3-bit path);
 * ``group_size`` not a power of two >= 16 (``block_size`` must be);
-* symmetric (half-integer midpoint) 8-bit: ORT takes float zero points only for 2 and 4 bits.
+* symmetric (half-integer midpoint) 5- to 8-bit: ORT takes float zero points only for 2 and 4 bits.
+
+Widths ORT has no kernel for are held exactly in the next one it has (:func:`ort_bits`: 1 -> 2, 3 -> 4,
+5..7 -> 8): a ``b``-bit code ``c`` with zero point ``z`` is the same integer in a wider field, so
+``(c - z) * s`` is unchanged, bit for bit; the weight reads ``ort_bits(b) / b`` times the bytes of the
+artifact's codes (3-bit: 4/3) instead of being folded into a float matrix by ORT at load.
 
 The result still runs in torch (the op has an eager reference), so equivalence is checked before
 translation.
@@ -33,14 +37,19 @@ from .base import PassContext, PassReport
 MATMULNBITS_BITS = (2, 4, 8)
 
 
+def ort_bits(bits: int) -> int:
+    """The ``MatMulNBits`` width that holds ``bits``-bit codes exactly (1 -> 2, 3 -> 4, 5..7 -> 8)."""
+    return next(b for b in MATMULNBITS_BITS if b >= bits)
+
+
 def why_not_matmulnbits(bits: int, group_size: int, symmetric: bool) -> str | None:
     """The reason an affine weight cannot be a ``MatMulNBits`` node, or ``None`` if it can."""
-    if bits not in MATMULNBITS_BITS:
-        return f"{bits}-bit: MatMulNBits takes 2, 4 or 8 bits"
+    if not 1 <= bits <= 8:
+        return f"{bits}-bit: MatMulNBits holds 1 to 8 bits"
     if group_size < 16 or group_size & (group_size - 1):
         return f"group size {group_size}: MatMulNBits needs a power of two >= 16"
-    if symmetric and bits == 8:
-        return "symmetric 8-bit: ORT takes float zero points only for 2 and 4 bits"
+    if symmetric and ort_bits(bits) == 8:
+        return f"symmetric {bits}-bit: held as 8-bit, and ORT takes float zero points only for 2 and 4 bits"
     return None
 
 
@@ -57,15 +66,16 @@ def repack_for_matmulnbits(qweight, scales, zeros, bits: int, group_size: int, i
         raise ValueError(f"block size {blk} must divide the group size {group_size}")
     rep = group_size // blk
     kb = -(-in_features // blk)
+    ob = ort_bits(bits)  # the codes and zero points keep their integer values in the wider field
     codes = unpack_rows(qweight, bits, in_features)
     padded = torch.zeros(n, kb * blk, dtype=torch.uint8)
     padded[:, :in_features] = codes
-    b = pack_rows(padded.view(n * kb, blk), bits).view(n, kb, blk * bits // 8)
+    b = pack_rows(padded.view(n * kb, blk), ob).view(n, kb, blk * ob // 8)
     sc = scales.repeat_interleave(rep, dim=1)[:, :kb]
-    if zeros is None:  # symmetric: midpoint (2**bits - 1) / 2 as float zero points
+    if zeros is None:  # symmetric: the midpoint (2**bits - 1) / 2 of the artifact's own width, as float zero points
         zp = torch.full((n, kb), ((1 << bits) - 1) / 2.0, dtype=dtype)
     else:  # packed per row, low bits first: ORT's layout
-        zp = pack_rows(unpack_rows(zeros, bits, g).repeat_interleave(rep, dim=1)[:, :kb], bits)
+        zp = pack_rows(unpack_rows(zeros, bits, g).repeat_interleave(rep, dim=1)[:, :kb], ob)
     return b.contiguous(), sc.to(dtype).contiguous(), zp.contiguous()
 
 
@@ -121,7 +131,7 @@ class ToMatMulNBits:
                     x_in = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, gm.graph.get_attr(names["act_keep"])))
                 args = [x_in] + [gm.graph.get_attr(names[s]) for s in ("nbits_b", "nbits_scales", "nbits_zp")]
                 new = gm.graph.call_function(torch.ops.lowbit.matmul_nbits.default,
-                                             (*args, bias, k, n, bits, blk))
+                                             (*args, bias, k, n, ort_bits(bits), blk))
                 out = new
                 if "act_idx" in names:  # the outlier channels, in float: x[..., idx] @ W[:, idx].T
                     xo = gm.graph.call_function(torch.ops.aten.index_select.default,
@@ -135,7 +145,8 @@ class ToMatMulNBits:
             new.meta.update({kk: v for kk, v in node.meta.items() if kk in ("nn_module_stack", "val", "lowbit_module")})
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
-            rep.changed[f"matmulnbits:{bits}bit"] = rep.changed.get(f"matmulnbits:{bits}bit", 0) + 1
+            key = f"matmulnbits:{bits}bit" + (f" as {ort_bits(bits)}bit" if ort_bits(bits) != bits else "")
+            rep.changed[key] = rep.changed.get(key, 0) + 1
         gm.graph.eliminate_dead_code()
         _drop_unused_buffers(gm)
         gm.recompile()
