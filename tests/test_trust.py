@@ -228,7 +228,7 @@ def test_stale_partials_of_dead_processes_are_removed(tiny_dir, text_file, tmp_p
     assert not stale.exists() and alive.exists()
 
 
-@pytest.mark.parametrize("stage", ["load", "save", "swap"])
+@pytest.mark.parametrize("stage", ["load", "calibrate", "save", "swap"])
 def test_sigterm_leaves_the_previous_artifact(tiny_dir, text_file, tmp_path, monkeypatch, stage, capsys):
     from lowbit.compiler.engine import models
     from lowbit.runtime import artifact as art
@@ -247,6 +247,10 @@ def test_sigterm_leaves_the_previous_artifact(tiny_dir, text_file, tmp_path, mon
 
     if stage == "load":
         monkeypatch.setattr(models, "load", sigterm_then(models.load))
+    elif stage == "calibrate":
+        from lowbit.compiler.engine.calibrate import Engine
+
+        monkeypatch.setattr(Engine, "run", sigterm_then(Engine.run))
     elif stage == "save":
         monkeypatch.setattr(art, "write", sigterm_then(art.write))
     else:  # the signal arrives while the old artifact is being swapped for the new one
@@ -377,3 +381,21 @@ def test_full_disk_fails_cleanly(tiny_dir, text_file, tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("lowbit-compile: error:") and str(out) in last and "Traceback" not in p.stderr
     assert not out.exists() and not _no_partials(out.parent)
+
+
+def test_a_second_writer_and_a_damaged_gguf_fail_at_once(tiny_dir, text_file, tmp_path, capsys):
+    import fcntl
+
+    tiny = tiny_dir("llama")
+    capsys.readouterr()
+    out = tmp_path / "art"
+    with open(tmp_path / ".art.lock", "w") as held:  # another process writing the same output
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert _compile(tiny, text_file, out) == 2
+    err = capsys.readouterr().err
+    assert "another lowbit process is writing" in err and str(out) in err and not out.exists()
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(range(256)) * 8)
+    assert _compile(junk, text_file, tmp_path / "g") == 2
+    err = capsys.readouterr().err
+    assert "not a readable GGUF file" in err and str(junk) in err and "Traceback" not in err
