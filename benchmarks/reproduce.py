@@ -220,7 +220,7 @@ def write_readme(out: Path) -> None:
     new = []
     for line in block:
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
-        label = cells[0] if cells else None
+        label = cells[0].removesuffix(" (by hand)") if cells else None
         row = by_label.get(label)
         if row and (out / row / "row.json").is_file():
             rec = json.loads((out / row / "row.json").read_text())
