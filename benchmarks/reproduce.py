@@ -46,6 +46,25 @@ def finetune_row(source, *flags):
     return [["lowbit-finetune", f"{{out}}/{source}", *flags, *FT_EVAL, "-o", "{dir}", "--overwrite"]]
 
 
+def eqat_rows(bits: int, gs: int) -> dict:
+    """The four EfficientQAT rows at one width: Block-AP from GPTQ, E2E-QP alone from RTN, Block-AP then E2E-QP
+    (``lowbit-finetune --train scales`` on the Block-AP artifact), Block-AP from the paper's min-max start."""
+    tag, w = f"efficientqat w{bits}g{gs}", ["--method", "efficientqat", "--bits", str(bits), "--group-size", str(gs)]
+    bap = f"eqat-w{bits}-bap"
+    return {
+        bap: (f"{tag}, Block-AP only (GPTQ start, 1 epoch)",
+              compile_row(*w, "--phases", "block-ap", "--eqat-epochs", "1"), None),
+        f"eqat-w{bits}-e2e": (f"{tag}, E2E-QP only (from RTN)",
+                              compile_row(*w, "--phases", "e2e-qp", "--nsamples", "72"), None),
+        f"eqat-w{bits}-both": (f"{tag}, Block-AP + E2E-QP",
+                               finetune_row(bap, "--train", "scales", "--nsamples", "64", "--val-samples", "8",
+                                            "--seqlen", "512", "--batch-size", "4"), bap),
+        f"eqat-w{bits}-minmax": (f"{tag}, Block-AP only (paper's min-max start)",
+                                 compile_row(*w, "--phases", "block-ap", "--eqat-epochs", "1", "--eqat-init", "minmax"),
+                                 None),
+    }
+
+
 # id -> (README label, commands, prerequisite row or None). Labels match the README table's first column.
 ROWS = {
     "float": ("float (fp32)", compile_row("--method", "rtn", "--bits", "8", "--group-size", "32", eval_float=True), None),
@@ -76,30 +95,7 @@ ROWS = {
                 compile_row("--method", "apiq", "--lora-rank", "8", "--apiq-mode", "bw", "--apiq-epochs", "2"), None),
     "apiq-bw-ft": ("ApiQ-bw + `lowbit-finetune` (256 x 512 C4, 1 epoch)",
                    finetune_row("apiq-bw", "--data", "c4", "--nsamples", "256", "--seqlen", "512"), "apiq-bw"),
-    "eqat-w2-bap": ("efficientqat w2g64, Block-AP only (GPTQ start, 1 epoch)",
-                    compile_row("--method", "efficientqat", "--bits", "2", "--group-size", "64", "--phases",
-                                "block-ap", "--eqat-epochs", "1"), None),
-    "eqat-w2-e2e": ("efficientqat w2g64, E2E-QP only (from RTN)",
-                    compile_row("--method", "efficientqat", "--bits", "2", "--group-size", "64", "--phases", "e2e-qp",
-                                "--nsamples", "72"), None),
-    "eqat-w2-both": ("efficientqat w2g64, Block-AP + E2E-QP",
-                     finetune_row("eqat-w2-bap", "--train", "scales", "--nsamples", "64", "--val-samples", "8",
-                                  "--seqlen", "512", "--batch-size", "4"), "eqat-w2-bap"),
-    "eqat-w2-minmax": ("efficientqat w2g64, Block-AP only (paper's min-max start)",
-                       compile_row("--method", "efficientqat", "--bits", "2", "--group-size", "64", "--phases",
-                                   "block-ap", "--eqat-epochs", "1", "--eqat-init", "minmax"), None),
-    "eqat-w3-bap": ("efficientqat w3g128, Block-AP only (GPTQ start, 1 epoch)",
-                    compile_row("--method", "efficientqat", "--bits", "3", "--group-size", "128", "--phases",
-                                "block-ap", "--eqat-epochs", "1"), None),
-    "eqat-w3-e2e": ("efficientqat w3g128, E2E-QP only (from RTN)",
-                    compile_row("--method", "efficientqat", "--bits", "3", "--group-size", "128", "--phases",
-                                "e2e-qp", "--nsamples", "72"), None),
-    "eqat-w3-both": ("efficientqat w3g128, Block-AP + E2E-QP",
-                     finetune_row("eqat-w3-bap", "--train", "scales", "--nsamples", "64", "--val-samples", "8",
-                                  "--seqlen", "512", "--batch-size", "4"), "eqat-w3-bap"),
-    "eqat-w3-minmax": ("efficientqat w3g128, Block-AP only (paper's min-max start)",
-                       compile_row("--method", "efficientqat", "--bits", "3", "--group-size", "128", "--phases",
-                                   "block-ap", "--eqat-epochs", "1", "--eqat-init", "minmax"), None),
+    **eqat_rows(2, 64), **eqat_rows(3, 128),
     "rtn-w2g32": ("rtn w2g32", compile_row("--method", "rtn", "--bits", "2", "--group-size", "32"), None),
     "reallm-2.5": ("reallm budget 2.5 (per-matrix d2b5-d4b8, ranks 0/8)",
                    compile_row("--method", "reallm", "--bits-budget", "2.5"), None),

@@ -128,26 +128,34 @@ def _usual_modes(root: Path) -> None:
 
 
 @contextmanager
+def signal_handlers(signals, handler):
+    """``handler`` for ``signals`` inside the block, the previous handlers restored after; yields those previous
+    handlers, or None outside the main thread (where signals are not this code's to handle)."""
+    try:
+        old = {s: signal.signal(s, handler) for s in signals}
+    except ValueError:
+        yield None
+        return
+    try:
+        yield old
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
 def _signals_held():
     """SIGINT/SIGTERM/SIGHUP that arrive inside the block take effect when it ends. (Python handlers run in the
     main thread, but the kernel may deliver the signal to any thread, so masking would not hold it back: the
     handlers are replaced by one that records the signal, and the recorded signals are replayed afterwards.)"""
     pending = []
-    try:
-        old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in _SIGNALS}
-    except ValueError:  # not the main thread: signals are not ours to handle
+    with signal_handlers(_SIGNALS, lambda signum, frame: pending.append(signum)) as old:
         yield
-        return
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        for s in pending:
-            if callable(old[s]):
-                old[s](s, None)
-            elif old[s] == signal.SIG_DFL:
-                signal.raise_signal(s)
+    for s in pending:
+        if callable(old[s]):
+            old[s](s, None)
+        elif old[s] == signal.SIG_DFL:
+            signal.raise_signal(s)
 
 
 @contextmanager

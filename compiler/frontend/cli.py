@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import signal
 import sys
@@ -28,23 +27,15 @@ data: c4 (documents 0-999 calibrate, 1000-1999 evaluate), wikitext2 (evaluation 
 """
 
 
-@contextlib.contextmanager
 def _terminations_as_interrupts():
     """SIGTERM and SIGHUP (timeout, kill, batch schedulers, container stops, a closed terminal) act like Ctrl-C:
     they raise KeyboardInterrupt, so staging folders are removed and the previous output stays as it was."""
+    from lowbit.runtime.output_dir import signal_handlers
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    try:
-        old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    except ValueError:  # not the main thread (library use): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    return signal_handlers((signal.SIGTERM, signal.SIGHUP), interrupt)
 
 
 def _entry(prog: str):

@@ -75,7 +75,7 @@ def export_artifact(artifact_dir, dialects=DIALECTS, overwrite: bool = False, ch
     """Lower an artifact directory to MLIR under ``DIR/mlir``; returns the export summary."""
     from torch_mlir import fx
 
-    from lowbit.runtime.artifact import load
+    from lowbit.runtime.artifact import load, staging_dir
 
     bad = [d for d in dialects if d not in DIALECTS]
     if bad:
@@ -83,12 +83,8 @@ def export_artifact(artifact_dir, dialects=DIALECTS, overwrite: bool = False, ch
     artifact_dir = Path(artifact_dir)
     art = load(artifact_dir)
     final = artifact_dir / MLIR_DIR
-    if final.exists() and not overwrite:
-        raise LowbitError(f"{final} already exists (use --overwrite to replace it)")
     t0 = time.perf_counter()
-    from lowbit.runtime.artifact import staging_dir
-
-    with staging_dir(final, overwrite=True) as tmp:
+    with staging_dir(final, overwrite=overwrite) as tmp:  # refuses an existing one without overwrite
         progress(f"[mlir] decomposing the lowbit ops of {artifact_dir}")
         ep, rep = decomposed_program(art)
         summary = {"pass": rep.to_json(), "dialects": {}, "packed_bytes": art.packed_bytes(),

@@ -30,19 +30,15 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
                     progress=print) -> dict:
     """Export an artifact directory to ONNX under ``DIR/onnx``; returns the export summary."""
     from lowbit.compiler.lowering.onnx_decoder import export_decoder
-    from lowbit.runtime.artifact import load
+    from lowbit.runtime.artifact import load, staging_dir
 
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise LowbitError(f"--accuracy-level must be 0-4, got {accuracy_level}")
     artifact_dir = Path(artifact_dir)
     art = load(artifact_dir)
     final = artifact_dir / ONNX_DIR
-    if final.exists() and not overwrite:
-        raise LowbitError(f"{final} already exists (use --overwrite to replace it)")
     t0 = time.perf_counter()
-    from lowbit.runtime.artifact import staging_dir
-
-    with staging_dir(final, overwrite=True) as tmp:
+    with staging_dir(final, overwrite=overwrite) as tmp:  # refuses an existing one without overwrite
         progress(f"[onnx] lowering {artifact_dir} (MatMulNBits: {'on' if matmulnbits else 'off'}, "
                  f"accuracy_level {accuracy_level})")
         outliers = find_activation_outliers(art, outlier_data, progress) if matmulnbits and accuracy_level == 4 else {}
