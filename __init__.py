@@ -18,10 +18,20 @@ written once, in ``tests/test_layers.py``, which checks it):
 from lowbit.version import __version__  # noqa: F401
 
 
+def _gpu_driver_present() -> bool:
+    # torch.cuda.is_available() is False without a GPU driver, and importing torch costs ~200 MB of resident
+    # memory: the torch-free deployment runner (lowbit.runtime.onnx_runtime) must not pay it on CPU machines.
+    import os
+
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
 def _register_fast_paths() -> None:
     # CUDA only: the Triton kernels replace the eager reference as the ops' CUDA implementations. Done here,
     # at the top, because the runtime (plain torch, the bottom layer) must not import the kernels above it;
     # every ``import lowbit.*`` runs this file first.
+    if not _gpu_driver_present():
+        return
     import torch
 
     if torch.cuda.is_available():

@@ -1,6 +1,12 @@
 """Whole-model decode in ONNX Runtime: tokens/s and peak resident memory, float ONNX vs exported formats.
 
-Each model runs in its own process (peak RSS = that process's own VmHWM, i.e. runtime + weights + cache).
+Each model runs in its own process (peak RSS = that process's own VmHWM, i.e. runtime + weights + cache; the
+runner imports no torch). "resident weights" = peak RSS minus the same process's RSS before the session was
+created (Python, numpy, ONNX Runtime), against the artifact's packed bytes (``export.json``).
+
+The float32 baseline is the uncompressed model as the same directly built graph (fused ORT ops, float
+MatMul weights; ``--float-dir``, default out/float-onnx-direct); ``--traced-float`` adds the torch.export
+float decoder (out/float-onnx) as a second reference row.
 Prefill a prompt of --prompt-len tokens, then decode --new-tokens greedily one token per step with the
 KV cache; the figure is decode tokens/s. Ratios are against the float32 ONNX model measured in the same run.
 
@@ -15,7 +21,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
@@ -24,12 +29,21 @@ def child(onnx_dir: str, prompt_len: int, new_tokens: int, threads: int | None) 
 
     from lowbit.runtime.onnx_runtime import OrtDecoder
 
+    base = rss_mib()
     dec = OrtDecoder(onnx_dir, threads=threads)
     ids = list(np.random.default_rng(0).integers(100, 5000, prompt_len))
     dec.generate(ids[:8], 4)  # warm-up
     out, t_pre, t_dec = dec.generate(ids, new_tokens)
     rss = peak_rss_mib()
-    print(json.dumps({"tok_s": (len(out) - 1) / t_dec, "prefill_s": t_pre, "peak_rss_mib": rss}))
+    print(json.dumps({"tok_s": (len(out) - 1) / t_dec, "prefill_s": t_pre, "peak_rss_mib": rss,
+                      "runtime_mib": base}))
+
+
+def rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def peak_rss_mib() -> float:
@@ -44,17 +58,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def onnx_bytes(d: Path) -> int:
+def onnx_bytes(d: Path) -> tuple[int, int | None]:
+    """(decoder file bytes, packed weight bytes of the artifact's formats or None)."""
     meta = json.loads((d / "export.json").read_text())
     f = meta["graphs"]["decoder"]
-    return sum((d / x).stat().st_size for x in (f, f + ".data") if (d / x).exists())
+    return (sum((d / x).stat().st_size for x in (f, f + ".data") if (d / x).exists()),
+            meta.get("decoder", {}).get("packed_bytes"))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("artifacts", nargs="*")
     ap.add_argument("--float", dest="float_model", default="smollm2-135m")
-    ap.add_argument("--float-dir", default="out/float-onnx")
+    ap.add_argument("--float-dir", default="out/float-onnx-direct")
+    ap.add_argument("--traced-float", default=None, metavar="DIR",
+                    help="also time the torch.export float decoder (exported into DIR if missing)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
@@ -64,27 +82,51 @@ def main():
         return child(a.child, a.prompt_len, a.new_tokens, a.threads)
     fdir = Path(a.float_dir)
     if not (fdir / "export.json").exists():
-        from lowbit.compiler.lowering.onnx_decoder import export_float_decoder
-
-        print(f"exporting the float32 decoder of {a.float_model} to {fdir} ...", file=sys.stderr)
-        export_float_decoder(a.float_model, fdir)
-    rows = [("float32 ONNX", fdir)] + [(Path(x).name, Path(x) / "onnx") for x in a.artifacts]
+        export_float(a.float_model, fdir, direct=True)
+    rows = [("float32 ONNX (direct)", fdir)]
+    if a.traced_float:
+        if not (Path(a.traced_float) / "export.json").exists():
+            export_float(a.float_model, Path(a.traced_float), direct=False)
+        rows.append(("float32 ONNX (traced)", Path(a.traced_float)))
+    rows += [(Path(x).name, Path(x) / "onnx") for x in a.artifacts]
     res = []
     for name, d in rows:
         cmd = [sys.executable, __file__, "--child", str(d), "--prompt-len", str(a.prompt_len),
                "--new-tokens", str(a.new_tokens)] + (["--threads", str(a.threads)] if a.threads else [])
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        r["bytes"] = onnx_bytes(d)
+        r["bytes"], r["packed"] = onnx_bytes(d)
         res.append((name, r))
         print(f"done {name}: {r}", file=sys.stderr)
     base = res[0][1]
     print(f"\nDecode in ONNX Runtime {__import__('onnxruntime').__version__}, {os.cpu_count()} CPU threads, "
           f"prompt {a.prompt_len}, {a.new_tokens} new tokens (greedy, KV cache)\n")
-    print("| model | decoder.onnx + data | size vs float | decode tok/s | speed vs float | peak RSS MiB | RSS vs float |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | decoder.onnx + data | decode tok/s | speed vs float | peak RSS MiB | RSS vs float | "
+          "resident weights MiB | packed MiB | resident / packed |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in res:
-        print(f"| {name} | {r['bytes'] / 2**20:.1f} MiB | {r['bytes'] / base['bytes']:.2f} | {r['tok_s']:.1f} | "
-              f"{r['tok_s'] / base['tok_s']:.2f}x | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} |")
+        weights = r["peak_rss_mib"] - r["runtime_mib"]
+        packed = r["packed"] / 2**20 if r["packed"] else None
+        print(f"| {name} | {r['bytes'] / 2**20:.1f} MiB | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f}x | "
+              f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} | {weights:.0f} | "
+              + (f"{packed:.1f} | {weights / packed:.2f} |" if packed else "- | - |"))
+
+
+def export_float(model: str, out: Path, direct: bool) -> None:
+    print(f"exporting the float32 decoder of {model} to {out} ({'direct' if direct else 'traced'}) ...",
+          file=sys.stderr)
+    if not direct:
+        from lowbit.compiler.lowering.onnx_decoder import export_float_decoder
+
+        export_float_decoder(model, out)
+        return
+    from lowbit.compiler.engine import models
+    from lowbit.compiler.lowering.onnx_llama import build_float_decoder
+
+    m, _, _ = models.load(model)
+    out.mkdir(parents=True, exist_ok=True)
+    info = build_float_decoder(m.eval(), out / "decoder.onnx")
+    (out / "export.json").write_text(json.dumps({"graphs": {"decoder": "decoder.onnx"}, "cache": info["cache"],
+                                                 "float": True, "decoder": {"builder": info["builder"]}}))
 
 
 if __name__ == "__main__":

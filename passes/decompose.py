@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.runtime import ops as _ops  # noqa: F401  (registers torch.ops.lowbit.*)
+
 from .base import PassContext, PassReport
 from .ort_layout import _fetch
 
@@ -46,6 +48,19 @@ def affine_linear_decomposed(x, qweight, scales, zeros, bias, lora_a, lora_b, bi
     if lora_a is not None:
         w = w + lora_b.to(torch.float32) @ lora_a.to(torch.float32)
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def affine_embedding_decomposed(ids, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
+    flat = ids.reshape(-1)
+    n, g = scales.shape
+    codes = unpack_codes(torch.index_select(qweight, 0, flat), bits, in_features)
+    col_group = torch.arange(in_features) // group_size
+    s = torch.index_select(torch.index_select(scales, 0, flat).to(torch.float32), 1, col_group)
+    if zeros is None:
+        w = (codes - ((1 << bits) - 1) / 2.0) * s
+    else:
+        w = (codes - torch.index_select(unpack_codes(torch.index_select(zeros, 0, flat), bits, g), 1, col_group)) * s
+    return w.reshape(*ids.shape, in_features)
 
 
 def binary_linear_decomposed(x, signs, residual_signs, group, alphas, mus, outlier_vals, col_kind, col_pos,
@@ -115,7 +130,15 @@ class DecomposeLowbitOps:
         rep = PassReport(self.name)
         aff, binr = torch.ops.lowbit.affine_linear.default, torch.ops.lowbit.binary_linear.default
         vq = torch.ops.lowbit.vq_linear.default
+        emb = torch.ops.lowbit.affine_embedding.default
         for i, node in enumerate(list(gm.graph.nodes)):
+            if node.op == "call_function" and node.target == emb:
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(affine_embedding_decomposed, tuple(node.args))
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                rep.changed["affine_embedding"] = rep.changed.get("affine_embedding", 0) + 1
+                continue
             if node.op != "call_function" or node.target not in (aff, binr, vq):
                 continue
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.runtime import ops as _ops  # noqa: F401  (registers torch.ops.lowbit.*)
 from lowbit.runtime.packing import pack_rows, unpack_rows
 
 from .base import PassContext, PassReport
@@ -154,14 +155,16 @@ class ToMatMulNBits:
 
 
 def activation_outliers(gm, batches, ratio: float = 20.0, max_channels: int = 8) -> dict:
-    """Input channels of each ``affine_linear`` node whose peak |activation| over ``batches`` (token ids) exceeds
-    ``ratio`` x the median channel peak: ``{qweight attribute name: LongTensor}`` (at most ``max_channels``)."""
-    target = torch.ops.lowbit.affine_linear.default
+    """Input channels of each compressed linear whose peak |activation| over ``batches`` (token ids) exceeds
+    ``ratio`` x the median channel peak: ``{first packed tensor's attribute name: LongTensor}`` (at most
+    ``max_channels``; :func:`module_of_attribute` turns the key into the module name)."""
+    ops = torch.ops.lowbit
+    targets = {ops.affine_linear.default, ops.binary_linear.default, ops.vq_linear.default}
     peaks: dict = {}
 
     class Probe(torch.fx.Interpreter):
         def run_node(self, n):
-            if n.op == "call_function" and n.target == target:
+            if n.op == "call_function" and n.target in targets:
                 x = self.env[n.args[0]]
                 p = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
                 key = n.args[1].target  # the qweight attribute: the same name in every graph of an artifact
@@ -178,6 +181,12 @@ def activation_outliers(gm, batches, ratio: float = 20.0, max_channels: int = 8)
         if cand.numel():
             out[name] = cand[torch.argsort(p[cand], descending=True)[:max_channels]].sort().values
     return out
+
+
+def module_of_attribute(name: str) -> str:
+    """``lowbit__model__layers__1__mlp__down_proj__qweight`` -> ``model.layers.1.mlp.down_proj``."""
+    base = name.rsplit("__", 1)[0]
+    return base[len("lowbit__"):].replace("__", ".") if base.startswith("lowbit__") else base.replace("__", ".")
 
 
 def _fetch(gm, node) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.runtime import ops as _ops  # noqa: F401  (registers torch.ops.lowbit.*)
 from lowbit.runtime.formats import AffineIntK, BinaryResidual, VQCodebook
 
 from .base import PassContext, PassReport

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .formats import format_from_meta
-from .output_dir import staging_dir  # noqa: F401  (writers stage through the artifact module)
+from .output_dir import sha256_file, staging_dir  # noqa: F401  (writers stage through the artifact module)
 from .program_io import ProgramError, read_program
 
 MANIFEST_VERSION = 1
@@ -43,14 +43,6 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, tor
 
 class ArtifactError(ValueError):
     """The artifact directory is missing, incomplete, corrupt or inconsistent with its manifest."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _placeholder(t: torch.Tensor) -> torch.Tensor:

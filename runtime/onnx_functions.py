@@ -3,6 +3,8 @@
 * ``lowbit::matmul_nbits`` -> ``com.microsoft::MatMulNBits`` (one node; ``accuracy_level`` chosen at export).
 * ``lowbit::affine_linear`` (1/3-bit, odd group sizes, symmetric 8-bit) -> ``lowbit.AffineLinear`` /
   ``lowbit.AffineLinearSym``.
+* ``lowbit::affine_embedding`` (tied embedding of a packed head) -> ``com.microsoft::GatherBlockQuantized`` (4/8-bit,
+  whole groups), else ``lowbit.AffineEmbedding``.
 * ``lowbit::binary_linear`` (BiLLM) -> ``lowbit.BinaryLinear``.
 * ``lowbit::vq_linear`` (ReALLM) -> ``lowbit.VQLinear`` (``Gather`` of codebook entries by index).
 
@@ -47,6 +49,25 @@ def _matmulnbits_schema():
 MATMULNBITS = onnxscript.values.Op(MSFT, "MatMulNBits", _matmulnbits_schema())
 
 
+def _gather_bq_schema():
+    from onnx.defs import OpSchema
+
+    P = OpSchema.FormalParameter
+    A = OpSchema.AttrType
+    return OpSchema(
+        "GatherBlockQuantized", "com.microsoft", 1,
+        inputs=[P("data", "T1"), P("indices", "Tind"), P("scales", "T2"),
+                P("zero_points", "T1", param_option=OpSchema.FormalParameterOption.Optional)],
+        outputs=[P("output", "T2")],
+        type_constraints=[("T1", ["tensor(uint8)"], ""), ("Tind", ["tensor(int32)", "tensor(int64)"], ""),
+                          ("T2", ["tensor(float)", "tensor(float16)"], "")],
+        attributes=[OpSchema.Attribute(a, A.INT, "") for a in ("gather_axis", "quantize_axis", "block_size", "bits")],
+    )
+
+
+GATHER_BQ = onnxscript.values.Op(MSFT, "GatherBlockQuantized", _gather_bq_schema())
+
+
 @onnxscript.script(LOWBIT, default_opset=op)
 def UnpackBits(packed, bits: int, count: int):
     """uint8 ``(R, nbytes)`` rows of a low-bits-first bit stream -> float codes ``(R, count)``."""
@@ -88,6 +109,20 @@ def AffineLinearSym(x, qweight, scales, bits: int, group_size: int, in_features:
     grp = GroupOfColumn(block=group_size, count=in_features)
     w = op.Mul(op.Sub(codes, mid), op.Cast(op.Gather(scales, grp, axis=1), to=1))
     return op.MatMul(x, op.CastLike(op.Transpose(w, perm=[1, 0]), x))
+
+
+@onnxscript.script(LOWBIT, default_opset=op)
+def AffineEmbedding(ids, qweight, scales, zeros, bits: int, group_size: int, in_features: int, groups: int):
+    """Rows ``ids`` of an :class:`~lowbit.runtime.formats.AffineIntK` table (tied embedding of a packed head)
+    when ``GatherBlockQuantized`` cannot hold it: gather the packed rows, then unpack only those."""
+    flat = op.Reshape(ids, [-1])
+    codes = UnpackBits(op.Gather(qweight, flat, axis=0), bits=bits, count=in_features)
+    z = UnpackBits(op.Gather(zeros, flat, axis=0), bits=bits, count=groups)
+    grp = GroupOfColumn(block=group_size, count=in_features)
+    s = op.Cast(op.Gather(op.Gather(scales, flat, axis=0), grp, axis=1), to=1)
+    rows = op.Mul(op.Sub(codes, op.Gather(z, grp, axis=1)), s)
+    shape = op.Concat(op.Shape(ids), op.Reshape(op.Constant(value_int=in_features), [1]), axis=0)
+    return op.Reshape(rows, shape)
 
 
 @onnxscript.script(LOWBIT, default_opset=op)
@@ -158,7 +193,7 @@ def VQLinear(x, codes, codebook, scales, perm, index_bits: int, num_vectors: int
 # definitions above to the saved model. ONNX Runtime inlines them when it loads the model.
 
 _ANY = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(uint8)", "tensor(int32)", "tensor(int64)"]
-FUNCTIONS = (UnpackBits, GroupOfColumn, AffineLinear, AffineLinearSym, BinaryLinear, VQLinear)
+FUNCTIONS = (UnpackBits, GroupOfColumn, AffineLinear, AffineLinearSym, AffineEmbedding, BinaryLinear, VQLinear)
 
 
 def _call_site(fn) -> onnxscript.values.Op:
@@ -178,6 +213,7 @@ def _call_site(fn) -> onnxscript.values.Op:
 
 AFFINE_CALL = _call_site(AffineLinear)
 AFFINE_SYM_CALL = _call_site(AffineLinearSym)
+EMBED_CALL = _call_site(AffineEmbedding)
 BINARY_CALL = _call_site(BinaryLinear)
 VQ_CALL = _call_site(VQLinear)
 
@@ -231,6 +267,15 @@ def translation_table(accuracy_level: int = 4) -> dict:
                             in_features=in_features, groups=groups)
         return _add_bias(_add_lowrank(y, x, lora_a, lora_b), bias)
 
+    def affine_embedding(ids, qweight, scales, zeros, bits, group_size, in_features):
+        groups = -(-in_features // group_size)
+        if bits in (4, 8) and group_size >= 16 and not group_size & (group_size - 1) and in_features % group_size == 0:
+            # 4- and 8-bit rows with whole groups are already ORT's packed layout (codes and zero points)
+            return GATHER_BQ(qweight, ids, op.Cast(scales, to=1), zeros, gather_axis=0, quantize_axis=1,
+                             block_size=group_size, bits=bits)
+        return EMBED_CALL(ids, qweight, scales, zeros, bits=bits, group_size=group_size, in_features=in_features,
+                          groups=groups)
+
     def binary_linear(x, signs, residual_signs, salient_cols, group, alphas, mus, outlier_cols, outlier_vals,
                       bias, block_size, in_features):
         if mus is None:
@@ -255,4 +300,5 @@ def translation_table(accuracy_level: int = 4) -> dict:
     return {torch.ops.lowbit.matmul_nbits.default: matmul_nbits,
             torch.ops.lowbit.affine_linear.default: affine_linear,
             torch.ops.lowbit.binary_linear.default: binary_linear,
-            torch.ops.lowbit.vq_linear.default: vq_linear}
+            torch.ops.lowbit.vq_linear.default: vq_linear,
+            torch.ops.lowbit.affine_embedding.default: affine_embedding}

@@ -58,7 +58,7 @@ def session(onnx_dir, file: str = "model.onnx", threads: int | None = None, veri
         raise OnnxModelError(f"{path}: not found")
     meta_path = onnx_dir / "export.json"
     if verify and meta_path.is_file():
-        from .artifact import sha256_file
+        from .output_dir import sha256_file
 
         meta = json.loads(meta_path.read_text())
         for f in (file, file + ".data"):
@@ -87,13 +87,14 @@ def session(onnx_dir, file: str = "model.onnx", threads: int | None = None, veri
 class OrtDecoder:
     """Incremental decoding with ``decoder.onnx``: prefill the prompt, then one token per step."""
 
-    def __init__(self, onnx_dir, threads: int | None = None):
+    def __init__(self, onnx_dir, threads: int | None = None, verify: bool = True, meta: dict | None = None):
         onnx_dir = Path(onnx_dir)
-        meta = json.loads((onnx_dir / "export.json").read_text())
+        meta = meta or json.loads((onnx_dir / "export.json").read_text())
         if "decoder" not in meta.get("graphs", {}):
             raise OnnxModelError(f"{onnx_dir}: no decoder graph (export with the key/value cache)")
         self.cache = meta["cache"]
-        self.sess = session(onnx_dir, meta["graphs"]["decoder"], threads)
+        self.sess = session(onnx_dir, meta["graphs"]["decoder"], threads, verify)
+        self.genai_io = "attention_mask" in {i.name for i in self.sess.get_inputs()}
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         c = self.cache
@@ -101,9 +102,16 @@ class OrtDecoder:
 
     def step(self, ids: np.ndarray, cache: list[np.ndarray]):
         feeds = {"input_ids": ids.astype(np.int64)}
-        for i in range(self.cache["layers"]):
-            feeds[f"past_key_{i}"] = cache[2 * i]
-            feeds[f"past_value_{i}"] = cache[2 * i + 1]
+        if self.genai_io:  # onnxruntime-genai's names; the mask covers past and new positions
+            past = cache[0].shape[2]
+            feeds["attention_mask"] = np.ones((ids.shape[0], past + ids.shape[1]), np.int64)
+            for i in range(self.cache["layers"]):
+                feeds[f"past_key_values.{i}.key"] = cache[2 * i]
+                feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1]
+        else:
+            for i in range(self.cache["layers"]):
+                feeds[f"past_key_{i}"] = cache[2 * i]
+                feeds[f"past_value_{i}"] = cache[2 * i + 1]
         out = self.sess.run(None, feeds)
         return out[0], out[1:]
 

@@ -1,5 +1,9 @@
 """The ``lowbit::*`` custom ops: the graph contract between passes, kernels and lowerings.
 
+``lowbit::affine_embedding(ids, qweight, scales, zeros, bits, group_size, in_features)`` gathers rows of such a
+weight (the embedding of a tied model whose head is compressed); ``lowbit::binary_linear``, ``lowbit::vq_linear``
+and ``lowbit::matmul_nbits`` are documented where they are defined.
+
 ``lowbit::affine_linear(x, qweight, scales, zeros, bias, lora_a, lora_b, bits, group_size, in_features)``
 computes ``x @ W.T + bias (+ (x @ lora_a.T) @ lora_b.T)`` where ``W`` is the
 :class:`~lowbit.runtime.formats.AffineIntK` weight held by ``qweight``/``scales``/``zeros``
@@ -105,6 +109,29 @@ def affine_linear_from_format(x: torch.Tensor, fmt, bias: Optional[torch.Tensor]
 # -- lowbit::binary_linear --------------------------------------------------------------------------
 # ``x @ W.T + bias`` for a BiLLM :class:`~lowbit.runtime.formats.BinaryResidual` weight. The eager
 # implementation (dequantize, then matmul) is the specification; differentiable with respect to ``x``.
+
+
+@torch.library.custom_op(f"{_LIB}::affine_embedding", mutates_args=())
+def affine_embedding(
+    ids: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Rows ``ids`` of an :class:`~lowbit.runtime.formats.AffineIntK` table, float32 ``(*ids.shape, in_features)``:
+    the embedding lookup of a tied model whose head is compressed (the table *is* the head's packed weight)."""
+    flat = ids.reshape(-1).long()
+    rows = dequantize_affine(qweight[flat], scales[flat], None if zeros is None else zeros[flat], bits, group_size,
+                             in_features)
+    return rows.reshape(*ids.shape, in_features)
+
+
+@affine_embedding.register_fake
+def _affine_embedding_fake(ids, qweight, scales, zeros, bits, group_size, in_features):
+    return scales.new_empty((*ids.shape, in_features), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_LIB}::binary_linear", mutates_args=())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 MARKER = ".lowbit-output"
 _STALE = re.compile(r"^\..+\.(partial|old)-(\d+)$")

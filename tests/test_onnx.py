@@ -103,7 +103,7 @@ def exported(tiny_dir, text_file, tmp_path_factory):
         assert export_main([str(d), "--onnx", "--accuracy-level", "0"]) == 0
     finally:
         onnx_export.FP16_MIN_ELEMENTS = old
-    m = onnx.load(str(d / "onnx" / "decoder.onnx"), load_external_data=False)
+    m = onnx.load(str(d / "onnx" / "model.onnx"), load_external_data=False)
     assert any(n.op_type == "Cast" and n.name.startswith("storage_cast_") for n in m.graph.node)
     return d
 

@@ -341,6 +341,13 @@ def export_main(argv=None) -> int:
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep every weight in lowbit-domain functions (no com.microsoft ops)")
     p.add_argument("--no-kv-cache", action="store_true", help="skip the decoder graph with key/value cache")
+    p.add_argument("--decoder", default="auto", choices=["auto", "direct", "traced"],
+                   help="the key/value-cache decoder: direct = built from the packed formats with ONNX Runtime's "
+                        "fused ops (GroupQueryAttention, SkipSimplifiedLayerNormalization; Llama-type models, "
+                        "onnxruntime-genai names), traced = torch.export capture (any architecture); auto = direct "
+                        "where it applies (default)")
+    p.add_argument("--genai", action="store_true",
+                   help="--onnx: also write genai_config.json and the tokenizer, so onnxruntime-genai loads DIR/onnx")
     p.add_argument("--outlier-data", default="c4",
                    help="text for finding massive activation channels, which accuracy_level 4 keeps out of its "
                         "int8 activation path (c4, a .txt/.jsonl file, or none; default c4)")
@@ -400,7 +407,7 @@ def export_main(argv=None) -> int:
     try:
         s = export_artifact(args.artifact, accuracy_level=args.accuracy_level, matmulnbits=not args.no_matmulnbits,
                             kv_cache=not args.no_kv_cache, overwrite=args.overwrite, outlier_data=args.outlier_data,
-                            progress=lambda m: print(m, file=sys.stderr))
+                            decoder=args.decoder, genai=args.genai, progress=lambda m: print(m, file=sys.stderr))
     except (LowbitError, ArtifactError) as e:
         print(f"lowbit-export: error: {e}", file=sys.stderr)
         return 2
@@ -410,6 +417,12 @@ def export_main(argv=None) -> int:
           f"MatMulNBits {nodes.get('com.microsoft::MatMulNBits', 0)}, "
           f"lowbit functions {sum(v for k, v in nodes.items() if k.startswith('lowbit::'))}; "
           f"ORT vs torch max rel. logit error {s['check']['max_rel_err_vs_torch']:.2e} ({s['seconds']:.0f}s)")
+    d = s.get("decoder")
+    if d and "ort_weight_bytes" in d:
+        print(f"lowbit-export: decoder.onnx ({d['builder']}): {d['nodes']} nodes, resident weights "
+              f"{d['ort_weight_bytes'] / 2**20:.1f} MiB for {d['packed_bytes'] / 2**20:.1f} MiB packed, "
+              f"max rel. logit error vs torch {s['check'].get('decoder_max_rel_err_vs_torch', float('nan')):.2e}"
+              + ("; onnxruntime-genai folder" if s.get("genai") else ""))
     return 0
 
 

@@ -27,10 +27,21 @@ from lowbit.errors import LowbitError
 
 def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = True, kv_cache: bool = True,
                     overwrite: bool = False, check: bool = True, outlier_data: str | None = "c4",
-                    progress=print) -> dict:
-    """Export an artifact directory to ONNX under ``DIR/onnx``; returns the export summary."""
-    from lowbit.compiler.lowering.onnx_decoder import export_decoder
+                    decoder: str = "auto", genai: bool = False, progress=print) -> dict:
+    """Export an artifact directory to ONNX under ``DIR/onnx``; returns the export summary.
+
+    ``decoder``: ``direct`` builds the key/value-cache decoder from the packed formats with ONNX Runtime's fused
+    ops and onnxruntime-genai's input names (:mod:`~lowbit.compiler.lowering.onnx_llama`; Llama-type models),
+    ``traced`` captures it with torch.export (any architecture), ``auto`` the first that applies. ``genai``: also
+    write ``genai_config.json`` and the tokenizer so that onnxruntime-genai loads ``DIR/onnx`` (direct decoder)."""
     from lowbit.runtime.artifact import load, staging_dir
+
+    if decoder not in ("auto", "direct", "traced"):
+        raise LowbitError(f"decoder must be auto, direct or traced, got {decoder!r}")
+    if genai and (decoder == "traced" or not kv_cache):
+        raise LowbitError("--genai needs the direct decoder with key/value cache (not --decoder traced/--no-kv-cache)")
+    if genai:
+        decoder = "direct"
 
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise LowbitError(f"--accuracy-level must be 0-4, got {accuracy_level}")
@@ -59,12 +70,17 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
                    "matmulnbits_max_block": max_block,
                    "pass": None if rep is None else rep.to_json(), "graphs": {"prefill": MODEL_FILE}}
         if kv_cache:
-            progress("[onnx] exporting the decoder with key/value cache")
-            dec = export_decoder(art, tmp, accuracy_level, matmulnbits, float16_storage=f16, outliers=outliers,
-                                 max_block=max_block)
+            dec = _export_decoder(art, tmp, decoder, accuracy_level, matmulnbits, f16, outliers, max_block, progress)
             files += [dec["file"], dec["file"] + ".data"]
             summary["graphs"]["decoder"] = dec["file"]
             summary["cache"] = dec["cache"]
+            summary["decoder"] = {k: v for k, v in dec.items() if k not in ("file", "cache")}
+            if genai:
+                from lowbit.compiler.lowering.onnx_genai import write_genai_config
+
+                files += write_genai_config(art, tmp, dec["file"], dec["cache"])
+                summary["genai"] = True
+                progress("[onnx] genai_config.json and tokenizer written (onnxruntime-genai model folder)")
         summary["nodes"] = node_counts(tmp / MODEL_FILE)
         if check:
             from lowbit.runtime.onnx_runtime import session
@@ -76,9 +92,45 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
             err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-9))
             summary["check"] = {"max_rel_err_vs_torch": err, "tokens": 12}
             progress(f"[onnx] ONNX Runtime vs torch program: max relative logit error {err:.2e}")
+            if kv_cache:
+                from lowbit.runtime.onnx_runtime import OrtDecoder
+
+                dec = OrtDecoder(tmp, verify=False, meta=summary)
+                got = torch.from_numpy(dec.step(ids.numpy(), dec.empty_cache())[0])
+                err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-9))
+                summary["check"]["decoder_max_rel_err_vs_torch"] = err
+                progress(f"[onnx] decoder in ONNX Runtime vs torch program: max relative logit error {err:.2e}")
         from lowbit.runtime.artifact import sha256_file
 
         summary["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
         summary["seconds"] = time.perf_counter() - t0
         (tmp / EXPORT_JSON).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _export_decoder(art, out_dir: Path, decoder: str, accuracy_level: int, matmulnbits: bool, f16: bool,
+                    outliers: dict, max_block, progress) -> dict:
+    from lowbit.compiler.lowering.onnx_decoder import export_decoder
+    from lowbit.compiler.lowering.onnx_llama import DECODER_FILE, build_decoder, unsupported_reason
+
+    why = unsupported_reason(art) if matmulnbits else "MatMulNBits off"
+    if decoder == "direct" and why:
+        raise LowbitError(f"{art.path}: no direct decoder build: {why} (use the traced decoder)")
+    if decoder == "traced" or why:
+        progress("[onnx] exporting the decoder with key/value cache (torch.export trace"
+                 + (f"; direct build: {why})" if why and decoder == "auto" else ")"))
+        out = export_decoder(art, out_dir, accuracy_level, matmulnbits, float16_storage=f16, outliers=outliers,
+                             max_block=max_block)
+        out["builder"] = "traced (torch.export)"
+        return out
+    progress("[onnx] building the decoder with key/value cache from the packed formats (fused ONNX Runtime ops)")
+    info = build_decoder(art, out_dir / DECODER_FILE, accuracy_level, max_block=max_block)
+    lowerings = {}
+    for rec in info["layers"].values():
+        lowerings[rec["lowering"]] = lowerings.get(rec["lowering"], 0) + 1
+    worst = max((r["rel_err"] for r in info["layers"].values()), default=0.0)
+    progress(f"[onnx] {info['nodes']} nodes; " + "; ".join(f"{n} x {k}" for k, n in lowerings.items())
+             + f"; resident weights {info['ort_weight_bytes'] / 2**20:.1f} MiB for {info['packed_bytes'] / 2**20:.1f}"
+             f" MiB packed; worst weight error of a lowering {worst:.2e}")
+    info["lowerings"] = lowerings
+    return info

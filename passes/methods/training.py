@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.runtime import ops as _ops  # noqa: F401  (registers torch.ops.lowbit.*)
 from lowbit.runtime.checkpoint_io import CheckpointError, load_checkpoint
 from lowbit.runtime.modules import PackedLinear, swap_module
 
