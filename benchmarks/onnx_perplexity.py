@@ -3,7 +3,10 @@
 Same windows as lowbit-compile's evaluation (first --windows windows of --seqlen tokens). The torch figure is
 the artifact's own report (computed by lowbit-compile from the same program) unless --torch recomputes it.
 
-Usage: python benchmarks/onnx_perplexity.py ART_DIR [--windows 32] [--seqlen 2048] [--torch]
+``--graph decoder`` (default) scores the deployed decoder (``decoder.onnx``, one full window per call with an empty
+cache), ``--graph prefill`` the traced ``model.onnx``.
+
+Usage: python benchmarks/onnx_perplexity.py ART_DIR [--windows 32] [--seqlen 2048] [--torch] [--graph decoder]
 """
 
 import argparse
@@ -21,20 +24,27 @@ def main():
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--data", default="wikitext2")
     ap.add_argument("--torch", action="store_true", help="recompute the torch perplexity instead of reading the report")
+    ap.add_argument("--graph", default="decoder", choices=["decoder", "prefill"])
     a = ap.parse_args()
     from lowbit.compiler.engine import data
     from lowbit.compiler.engine.evaluate import perplexity
     from lowbit.runtime.artifact import load
-    from lowbit.runtime.onnx_runtime import session
+    from lowbit.runtime.onnx_runtime import OrtDecoder, session
 
     d = Path(a.artifact)
     art = load(d)
     tokens, _ = data.eval_tokens(art.tokenizer, a.data)
-    s = session(d / "onnx")
     meta = json.loads((d / "onnx" / "export.json").read_text())
+    if a.graph == "decoder":
+        dec = OrtDecoder(d / "onnx")
 
-    def ort_logits(ids):
-        return torch.from_numpy(s.run(None, {"input_ids": ids.numpy()})[0])
+        def ort_logits(ids):
+            return torch.from_numpy(dec.step(ids.numpy(), dec.empty_cache(ids.shape[0]))[0])
+    else:
+        s = session(d / "onnx")
+
+        def ort_logits(ids):
+            return torch.from_numpy(s.run(None, {"input_ids": ids.numpy()})[0])
 
     r_ort = perplexity(ort_logits, tokens, a.seqlen, a.windows, label="onnxruntime")
     if a.torch:
@@ -43,7 +53,7 @@ def main():
         ev = json.loads((d / "report.json").read_text())["eval"][a.data]["after"]
         assert ev["windows"] == a.windows and ev["seqlen"] == a.seqlen, "report used other windows; pass --torch"
         r_t = ev["ppl"]
-    print(f"{d.name}: {a.data} {a.windows} x {a.seqlen}: onnxruntime {r_ort['ppl']:.3f} "
+    print(f"{d.name}: {a.data} {a.windows} x {a.seqlen}: onnxruntime {a.graph} {r_ort['ppl']:.3f} "
           f"(accuracy_level {meta['accuracy_level']}, {r_ort['seconds']:.0f}s) vs torch {r_t:.3f}: "
           f"{100 * (r_ort['ppl'] / r_t - 1):+.2f}%")
 
