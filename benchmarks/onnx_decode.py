@@ -29,6 +29,8 @@ def child(onnx_dir: str, prompt_len: int, new_tokens: int, threads: int | None) 
 
     from lowbit.runtime.onnx_runtime import OrtDecoder
 
+    import onnxruntime  # noqa: F401  (the runtime's own baseline includes its library)
+
     base = rss_mib()
     dec = OrtDecoder(onnx_dir, threads=threads)
     ids = list(np.random.default_rng(0).integers(100, 5000, prompt_len))

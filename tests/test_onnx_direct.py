@@ -121,6 +121,15 @@ def test_tied_packed_head_carries_the_embedding(tiny_dir, text_file, tmp_path):
     rows = torch.ops.lowbit.affine_embedding(ids, *(art.formats["lm_head"].tensors()[k] for k in
                                                     ("qweight", "scales", "zeros")), 4, 16, 64)
     assert torch.equal(rows[0], art.formats["lm_head"].dequantize()[ids[0]])
+    # the MLIR path's decomposition (aten ops only) computes the same lookup
+    from lowbit.passes.base import PassContext
+    from lowbit.passes.decompose import DecomposeLowbitOps
+
+    gm = art.program.module()
+    ref = gm(ids)
+    rep = DecomposeLowbitOps().run(gm, PassContext())
+    assert rep.changed.get("affine_embedding") == 1
+    assert torch.allclose(gm(ids), ref, rtol=1e-5, atol=1e-5)
     s = export_artifact(d, accuracy_level=0, progress=lambda m: None)
     assert "GatherBlockQuantized" in s["decoder"]["head"]["embedding"]
     assert s["decoder"]["head"]["kind"] == "packed"

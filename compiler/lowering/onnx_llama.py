@@ -169,6 +169,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         hidden = g.op("GatherBlockQuantized", [ins[0], "input_ids", ins[1], ins[2]], domain=MSFT, name="embed",
                       gather_axis=0, quantize_axis=1, block_size=blk, bits=bits)
         head["embedding"] = f"GatherBlockQuantized {bits}-bit block {blk} (the head's codes)"
+        head["embedding_bytes"] = int(data.nbytes + scales.nbytes + zp.nbytes)
     float_head_t = None
     if hidden is None:
         if emb_w is None:
@@ -181,6 +182,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         else:
             hidden = g.op("Gather", [g.init("embed.weight", _np(emb_w.float())), "input_ids"], name="embed", axis=0)
             head["embedding"] = "float Gather"
+            head["embedding_bytes"] = int(emb_w.numel() * 4)
 
     # -- attention bookkeeping (as onnxruntime-genai feeds it) ---------------------------------------------
     mask_sum = g.op("ReduceSum", ["attention_mask", g.const_i64("axes1", [1])], name="mask_sum", keepdims=0)
@@ -251,7 +253,9 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
     return {"file": Path(path).name, "builder": "direct (fused ORT ops)", "nodes": len(g.nodes),
             "cache": {"layers": L, "kv_heads": kvh, "head_dim": hd, "max_positions": max_pos},
             "io": "genai", "head": head, "layers": records,
-            "ort_weight_bytes": int(sum(r["ort_bytes"] for r in records.values())),
+            # every weight ONNX Runtime holds: the linears (head included) and the embedding table
+            "ort_weight_bytes": int(sum(r["ort_bytes"] for r in records.values()) + head.get("embedding_bytes", 0)
+                                    + head.get("ort_bytes", 0) * (head["kind"] == "float (tied, one copy)")),
             "packed_bytes": int(sum(r["packed_bytes"] for r in records.values()))}
 
 
