@@ -56,3 +56,46 @@ class GraphBuilder:
 
     def initializer_bytes(self) -> int:
         return self._init_bytes
+
+
+def save_deduplicated(model, path, min_bytes: int = 4096, align: int = 4096) -> dict:
+    """Save ``model`` with every initializer of ``min_bytes`` or more in ``<path>.data``, each distinct content once.
+
+    Two initializers with the same bytes (a tied head's codes read by ``MatMulNBits`` and by
+    ``GatherBlockQuantized``, their scales and zero points) point at one region of the file, so the file and the
+    pages ONNX Runtime maps hold them once. Regions start on ``align`` boundaries (page-aligned, mmap-able).
+    Returns ``{"bytes": file size, "shared": bytes saved}``."""
+    import hashlib
+    from pathlib import Path
+
+    import onnx
+
+    path = Path(path)
+    data_name = path.name + ".data"
+    seen: dict = {}
+    shared = 0
+    with open(path.parent / data_name, "wb") as f:
+        for t in model.graph.initializer:
+            raw = t.raw_data
+            if len(raw) < min_bytes:
+                continue
+            key = (len(raw), hashlib.sha256(raw).digest())
+            if key in seen:
+                offset = seen[key]
+                shared += len(raw)
+            else:
+                pos = f.tell()
+                if pos % align:
+                    f.write(b"\0" * (align - pos % align))
+                offset = f.tell()
+                f.write(raw)
+                seen[key] = offset
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+        size = f.tell()
+    onnx.save_model(model, str(path))
+    return {"bytes": size, "shared": shared}

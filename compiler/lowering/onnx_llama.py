@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .onnx_graph import MSFT, GraphBuilder
+from .onnx_graph import MSFT, GraphBuilder, save_deduplicated
 from .ort_linears import _np, lower_linear
 
 DECODER_FILE = "decoder.onnx"
@@ -110,7 +110,6 @@ def build_float_decoder(model, path: Path, max_positions: int | None = None) -> 
 
 
 def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_positions, outliers) -> dict:
-    import onnx
     from onnx import TensorProto, helper
 
     L = int(cfg["num_hidden_layers"])
@@ -248,14 +247,14 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MSFT, 1)],
                               producer_name="lowbit")
     model.ir_version = 10
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=Path(path).name + ".data", size_threshold=4096)
+    saved = save_deduplicated(model, path)
     return {"file": Path(path).name, "builder": "direct (fused ORT ops)", "nodes": len(g.nodes),
             "cache": {"layers": L, "kv_heads": kvh, "head_dim": hd, "max_positions": max_pos},
-            "io": "genai", "head": head, "layers": records,
+            "io": "genai", "head": head, "layers": records, "shared_bytes": saved["shared"],
             # every weight ONNX Runtime holds: the linears (head included) and the embedding table
             "ort_weight_bytes": int(sum(r["ort_bytes"] for r in records.values()) + head.get("embedding_bytes", 0)
-                                    + head.get("ort_bytes", 0) * (head["kind"] == "float (tied, one copy)")),
+                                    + head.get("ort_bytes", 0) * (head["kind"] == "float (tied, one copy)")
+                                    - saved["shared"]),
             "packed_bytes": int(sum(r["packed_bytes"] for r in records.values()))}
 
 
