@@ -59,20 +59,33 @@ def matmul_nbits(g: GraphBuilder, x: str, codes: torch.Tensor, scales: torch.Ten
     return y, b.numel() + sc.numel() * 4 + zp.numel()
 
 
-def grid_codes(w: torch.Tensor, bits: int, block: int):
-    """Round ``w (N, K)`` onto a ``bits``-bit min-max grid per block of ``block`` columns:
-    ``(codes, scales, zeros, rel_err)`` with ``W ~ (codes - zeros) * scales``."""
+def grid_codes(w: torch.Tensor, bits: int, block: int, shrink=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75)):
+    """Round ``w (N, K)`` onto a ``bits``-bit grid per block of ``block`` columns, the range of each block shrunk
+    by whichever factor of ``shrink`` gives it the least squared error (clipping the extremes pays when the other
+    values gain resolution): ``(codes, scales, zeros, rel_err)`` with ``W ~ (codes - zeros) * scales``."""
     n, k = w.shape
     kb = -(-k // block)
     wp = torch.zeros(n, kb * block)
     wp[:, :k] = w
     blocks = wp.view(n, kb, block)
-    lo = blocks.amin(-1).clamp(max=0)
-    hi = blocks.amax(-1).clamp(min=0)
     qmax = (1 << bits) - 1
-    scale = ((hi - lo) / qmax).clamp(min=1e-12)
-    zero = torch.round(-lo / scale).clamp(0, qmax)
-    codes = torch.clamp(torch.round(blocks / scale[..., None]) + zero[..., None], 0, qmax)
+    best = None
+    for f in shrink:
+        lo = blocks.amin(-1).clamp(max=0) * f
+        hi = blocks.amax(-1).clamp(min=0) * f
+        scale = ((hi - lo) / qmax).clamp(min=1e-12)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+        codes = torch.clamp(torch.round(blocks / scale[..., None]) + zero[..., None], 0, qmax)
+        err = ((codes - zero[..., None]) * scale[..., None] - blocks).pow(2).sum(-1)
+        if best is None:
+            best = [codes, scale, zero, err]
+        else:
+            better = err < best[3]
+            best[0] = torch.where(better[..., None], codes, best[0])
+            best[1] = torch.where(better, scale, best[1])
+            best[2] = torch.where(better, zero, best[2])
+            best[3] = torch.minimum(err, best[3])
+    codes, scale, zero, _ = best
     deq = ((codes - zero[..., None]) * scale[..., None]).view(n, -1)[:, :k]
     err = float((deq - w).norm() / w.norm().clamp(min=1e-12))
     return codes.view(n, -1)[:, :k].to(torch.uint8), scale, zero.to(torch.uint8), err
