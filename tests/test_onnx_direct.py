@@ -35,7 +35,7 @@ def _linear_graph(fmt, k, accuracy_level=0):
     g = GraphBuilder()
     y, rec = lower_linear(g, "x", fmt, "lin", accuracy_level=accuracy_level, max_block=None, vq_block=16)
     g.nodes[-1].output[0] = "y"
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 10
@@ -46,16 +46,16 @@ def test_billm_lowering_is_exact_and_reads_under_2x():
     from lowbit.runtime.formats import BinaryResidual
 
     torch.manual_seed(0)
-    n, k, bs = 48, 256, 64
+    n, k, bs = 48, 288, 64  # K not a multiple of the block: the last block is partial
     salient = torch.zeros(k, dtype=torch.bool)
     salient[torch.tensor([3, 5, 70, 130, 131, 132, 200])] = True
     outliers = torch.zeros(k, dtype=torch.bool)
     outliers[[10, 150]] = True
     fmt = BinaryResidual.from_planes(torch.rand(n, k) > 0.5, torch.rand(n, int(salient.sum())) > 0.5, salient,
-                                     torch.rand(n, k) > 0.7, torch.rand(n, k // bs, 4) + 0.1, None, bs,
+                                     torch.rand(n, k) > 0.7, torch.rand(n, -(-k // bs), 4) + 0.1, None, bs,
                                      outliers=outliers, outlier_vals=torch.randn(n, 2))
     sess, rec = _linear_graph(fmt, k)
-    x = torch.randn(5, k)
+    x = torch.randn(2, 5, k)
     ref = x @ fmt.dequantize().t()
     got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
@@ -71,7 +71,7 @@ def test_vq_lowering_records_its_grid_error():
     fmt = VQCodebook.from_indices(torch.randint(0, 16, (n, k // 2)), torch.randn(16, 2), torch.rand(n, k // 32) + 0.5,
                                   4, 32, perm=torch.randperm(k))
     sess, rec = _linear_graph(fmt, k)
-    x = torch.randn(3, k)
+    x = torch.randn(2, 3, k)
     ref = x @ fmt.dequantize().t()
     got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
     err = float((got - ref).norm() / ref.norm())

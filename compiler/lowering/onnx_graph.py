@@ -18,6 +18,7 @@ class GraphBuilder:
         self.inits = []
         self._names: set[str] = set()
         self._init_bytes = 0
+        self.memo: dict = {}  # derived inputs shared by several nodes (e.g. a duplicated activation)
 
     def name(self, base: str) -> str:
         """A name not used yet in this graph (``base``, else ``base_1``, ...)."""

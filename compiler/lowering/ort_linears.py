@@ -10,9 +10,10 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   the scale, symmetric 2/4-bit with float zero points: exact).
 * ``BinaryResidual`` (BiLLM) -> exact, in 2-bit ``MatMulNBits`` nodes: a weight of the concentrated part is
   ``alpha_c * s``, of the sparse part ``alpha_s * s``, so each part is one ternary plane ``{-1, 0, +1}`` times
-  its per-row-block ``alpha`` (codes ``1 + s`` inside the part, ``1`` = zero elsewhere, zero point 1). The
-  salient columns are gathered from ``x`` and multiplied by two more ternary planes (``alpha0 * s`` and
-  ``alpha1 * r``), each block's columns padded to 16 so blocks keep their own ``alpha``. fp16 outlier columns
+  its per-row-block ``alpha`` (codes ``1 + s`` inside the part, ``1`` = zero elsewhere, zero point 1); the two
+  planes sit side by side in one node that reads ``[x, x]``. The salient columns are gathered twice from ``x``
+  and multiplied by two more ternary planes (``alpha0 * s`` and ``alpha1 * r``) in a second node, each block's
+  columns padded to 16 so blocks keep their own ``alpha``. fp16 outlier columns
   are one thin float ``MatMul``. Reads ~4.5 bits per weight against the format's ~2.6: exact values instead of a
   float matrix (the ONNX function rebuilds one per call). The mean-shifted variant (``mus``) is not exact this
   way and falls back to a 4-bit grid.
@@ -133,6 +134,20 @@ def _affine(g, x, fmt: AffineIntK, name, accuracy_level, max_block):
     return y, nb, how, 0.0
 
 
+def _doubled(g: GraphBuilder, x: str, k: int, block: int) -> str:
+    """``[x, 0.., x, 0..]``: ``x`` zero-padded to whole blocks, twice along the last axis (one node pair per input,
+    shared by every linear reading it), so that two planes over the same columns are one ``MatMulNBits``."""
+    kp = -(-k // block) * block
+    key = ("doubled", x, kp)
+    if key not in g.memo:
+        xp = x
+        if kp != k:
+            xp = g.op("Pad", [x, g.const_i64(f"{x}.pads", [0, kp - k]), None, g.const_i64(f"{x}.pad_axes", [-1])],
+                      name=f"{x}.pad")
+        g.memo[key] = g.op("Concat", [xp, xp], name=f"{x}.doubled", axis=-1)
+    return g.memo[key]
+
+
 def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block):
     n, k, bs = fmt.out_features, fmt.in_features, fmt.block_size
     if fmt.mus is not None or bs < 16 or bs & (bs - 1):
@@ -147,15 +162,16 @@ def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block):
     if fmt.outlier_cols is not None:
         live[fmt.outlier_cols.long()] = False
     kb = -(-k // bs)
-    ones = torch.ones(n, kb, dtype=torch.uint8)
-    total, outs = 0, []
-    for part, mask, col in (("concentrated", (sparse == 0) & live, 2), ("sparse", (sparse == 1) & live, 3)):
-        codes = torch.where(mask, 2 * s, torch.ones_like(s))  # 1 + sign (+-1) inside the part, 1 (zero) elsewhere
-        y, nb = matmul_nbits(g, x, codes, fmt.alphas[..., col].float(), ones, 2, bs, f"{name}.{part}",
-                             accuracy_level)
-        outs.append(y)
-        total += nb
-    if sal.numel():  # salient columns, gathered and padded to 16 per block so each keeps its block's alphas
+    kp = kb * bs
+    # the concentrated and the sparse plane side by side over [x, x]: codes 1 + sign inside the part, 1 (= 0) outside
+    codes = torch.ones(n, 2 * kp, dtype=torch.uint8)
+    for half, mask in enumerate(((sparse == 0) & live, (sparse == 1) & live)):
+        codes[:, half * kp : half * kp + k] = torch.where(mask, 2 * s, torch.ones_like(s))
+    scales = torch.cat([fmt.alphas[..., 2].float(), fmt.alphas[..., 3].float()], 1)
+    y, total = matmul_nbits(g, _doubled(g, x, k, bs), codes, scales, torch.ones(n, 2 * kb, dtype=torch.uint8), 2, bs,
+                            f"{name}.planes", accuracy_level)
+    outs, nodes = [y], 1
+    if sal.numel():  # salient columns gathered twice ([x_s, x_s]), each block's padded to 16 to keep its alphas
         idx, src, blocks = [], [], []
         for b in range(kb):
             pos = torch.nonzero((sal >= b * bs) & (sal < (b + 1) * bs)).flatten()
@@ -167,17 +183,18 @@ def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block):
             blocks += [b] * (pad // 16)
         src_t = torch.tensor(src)
         real = src_t >= 0
-        xs = g.op("Gather", [x, g.const_i64(f"{name}.salient_idx", idx)], name=f"{name}.salient_gather", axis=-1)
+        ks = len(idx)
+        xs = g.op("Gather", [x, g.const_i64(f"{name}.salient_idx", idx + idx)], name=f"{name}.salient_gather", axis=-1)
         r = unpack_rows(fmt.residual_signs, 1, int(sal.numel())).to(torch.uint8)
-        planes = (("salient1", s[:, sal], 0), ("salient2", r, 1))
-        for part, bitsel, col in planes:
-            codes = torch.ones(n, len(idx), dtype=torch.uint8)
-            codes[:, real] = 2 * bitsel[:, src_t[real]]
-            sc = fmt.alphas[..., col].float()[:, blocks]
-            y, nb = matmul_nbits(g, xs, codes, sc, torch.ones_like(sc, dtype=torch.uint8), 2, 16,
-                                 f"{name}.{part}", accuracy_level)
-            outs.append(y)
-            total += nb
+        codes = torch.ones(n, 2 * ks, dtype=torch.uint8)
+        codes[:, :ks][:, real] = 2 * s[:, sal][:, src_t[real]]
+        codes[:, ks:][:, real] = 2 * r[:, src_t[real]]
+        sc = torch.cat([fmt.alphas[..., 0].float()[:, blocks], fmt.alphas[..., 1].float()[:, blocks]], 1)
+        y, nb = matmul_nbits(g, xs, codes, sc, torch.ones_like(sc, dtype=torch.uint8), 2, 16, f"{name}.salient",
+                             accuracy_level)
+        outs.append(y)
+        total += nb
+        nodes += 1
     if fmt.outlier_cols is not None:
         xo = g.op("Gather", [x, g.const_i64(f"{name}.outlier_idx", fmt.outlier_cols.long().tolist())],
                   name=f"{name}.outlier_gather", axis=-1)
@@ -187,7 +204,7 @@ def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block):
     y = outs[0]
     for i, o in enumerate(outs[1:]):
         y = _add(g, y, o, f"{name}.sum{i}")
-    return y, total, f"exact ternary planes: MatMulNBits 2-bit x{len(outs) - (fmt.outlier_cols is not None)}", 0.0
+    return y, total, f"exact ternary planes: MatMulNBits 2-bit x{nodes}", 0.0
 
 
 def _grid(g, x, w, name, accuracy_level, block, what):
