@@ -297,6 +297,8 @@ def _write_artifact(run: _Run) -> None:
             if getattr(method, "e2e_report", None):
                 report["end_to_end"] = method.e2e_report
             report["times"] = {**timer.times, "total": time.perf_counter() - run.t_all}
+            report["resources"] = {"peak_rss_mib": _peak_rss_mib(),
+                                   "block_seconds": [round(t, 3) for t in getattr(cal, "block_times", [])]}
             report_mod.write(report, tmp)
     except FileExistsError as e:
         raise LowbitError(str(e)) from e
@@ -324,4 +326,18 @@ def summary_text(report: dict) -> str:
         lines[-1] += f"{a['ppl']:.3f}" if a else "n/a"
         lines[-1] += f"  ({w['windows']} windows x {w['seqlen']} tokens)"
     lines.append("  time               : " + ", ".join(f"{k} {v:.1f}s" for k, v in report["times"].items()))
+    res = report.get("resources", {})
+    if res.get("peak_rss_mib"):
+        lines.append(f"  peak memory        : {res['peak_rss_mib'] / 1024:.2f} GiB resident (this process's VmHWM)")
     return "\n".join(lines)
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's own peak resident memory (``VmHWM``; Linux), or ``None`` where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
