@@ -156,3 +156,17 @@ def test_genai_folder_generates_the_same_tokens(tiny_dir, text_file, tmp_path):
     ours, _, _ = OrtDecoder(d / "onnx").generate(ids, 16)
     theirs = genai_generate(d / "onnx", ids, 16)
     assert len(theirs) >= 1 and theirs == ours[: len(theirs)]
+
+
+def test_head_option_compresses_head_and_embedding(tiny_dir, text_file, tmp_path):
+    d = _compile(tiny_dir, text_file, tmp_path / "h8", "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--head", "8")
+    art = load(d)
+    head = art.formats["lm_head"]
+    assert head.bits == 8 and head.group_size == 32
+    targets = [str(n.target) for n in art.program.graph.nodes if n.op == "call_function"]
+    assert "lowbit.affine_embedding.default" in targets
+    # a user rule naming lm_head wins over --head
+    d2 = _compile(tiny_dir, text_file, tmp_path / "h4rule", "--method", "rtn", "--bits", "4", "--group-size", "32",
+                  "--head", "8", overrides='[[rule]]\nmatch = "lm_head"\nbits = 4\ngroup_size = 16\n')
+    assert load(d2).formats["lm_head"].bits == 4

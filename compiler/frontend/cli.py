@@ -149,6 +149,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--overrides", default=None, metavar="FILE",
                    help="per-module rules (.toml/.json): match a name pattern, then skip = true or other options, "
                         "e.g. keep lm_head and layers.0.* at 4 bits while the rest gets 2 (see README)")
+    p.add_argument("--head", default="float", choices=["float", "4", "8"],
+                   help="compress the output head to 4 or 8 bits (32-column groups; GPTQ unless the method is rtn "
+                        "or gptq); a tied embedding then reads the same packed table (default float)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="c4", help="c4 or a .txt/.jsonl file (default c4)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -209,7 +212,7 @@ def compile_main(argv=None) -> int:
         seqlen=args.seqlen, seed=args.seed, eval=tuple(x for x in args.eval.split(",") if x),
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, eval_float=not args.no_eval_float,
         float_dtype=args.float_dtype, progress=not args.quiet, onnx_accuracy_level=args.accuracy_level,
-        overrides=args.overrides, resume=args.resume,
+        overrides=args.overrides, resume=args.resume, head=args.head,
     )
     try:
         report = compile_model(opts)

@@ -58,6 +58,10 @@ class CompileOptions:
     # Per-module overrides (lowbit.compiler.engine.overrides): a .json/.toml path or a list of rule dicts.
     overrides: object = None
     resume: bool = False  # continue a training method's interrupted run from OUTPUT.ckpt/
+    # The output head (and a tied embedding, through the tie-embedding pass): "float", or "4"/"8" bits in
+    # 32-column groups, calibrated by the run's method when it is uniform (rtn, gptq), else by GPTQ. Added after
+    # the user's --overrides rules, so a rule naming lm_head wins.
+    head: str = "float"
     # The user's own passes (objects with ``name`` and ``run(gm, ctx) -> PassReport``), run after lowbit's.
     extra_passes: tuple = ()
 
@@ -96,6 +100,9 @@ class _Run:
         self.eval_tokens: dict = {}
 
 
+HEAD_GROUP = 32  # --head: 32-column groups (the tied table is also the embedding: rows read one at a time)
+
+
 def compile_model(opts: CompileOptions) -> dict:
     """Run the whole pipeline; returns the report dict (also written into the artifact)."""
     run = _Run(opts)
@@ -117,14 +124,26 @@ def _check_inputs(run: _Run) -> None:
     except (ValueError, TypeError) as e:
         raise LowbitError(str(e)) from e
     plan = None
-    if opts.overrides is not None:
+    if opts.head not in ("float", "4", "8"):
+        raise LowbitError(f"--head must be float, 4 or 8, got {opts.head!r}")
+    if opts.overrides is not None or opts.head != "float":
         from lowbit.compiler.engine.overrides import MethodPlan, load_rules, parse_rules
 
-        rules = parse_rules(opts.overrides) if isinstance(opts.overrides, list) else load_rules(opts.overrides)
+        rules = [] if opts.overrides is None else (
+            parse_rules(opts.overrides) if isinstance(opts.overrides, list) else load_rules(opts.overrides))
+        if opts.head != "float" and not any(r.match in ("lm_head", "model.lm_head") for r in rules):
+            head = {"match": "lm_head", "bits": int(opts.head), "group_size": HEAD_GROUP}
+            if opts.method not in ("rtn", "gptq"):
+                head["method"] = "gptq"
+            rules += parse_rules([head], source="--head")
+            for i, r in enumerate(rules):
+                r.index = i
         plan = MethodPlan(method, opts.method_options, rules)
     tag = method.config.tag() if hasattr(method.config, "tag") else opts.method
-    if plan is not None:
+    if opts.overrides is not None:
         tag += "-overrides"
+    if opts.head != "float":
+        tag += f"-head{opts.head}"
     out = Path(opts.output) if opts.output else default_output(opts, tag)
     src = models.resolve(opts.model)
     check_output(out, opts.overwrite, protect=[src.path], need_bytes=_artifact_estimate(src.path))
