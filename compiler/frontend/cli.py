@@ -349,6 +349,10 @@ def export_main(argv=None) -> int:
                         "fused ops (GroupQueryAttention, SkipSimplifiedLayerNormalization; Llama-type models, "
                         "onnxruntime-genai names), traced = torch.export capture (any architecture); auto = direct "
                         "where it applies (default)")
+    p.add_argument("--billm-lowering", default="grid", choices=["grid", "exact"],
+                   help="direct decoder: BiLLM weights on a 4-bit grid per block (one fast MatMulNBits, ~1.7x the "
+                        "format's bytes, weight error recorded in export.json; default) or exact (2-bit ternary "
+                        "planes, ~2.5x the bytes, slower in ONNX Runtime 1.32)")
     p.add_argument("--genai", action="store_true",
                    help="--onnx: also write genai_config.json and the tokenizer, so onnxruntime-genai loads DIR/onnx")
     p.add_argument("--outlier-data", default="c4",
@@ -410,7 +414,8 @@ def export_main(argv=None) -> int:
     try:
         s = export_artifact(args.artifact, accuracy_level=args.accuracy_level, matmulnbits=not args.no_matmulnbits,
                             kv_cache=not args.no_kv_cache, overwrite=args.overwrite, outlier_data=args.outlier_data,
-                            decoder=args.decoder, genai=args.genai, progress=lambda m: print(m, file=sys.stderr))
+                            decoder=args.decoder, genai=args.genai, binary=args.billm_lowering,
+                            progress=lambda m: print(m, file=sys.stderr))
     except (LowbitError, ArtifactError) as e:
         print(f"lowbit-export: error: {e}", file=sys.stderr)
         return 2

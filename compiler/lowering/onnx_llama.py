@@ -88,7 +88,7 @@ class _Tensors:
 
 
 def build_decoder(art, path: Path, accuracy_level: int = 4, max_block: int | None = 32, vq_block: int = 32,
-                  max_positions: int | None = None, outliers: dict | None = None) -> dict:
+                  max_positions: int | None = None, outliers: dict | None = None, binary: str = "grid") -> dict:
     """Write ``path`` (+ ``.data``) for an artifact and return ``{"cache", "layers": {name: record}, "head", ...}``.
 
     ``outliers``: ``{module name: LongTensor of input channels}`` taken out of ``MatMulNBits``' int8 activation
@@ -97,7 +97,7 @@ def build_decoder(art, path: Path, accuracy_level: int = 4, max_block: int | Non
     if why:
         raise ValueError(why)
     return _build(_config(art), _Tensors(art), art.formats, path, accuracy_level, max_block, vq_block,
-                  max_positions, outliers)
+                  max_positions, outliers, binary)
 
 
 def build_float_decoder(model, path: Path, max_positions: int | None = None) -> dict:
@@ -106,10 +106,10 @@ def build_float_decoder(model, path: Path, max_positions: int | None = None) -> 
     tens.t = {k: v for k, v in model.state_dict().items()}
     if "lm_head.weight" not in tens.t and model.get_output_embeddings() is not None:
         tens.t["lm_head.weight"] = model.get_output_embeddings().weight
-    return _build(model.config.to_dict(), tens, {}, path, 0, None, 32, max_positions, None)
+    return _build(model.config.to_dict(), tens, {}, path, 0, None, 32, max_positions, None, "grid")
 
 
-def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_positions, outliers) -> dict:
+def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_positions, outliers, binary) -> dict:
     from onnx import TensorProto, helper
 
     L = int(cfg["num_hidden_layers"])
@@ -143,7 +143,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
                                     name=f"{mod}.act_gather", axis=-1))
             xin, xo = splits[key]
         y, rec = lower_linear(g, xin, fmt, mod, weight=w, bias=tens.get(f"{mod}.bias"),
-                              accuracy_level=accuracy_level, max_block=max_block, vq_block=vq_block)
+                              accuracy_level=accuracy_level, max_block=max_block, vq_block=vq_block, binary=binary)
         if xin is not x:  # the dequantized columns (low-rank part included) in float: x[..., idx] @ W[:, idx].T
             cols = _np(fmt.dequantize()[:, idx].t().contiguous())
             t = g.op("MatMul", [xo, g.init(f"{mod}.act_cols_t", cols)], name=f"{mod}.act_cols")

@@ -8,15 +8,16 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
 * ``AffineIntK`` -> one ``com.microsoft::MatMulNBits`` (1 -> 2, 3 -> 4, 5..7 -> 8 bits, codes unchanged;
   symmetric 1/3/5..7-bit codes doubled into the wider field with the integer zero point ``2**b - 1`` and half
   the scale, symmetric 2/4-bit with float zero points: exact).
-* ``BinaryResidual`` (BiLLM) -> exact, in 2-bit ``MatMulNBits`` nodes: a weight of the concentrated part is
-  ``alpha_c * s``, of the sparse part ``alpha_s * s``, so each part is one ternary plane ``{-1, 0, +1}`` times
-  its per-row-block ``alpha`` (codes ``1 + s`` inside the part, ``1`` = zero elsewhere, zero point 1); the two
-  planes sit side by side in one node that reads ``[x, x]``. The salient columns are gathered twice from ``x``
-  and multiplied by two more ternary planes (``alpha0 * s`` and ``alpha1 * r``) in a second node, each block's
-  columns padded to 16 so blocks keep their own ``alpha``. fp16 outlier columns
-  are one thin float ``MatMul``. Reads ~4.5 bits per weight against the format's ~2.6: exact values instead of a
-  float matrix (the ONNX function rebuilds one per call). The mean-shifted variant (``mus``) is not exact this
-  way and falls back to a 4-bit grid.
+* ``BinaryResidual`` (BiLLM), ``binary="grid"`` (default): its levels (per row-block ``+-alpha_c``, ``+-alpha_s``
+  and the salient sums) rounded onto a 4-bit grid per BiLLM block, one ``MatMulNBits`` (~4.3 bits read per
+  weight for BiLLM's ~2.6 stored; the relative weight error, ~7.5% on SmolLM2 against BiLLM's own ~50%, is
+  recorded); fp16 outlier columns stay exact in a thin float ``MatMul``. ``binary="exact"``: a weight of the
+  concentrated part is ``alpha_c * s``, of the sparse part ``alpha_s * s``, so each part is one ternary plane
+  ``{-1, 0, +1}`` times its per-row-block ``alpha`` (codes ``1 + s`` inside the part, ``1`` = zero elsewhere,
+  zero point 1), both planes side by side in one 2-bit ``MatMulNBits`` that reads ``[x, x]``; the salient
+  columns are gathered twice and take two more planes (``alpha0 * s``, ``alpha1 * r``) in a second node, each
+  block's columns padded to 32 so blocks keep their own ``alpha``. Exact, but ~2.5x the format's bytes and
+  slower (ORT's 2-bit kernels). The mean-shifted variant (``mus``) always takes the grid.
 * ``VQCodebook`` (ReALLM) -> the codebook values times group scales are not on any uniform grid: they are
   rounded onto a 4-bit grid per block (min-max, ``vq_block`` columns) and run as ``MatMulNBits`` after a
   ``Gather`` of ``x`` by the column permutation; the relative weight error is measured and recorded.
@@ -35,7 +36,10 @@ from lowbit.runtime.packing import pack_rows, unpack_rows
 
 from .onnx_graph import MSFT, GraphBuilder
 
-GRID_BITS = 4  # the grid for values that are on no uniform grid (VQ codebooks, mean-shifted BiLLM)
+GRID_BITS = 4  # the grid for values that are on no uniform grid (VQ codebooks, BiLLM's levels)
+# ORT 1.32's 2-bit MatMulNBits is ~10x slower at 16-column blocks than at 32 (measured: BiLLM's salient node)
+SALIENT_BLOCK = 32
+BINARY_LOWERINGS = ("grid", "exact")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -148,10 +152,33 @@ def _doubled(g: GraphBuilder, x: str, k: int, block: int) -> str:
     return g.memo[key]
 
 
-def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block):
+def _binary_grid(g, x, fmt: BinaryResidual, name, accuracy_level, block):
+    """BiLLM's levels (per row-block: +-alpha_c, +-alpha_s and the salient sums) on a 4-bit grid per ``block``
+    columns; the fp16 outlier columns stay exact in one thin float ``MatMul``."""
+    w = fmt.dequantize()
+    if fmt.outlier_cols is not None:
+        w[:, fmt.outlier_cols.long()] = 0.0
+    codes, sc, zp, _ = grid_codes(w, GRID_BITS, block)
+    y, nb = matmul_nbits(g, x, codes, sc, zp, GRID_BITS, block, name, accuracy_level)
+    deq = ((codes.float() - zp.float().repeat_interleave(block, 1)[:, : w.shape[1]])
+           * sc.repeat_interleave(block, 1)[:, : w.shape[1]])
+    full = fmt.dequantize()
+    if fmt.outlier_cols is not None:
+        oc = fmt.outlier_cols.long()
+        deq[:, oc] = full[:, oc]
+        xo = g.op("Gather", [x, g.const_i64(f"{name}.outlier_idx", oc.tolist())], name=f"{name}.outlier_gather",
+                  axis=-1)
+        t, b2 = _float_matmul(g, xo, fmt.outlier_vals.float(), f"{name}.outliers")
+        y = _add(g, y, t, f"{name}.outlier_add")
+        nb += b2
+    err = float((deq - full).norm() / full.norm().clamp(min=1e-12))
+    return y, nb, f"BiLLM levels on a {GRID_BITS}-bit grid, block {block}: MatMulNBits", err
+
+
+def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block, mode: str = "grid"):
     n, k, bs = fmt.out_features, fmt.in_features, fmt.block_size
-    if fmt.mus is not None or bs < 16 or bs & (bs - 1):
-        return _grid(g, x, fmt.dequantize(), name, accuracy_level, vq_block, "BiLLM (mean-shifted or odd block)")
+    if mode == "grid" or fmt.mus is not None or bs < 16 or bs & (bs - 1):
+        return _binary_grid(g, x, fmt, name, accuracy_level, bs if bs >= 16 and not bs & (bs - 1) else vq_block)
     s = unpack_rows(fmt.signs, 1, k).to(torch.uint8)  # 1 = +1
     sal = fmt.salient_cols.long()
     non_sal = torch.ones(k, dtype=torch.bool)
@@ -177,10 +204,10 @@ def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block):
             pos = torch.nonzero((sal >= b * bs) & (sal < (b + 1) * bs)).flatten()
             if not pos.numel():
                 continue
-            pad = -(-pos.numel() // 16) * 16
+            pad = -(-pos.numel() // SALIENT_BLOCK) * SALIENT_BLOCK
             idx += sal[pos].tolist() + [int(sal[pos[0]])] * (pad - pos.numel())
             src += pos.tolist() + [-1] * (pad - pos.numel())
-            blocks += [b] * (pad // 16)
+            blocks += [b] * (pad // SALIENT_BLOCK)
         src_t = torch.tensor(src)
         real = src_t >= 0
         ks = len(idx)
@@ -190,7 +217,7 @@ def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block):
         codes[:, :ks][:, real] = 2 * s[:, sal][:, src_t[real]]
         codes[:, ks:][:, real] = 2 * r[:, src_t[real]]
         sc = torch.cat([fmt.alphas[..., 0].float()[:, blocks], fmt.alphas[..., 1].float()[:, blocks]], 1)
-        y, nb = matmul_nbits(g, xs, codes, sc, torch.ones_like(sc, dtype=torch.uint8), 2, 16, f"{name}.salient",
+        y, nb = matmul_nbits(g, xs, codes, sc, torch.ones_like(sc, dtype=torch.uint8), 2, SALIENT_BLOCK, f"{name}.salient",
                              accuracy_level)
         outs.append(y)
         total += nb
@@ -227,8 +254,9 @@ def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block):
 
 def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, accuracy_level: int = 4, max_block: int | None = 32,
-                 vq_block: int = 32) -> tuple[str, dict]:
-    """Emit one linear; ``fmt`` is the artifact's format, or ``None`` with the float ``weight``."""
+                 vq_block: int = 32, binary: str = "grid") -> tuple[str, dict]:
+    """Emit one linear; ``fmt`` is the artifact's format, or ``None`` with the float ``weight``. ``binary``:
+    ``grid`` (BiLLM on a 4-bit grid: one fast node, ~1.7x the format's bytes) or ``exact`` (ternary planes)."""
     if fmt is None:
         y, nb = _float_matmul(g, x, weight, name)
         rec = {"lowering": "float MatMul", "ort_bytes": nb, "packed_bytes": weight.numel() * 2, "rel_err": 0.0}
@@ -236,7 +264,7 @@ def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor |
         if isinstance(fmt, AffineIntK):
             y, nb, how, err = _affine(g, x, fmt, name, accuracy_level, max_block)
         elif isinstance(fmt, BinaryResidual):
-            y, nb, how, err = _binary(g, x, fmt, name, accuracy_level, vq_block)
+            y, nb, how, err = _binary(g, x, fmt, name, accuracy_level, vq_block, binary)
         elif isinstance(fmt, VQCodebook):
             y, nb, how, err = _vq(g, x, fmt, name, accuracy_level, vq_block)
         else:
