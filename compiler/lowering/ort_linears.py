@@ -19,7 +19,8 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   block's columns padded to 32 so blocks keep their own ``alpha``. Exact, but ~2.5x the format's bytes and
   slower (ORT's 2-bit kernels). The mean-shifted variant (``mus``) always takes the grid.
 * ``VQCodebook`` (ReALLM) -> the codebook values times group scales are not on any uniform grid: they are
-  rounded onto a 4-bit grid per block (min-max, ``vq_block`` columns) and run as ``MatMulNBits`` after a
+  rounded onto a 4-bit grid per block (the format's scale group when it is a power of two of 16-128 columns,
+  else ``vq_block``; range shrink chosen for least squared error) and run as ``MatMulNBits`` after a
   ``Gather`` of ``x`` by the column permutation; the relative weight error is measured and recorded.
 * ``LowRank`` -> two thin float ``MatMul`` nodes added to the output.
 * no format (a linear kept float) -> ``MatMul`` with the transposed float weight.
@@ -248,7 +249,9 @@ def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block):
     if fmt.perm is not None:  # x[..., perm] @ Wp.T: the stored column order, no permuted weight copy
         xin = g.op("Gather", [x, g.const_i64(f"{name}.perm", fmt.perm.long().tolist())], name=f"{name}.perm_gather",
                    axis=-1)
-    y, nb, how, err = _grid(g, xin, wp, name, accuracy_level, vq_block, "VQ codebook values x group scales")
+    gs = fmt.group_size  # one scale per group: the grid per group spans that scale times the codebook's values
+    block = gs if 16 <= gs <= 128 and not gs & (gs - 1) else vq_block
+    y, nb, how, err = _grid(g, xin, wp, name, accuracy_level, block, "VQ codebook values x group scales")
     return y, nb + (k * 8 if fmt.perm is not None else 0), how, err
 
 
