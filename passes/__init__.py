@@ -1,6 +1,6 @@
 """Graph passes over the exported program, and the calibration methods (``lowbit.passes.methods``).
 
-Default pipeline: ``find-linear-sites -> replace-linears -> verify -> clean-up`` (see
+Default pipeline: ``find-linear-sites -> replace-linears -> verify -> tie-embedding -> clean-up`` (see
 :func:`default_passes`). User passes follow the same protocol (:class:`Pass`).
 """
 
