@@ -83,7 +83,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeat", type=int, default=3, help="decode runs per model; the median is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="decode runs per model and round; their median counts")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all models (ratios: median over rounds)")
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
     if a.child:
@@ -97,18 +98,36 @@ def main():
             export_float(a.float_model, Path(a.traced_float), direct=False)
         rows.append(("float32 ONNX (traced)", Path(a.traced_float)))
     rows += [(Path(x).name, Path(x) / "onnx") for x in a.artifacts]
+    # Rounds: every model once per round, in turn, so that each ratio compares runs minutes apart at most
+    # (this shared machine's speed drifts); the table gives each model's median over rounds of (tok/s / float's
+    # tok/s in the same round).
+    per_round = []
+    for rnd in range(a.rounds):
+        got = {}
+        for name, d in rows:
+            cmd = [sys.executable, __file__, "--child", str(d), "--prompt-len", str(a.prompt_len),
+                   "--new-tokens", str(a.new_tokens), "--repeat", str(a.repeat)] + \
+                (["--threads", str(a.threads)] if a.threads else [])
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+                           .splitlines()[-1])
+            r["bytes"], r["packed"] = onnx_bytes(d)
+            got[name] = r
+            print(f"round {rnd + 1} {name}: {r}", file=sys.stderr)
+        per_round.append(got)
     res = []
-    for name, d in rows:
-        cmd = [sys.executable, __file__, "--child", str(d), "--prompt-len", str(a.prompt_len),
-               "--new-tokens", str(a.new_tokens), "--repeat", str(a.repeat)] + \
-            (["--threads", str(a.threads)] if a.threads else [])
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        r["bytes"], r["packed"] = onnx_bytes(d)
+    for name, _ in rows:
+        rs = [p[name] for p in per_round]
+        ratios = sorted(p[name]["tok_s"] / p[rows[0][0]]["tok_s"] for p in per_round)
+        r = dict(rs[0])
+        r["tok_s"] = sorted(x["tok_s"] for x in rs)[len(rs) // 2]
+        r["ratio"] = ratios[len(ratios) // 2]
+        r["peak_rss_mib"] = max(x["peak_rss_mib"] for x in rs)
+        r["runtime_mib"] = min(x["runtime_mib"] for x in rs)
         res.append((name, r))
-        print(f"done {name}: {r}", file=sys.stderr)
     base = res[0][1]
-    print(f"\nDecode in ONNX Runtime {__import__('onnxruntime').__version__}, {os.cpu_count()} CPU threads, "
-          f"prompt {a.prompt_len}, {a.new_tokens} new tokens (greedy, KV cache)\n")
+    print(f"\nDecode in ONNX Runtime {__import__('onnxruntime').__version__}, {a.threads or os.cpu_count()} thread(s), "
+          f"prompt {a.prompt_len}, {a.new_tokens} new tokens (greedy, KV cache), median of {a.rounds} rounds x "
+          f"{a.repeat} runs\n")
     print("| model | decoder.onnx + data | decode tok/s | speed vs float | peak RSS MiB | RSS vs float | "
           "resident weights MiB | packed MiB | resident / packed |")
     print("|---|---|---|---|---|---|---|---|---|")

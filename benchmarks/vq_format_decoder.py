@@ -1,0 +1,98 @@
+"""A VQ-format (ReALLM) decoder of a real model's shapes, for speed and memory rows only, in minutes.
+
+ReALLM's calibration of SmolLM2 takes ~1-2 CPU-minutes per block (k-means per candidate). ONNX Runtime's speed
+and memory depend only on the formats' shapes (vector length, index bits, group, rank, permutation), not on
+how well the codebook was fitted. This script gives every linear of the model the format ``d<D>b<B>g<G>r<R>``
+with a one-pass fit: per-group scales from the rows' group norms, a codebook sampled from the scaled weight
+vectors, nearest-entry indices, a random permutation and a rank-R SVD of the residual. It writes
+``OUT/onnx/decoder.onnx`` with the same direct builder ``lowbit-export`` uses and an ``export.json`` for
+``benchmarks/onnx_decode.py``. Its perplexity means nothing (not a calibrated model); use it for speed and bytes.
+
+Usage: python benchmarks/vq_format_decoder.py --format d4b8g128r8 --head 4 -o out/speed/vq-d4b8g128r8-h4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+
+def fit_vq(w: torch.Tensor, d: int, b: int, g: int, r: int, gen: torch.Generator):
+    from lowbit.runtime.formats import LowRank, VQCodebook
+
+    n, k = w.shape
+    perm = torch.randperm(k, generator=gen)
+    wp = w[:, perm]
+    scales = wp.view(n, k // g, g).pow(2).mean(-1).sqrt().clamp(min=1e-8) if k % g == 0 else \
+        torch.stack([c.pow(2).mean(-1).sqrt() for c in wp.split(g, 1)], 1).clamp(min=1e-8)
+    x = (wp / scales.repeat_interleave(g, 1)[:, :k]).reshape(-1, d)
+    book = x[torch.randint(0, x.shape[0], (1 << b,), generator=gen)].clone()
+    idx = torch.cat([torch.cdist(c, book).argmin(1) for c in x.split(65536)])
+    lr = None
+    if r:
+        deq = (book[idx].reshape(n, k) * scales.repeat_interleave(g, 1)[:, :k])
+        res = torch.empty_like(w)
+        res[:, perm] = wp - deq
+        u, s, v = torch.svd_lowrank(res, q=r)
+        lr = LowRank((v * s).t().contiguous(), u.contiguous())
+    return VQCodebook.from_indices(idx.view(n, k // d), book, scales, b, g, perm=perm, lowrank=lr)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--format", default="d4b8g128r8")
+    ap.add_argument("--head", choices=["float", "4"], default="4", help="head (and tied embedding): RTN 4-bit g32")
+    ap.add_argument("-o", "--output", required=True)
+    a = ap.parse_args()
+    m = re.fullmatch(r"d(\d+)b(\d+)g(\d+)r(\d+)", a.format)
+    if not m:
+        sys.exit(f"--format must look like d4b8g128r8, got {a.format!r}")
+    d, b, g, r = map(int, m.groups())
+    from lowbit.compiler.engine import models
+    from lowbit.compiler.lowering.onnx_llama import _build, _Tensors
+
+    model, _, _ = models.load(a.model)
+    gen = torch.Generator().manual_seed(0)
+    formats = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            formats[name] = fit_vq(mod.weight.detach().float(), d, b, g, r, gen)
+    if a.head == "4":
+        formats["lm_head"] = _rtn(model.get_output_embeddings().weight.detach().float(), 4, 32)
+    tens = _Tensors(None)
+    tens.t = dict(model.state_dict())
+    out = Path(a.output) / "onnx"
+    out.mkdir(parents=True, exist_ok=True)
+    info = _build(model.config.to_dict(), tens, formats, out / "decoder.onnx", 4, None, 32, None, None, "grid")
+    (out / "export.json").write_text(json.dumps({"graphs": {"decoder": "decoder.onnx"}, "cache": info["cache"],
+                                                 "decoder": {k: v for k, v in info.items() if k != "layers"},
+                                                 "synthetic_vq": a.format}, indent=1))
+    bits = 8 * sum(f.nbytes() for n, f in formats.items() if n != "lm_head") / sum(
+        f.in_features * f.out_features for n, f in formats.items() if n != "lm_head")
+    worst = max(rec["rel_err"] for rec in info["layers"].values())
+    print(f"{out}: {a.format} ({bits:.3f} true bits per weight in the linears), {info['nodes']} nodes, resident "
+          f"weights {info['ort_weight_bytes'] / 2**20:.1f} MiB for {info['packed_bytes'] / 2**20:.1f} MiB packed, "
+          f"worst grid error {worst:.3f}")
+    return 0
+
+
+def _rtn(w: torch.Tensor, bits: int, group: int):
+    from lowbit.runtime.formats import AffineIntK
+
+    n, k = w.shape
+    q = w.view(n, k // group, group)
+    lo, hi = q.amin(-1), q.amax(-1)
+    scale = ((hi - lo) / ((1 << bits) - 1)).clamp(min=1e-8)
+    zero = torch.round(-lo / scale).clamp(0, (1 << bits) - 1)
+    codes = torch.clamp(torch.round(q / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1)
+    return AffineIntK.from_codes(codes.view(n, k).to(torch.uint8), scale, zero.to(torch.uint8), bits, group)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
