@@ -490,7 +490,7 @@ def finetune_main(argv=None) -> int:
         print(f"lowbit-finetune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lowbit-finetune: interrupted; no artifact written (resume from the last checkpoint with --resume)",
+        print("lowbit-finetune: interrupted; no artifact written (resume from the last checkpoint with --resume)",
               file=sys.stderr)
         return 130
     if r.get("stopped"):
