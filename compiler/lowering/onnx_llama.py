@@ -224,15 +224,15 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         x, residual = _skip_norm(g, down, residual, g.init(nname, _np(tens.need(nname).float())),
                                  "final_norm" if last else f"layers.{i + 1}.input_norm", eps)
     if head_fmt is not None:
-        logits = linear(x, "lm_head")
+        linear(x, "lm_head")
         head.update(kind="packed", **records["lm_head"])
     elif float_head_t is not None:
-        logits = g.op("MatMul", [x, float_head_t], name="lm_head")
+        g.op("MatMul", [x, float_head_t], name="lm_head")
         head.update(kind="float (tied, one copy)", ort_bytes=int(emb_w.numel() * 4))
     else:
-        logits = linear(x, "lm_head")
+        linear(x, "lm_head")
         head.update(kind="float", **records["lm_head"])
-    g.nodes[-1].output[0] = "logits"
+    g.nodes[-1].output[0] = "logits"  # the head's last node (MatMulNBits, MatMul or a bias Add) is the output
 
     f32 = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
