@@ -18,7 +18,6 @@ Usage:
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +25,9 @@ from pathlib import Path
 
 def child(onnx_dir: str, prompt_len: int, new_tokens: int, threads: int | None, repeat: int = 3) -> None:
     import numpy as np
-
-    from lowbit.runtime.onnx_runtime import OrtDecoder
-
     import onnxruntime  # noqa: F401  (the runtime's own baseline includes its library)
+    from lowbit.runtime.onnx_runtime import OrtDecoder
+    from lowbit.runtime.resources import peak_rss_mib, rss_mib
 
     base = rss_mib()
     dec = OrtDecoder(onnx_dir, threads=threads)
@@ -44,25 +42,6 @@ def child(onnx_dir: str, prompt_len: int, new_tokens: int, threads: int | None, 
     rss = peak_rss_mib()
     print(json.dumps({"tok_s": tok_s, "prefill_s": t_pre, "peak_rss_mib": rss, "runtime_mib": base,
                       "runs_tok_s": [r[0] for r in runs]}))
-
-
-def rss_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mib() -> float:
-    """This process's own peak resident memory: ``VmHWM`` (``ru_maxrss`` carries a parent's peak across fork and
-    exec on Linux, so a child launched after the float export would report the exporter's peak)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def onnx_bytes(d: Path) -> tuple[int, int | None]:

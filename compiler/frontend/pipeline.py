@@ -26,6 +26,7 @@ from lowbit.passes import PassContext, PassManager, default_passes
 from lowbit.passes.base import PassError
 from lowbit.passes.methods import build_method
 from lowbit.runtime import artifact as art
+from lowbit.runtime.resources import peak_rss_mib
 from lowbit.runtime.output_dir import check_output
 from lowbit.version import __version__
 
@@ -316,7 +317,7 @@ def _write_artifact(run: _Run) -> None:
             if getattr(method, "e2e_report", None):
                 report["end_to_end"] = method.e2e_report
             report["times"] = {**timer.times, "total": time.perf_counter() - run.t_all}
-            report["resources"] = {"peak_rss_mib": _peak_rss_mib(),
+            report["resources"] = {"peak_rss_mib": peak_rss_mib(),
                                    "block_seconds": [round(t, 3) for t in getattr(cal, "block_times", [])]}
             report_mod.write(report, tmp)
     except FileExistsError as e:
@@ -350,13 +351,3 @@ def summary_text(report: dict) -> str:
         lines.append(f"  peak memory        : {res['peak_rss_mib'] / 1024:.2f} GiB resident (this process's VmHWM)")
     return "\n".join(lines)
 
-
-def _peak_rss_mib() -> float | None:
-    """This process's own peak resident memory (``VmHWM``; Linux), or ``None`` where /proc is missing."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None

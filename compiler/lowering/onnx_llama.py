@@ -55,8 +55,6 @@ def unsupported_reason(art) -> str | None:
         return "sliding-window attention"
     if cfg.get("hidden_act", "silu") != "silu":
         return f"hidden_act {cfg.get('hidden_act')!r}"
-    if cfg.get("attention_bias") and mt == "llama":
-        pass  # biases are emitted as Add nodes
     return None
 
 

@@ -156,14 +156,14 @@ def _doubled(g: GraphBuilder, x: str, k: int, block: int) -> str:
 def _binary_grid(g, x, fmt: BinaryResidual, name, accuracy_level, block):
     """BiLLM's levels (per row-block: +-alpha_c, +-alpha_s and the salient sums) on a 4-bit grid per ``block``
     columns; the fp16 outlier columns stay exact in one thin float ``MatMul``."""
-    w = fmt.dequantize()
+    full = fmt.dequantize()
+    w = full.clone()
     if fmt.outlier_cols is not None:
         w[:, fmt.outlier_cols.long()] = 0.0
     codes, sc, zp, _ = grid_codes(w, GRID_BITS, block)
     y, nb = matmul_nbits(g, x, codes, sc, zp, GRID_BITS, block, name, accuracy_level)
     deq = ((codes.float() - zp.float().repeat_interleave(block, 1)[:, : w.shape[1]])
            * sc.repeat_interleave(block, 1)[:, : w.shape[1]])
-    full = fmt.dequantize()
     if fmt.outlier_cols is not None:
         oc = fmt.outlier_cols.long()
         deq[:, oc] = full[:, oc]
