@@ -107,13 +107,13 @@ def main():
     print(f"\nDecode in ONNX Runtime {__import__('onnxruntime').__version__}, {a.threads or os.cpu_count()} thread(s), "
           f"prompt {a.prompt_len}, {a.new_tokens} new tokens (greedy, KV cache), median of {a.rounds} rounds x "
           f"{a.repeat} runs\n")
-    print("| model | decoder.onnx + data | decode tok/s | speed vs float | peak RSS MiB | RSS vs float | "
+    print("| model | decoder.onnx + data | decode tok/s | speed vs float (median of same-round ratios) | peak RSS MiB | RSS vs float | "
           "resident weights MiB | packed MiB | resident / packed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in res:
         weights = r["peak_rss_mib"] - r["runtime_mib"]
         packed = r["packed"] / 2**20 if r["packed"] else None
-        print(f"| {name} | {r['bytes'] / 2**20:.1f} MiB | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f}x | "
+        print(f"| {name} | {r['bytes'] / 2**20:.1f} MiB | {r['tok_s']:.1f} | {r['ratio']:.2f}x | "
               f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} | {weights:.0f} | "
               + (f"{packed:.1f} | {weights / packed:.2f} |" if packed else "- | - |"))
 

@@ -112,6 +112,11 @@ def test_direct_decoder_matches_torch(tiny_dir, text_file, tmp_path, name, metho
     ops = {n.op_type for n in m.graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"} <= ops
     assert [i.name for i in m.graph.input[:3]] == ["input_ids", "attention_mask", "past_key_values.0.key"]
+    if name in ("w4g32", "w3g32-sym", "billm-grid"):  # q/k/v and gate/up each one MatMulNBits (onnx_fuse)
+        assert s["decoder"]["merged_matmulnbits"] == 2 * s["cache"]["layers"]
+        gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+        assert all(n.input[1] == "" for n in gqa) == (name != "billm-grid")  # packed QKV unless outliers follow
+        _assert_fusion_is_exact(d, tmp_path / f"{name}-unfused.onnx")
     worst = max(r["rel_err"] for r in s["decoder"]["layers"].values())
     tol = 1e-4 if worst == 0 else 0.2 + 4 * worst  # grid lowerings (VQ, BiLLM grid): bounded by their own error
     assert s["check"]["decoder_max_rel_err_vs_torch"] < tol, s["check"]
@@ -124,6 +129,30 @@ def test_direct_decoder_matches_torch(tiny_dir, text_file, tmp_path, name, metho
     logits2, _ = dec.step(ids[:, 6:].numpy(), cache)
     full = torch.from_numpy(np.concatenate([logits, logits2], 1))
     assert float((full - ref).abs().max() / ref.abs().max()) < tol
+
+
+def _assert_fusion_is_exact(d, unfused_path):
+    """The decoder with q/k/v and gate/up merged gives the same logits as one node per linear."""
+    import onnxruntime as ort
+
+    from lowbit.compiler.lowering.onnx_llama import build_decoder
+
+    build_decoder(load(d), unfused_path, accuracy_level=0, max_block=None, fuse=False)
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                for p in (d / "onnx" / "decoder.onnx", unfused_path)]
+    assert len(sessions[0].get_inputs()) == len(sessions[1].get_inputs())
+    feeds = {}
+    for i in sessions[1].get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = np.array([[3, 14, 15, 92, 65]], np.int64)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((1, 5), np.int64)
+        else:  # an empty cache (batch, kv_heads, 0, head_dim)
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    a, b = (s.run(["logits"], feeds)[0] for s in sessions)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert len(onnx.load(str(unfused_path), load_external_data=False).graph.node) > \
+        len(onnx.load(str(d / "onnx" / "decoder.onnx"), load_external_data=False).graph.node)
 
 
 def test_tied_packed_head_carries_the_embedding(tiny_dir, text_file, tmp_path):

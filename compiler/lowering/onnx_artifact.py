@@ -136,7 +136,7 @@ def _export_decoder(art, out_dir: Path, decoder: str, accuracy_level: int, matmu
     for rec in info["layers"].values():
         lowerings[rec["lowering"]] = lowerings.get(rec["lowering"], 0) + 1
     worst = max((r["rel_err"] for r in info["layers"].values()), default=0.0)
-    progress(f"[onnx] {info['nodes']} nodes; " + "; ".join(f"{n} x {k}" for k, n in lowerings.items())
+    progress(f"[onnx] {info['nodes']} nodes ({info['merged_matmulnbits']} q/k/v or gate/up merges); " + "; ".join(f"{n} x {k}" for k, n in lowerings.items())
              + f"; resident weights {info['ort_weight_bytes'] / 2**20:.1f} MiB for {info['packed_bytes'] / 2**20:.1f}"
              f" MiB packed; worst weight error of a lowering {worst:.2e}")
     info["lowerings"] = lowerings

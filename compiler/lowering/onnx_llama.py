@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .onnx_fuse import drop_split, fuse_matmulnbits
 from .onnx_graph import MSFT, GraphBuilder, save_deduplicated
 from .ort_linears import _np, lower_linear
 
@@ -86,28 +87,32 @@ class _Tensors:
 
 
 def build_decoder(art, path: Path, accuracy_level: int = 4, max_block: int | None = 32, vq_block: int = 32,
-                  max_positions: int | None = None, outliers: dict | None = None, binary: str = "grid") -> dict:
+                  max_positions: int | None = None, outliers: dict | None = None, binary: str = "grid",
+                  fuse: bool = True) -> dict:
     """Write ``path`` (+ ``.data``) for an artifact and return ``{"cache", "layers": {name: record}, "head", ...}``.
 
     ``outliers``: ``{module name: LongTensor of input channels}`` taken out of ``MatMulNBits``' int8 activation
-    path at ``accuracy_level`` 4 (measured on SmolLM2 with 32-column blocks: not needed, so off by default)."""
+    path at ``accuracy_level`` 4 (measured on SmolLM2 with 32-column blocks: not needed, so off by default).
+    ``fuse``: q/k/v and gate/up, where their lowerings are sibling ``MatMulNBits`` nodes, run as one node each
+    (:mod:`~lowbit.compiler.lowering.onnx_fuse`; exact, fewer kernel calls per token)."""
     why = unsupported_reason(art)
     if why:
         raise ValueError(why)
     return _build(_config(art), _Tensors(art), art.formats, path, accuracy_level, max_block, vq_block,
-                  max_positions, outliers, binary)
+                  max_positions, outliers, binary, fuse)
 
 
-def build_float_decoder(model, path: Path, max_positions: int | None = None) -> dict:
+def build_float_decoder(model, path: Path, max_positions: int | None = None, fuse: bool = True) -> dict:
     """The same graph for an uncompressed Hugging Face model (the float32 baseline of the benchmarks)."""
     tens = _Tensors(None)
     tens.t = {k: v for k, v in model.state_dict().items()}
     if "lm_head.weight" not in tens.t and model.get_output_embeddings() is not None:
         tens.t["lm_head.weight"] = model.get_output_embeddings().weight
-    return _build(model.config.to_dict(), tens, {}, path, 0, None, 32, max_positions, None, "grid")
+    return _build(model.config.to_dict(), tens, {}, path, 0, None, 32, max_positions, None, "grid", fuse)
 
 
-def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_positions, outliers, binary) -> dict:
+def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_positions, outliers, binary,
+           fuse) -> dict:
     from onnx import TensorProto, helper
 
     L = int(cfg["num_hidden_layers"])
@@ -123,6 +128,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
 
     g = GraphBuilder()
     records = {}
+    fusions = 0  # q/k/v and gate/up merged into one MatMulNBits each (onnx_fuse)
 
     splits = {}  # (input, channels) -> (input with them zeroed, their columns): shared by q/k/v and gate/up
 
@@ -201,9 +207,12 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
     in_names, out_names = names(L)
     for i in range(L):
         p = f"model.layers.{i}"
-        q = linear(x, f"{p}.self_attn.q_proj")
-        k = linear(x, f"{p}.self_attn.k_proj")
-        v = linear(x, f"{p}.self_attn.v_proj")
+        qkv_mods = [f"{p}.self_attn.{m}_proj" for m in "qkv"]
+        q, k, v = (linear(x, m) for m in qkv_mods)
+        fused = fuse_matmulnbits(g, qkv_mods, f"{p}.self_attn.qkv_proj") if fuse else None
+        if fused and [q, k, v] == list(fused["split"].output):  # nothing after the node: GQA's packed QKV input
+            q, k, v = drop_split(g, fused), None, None
+        fusions += bool(fused)
         att, pk, pv = g.op("GroupQueryAttention", [q, k, v, in_names[2 + 2 * i], in_names[3 + 2 * i], seqlens, total,
                                                    cos, sin], n_out=3, domain=MSFT, name=f"layers.{i}.attn",
                            num_heads=nh, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0,
@@ -215,6 +224,8 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         x, residual = _skip_norm(g, o, residual, nw, f"layers.{i}.post_attn_norm", eps)
         gate = linear(x, f"{p}.mlp.gate_proj")
         up = linear(x, f"{p}.mlp.up_proj")
+        if fuse:
+            fusions += bool(fuse_matmulnbits(g, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj"))
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"layers.{i}.mlp.sigmoid")], name=f"layers.{i}.mlp.silu")
         down = linear(g.op("Mul", [act, up], name=f"layers.{i}.mlp.gated"), f"{p}.mlp.down_proj")
         last = i == L - 1
@@ -247,6 +258,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
     model.ir_version = 10
     saved = save_deduplicated(model, path)
     return {"file": Path(path).name, "builder": "direct (fused ORT ops)", "nodes": len(g.nodes),
+            "merged_matmulnbits": fusions,
             "cache": {"layers": L, "kv_heads": kvh, "head_dim": hd, "max_positions": max_pos},
             "io": "genai", "head": head, "layers": records, "shared_bytes": saved["shared"],
             # every weight ONNX Runtime holds: the linears (head included) and the embedding table
