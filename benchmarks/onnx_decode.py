@@ -5,10 +5,12 @@ runner imports no torch). "resident weights" = peak RSS minus the same process's
 created (Python, numpy, ONNX Runtime), against the artifact's packed bytes (``export.json``).
 
 The float32 baseline is the uncompressed model as the same directly built graph (fused ORT ops, float
-MatMul weights; ``--float-dir``, default out/float-onnx-direct); ``--traced-float`` adds the torch.export
-float decoder (out/float-onnx) as a second reference row.
+MatMul weights, q/k/v and gate/up merged the same way; ``--float-dir``, default out/float-onnx-direct);
+``--traced-float`` adds the torch.export float decoder (out/float-onnx) as a second reference row.
 Prefill a prompt of --prompt-len tokens, then decode --new-tokens greedily one token per step with the
-KV cache; the figure is decode tokens/s. Ratios are against the float32 ONNX model measured in the same run.
+KV cache; the figure is decode tokens/s. Speed ratios: this shared machine's speed drifts by +-30% within
+minutes, so each model runs in one process with the float32 decoder, their decode runs alternating (float,
+model, model, float, ...; ``--pairs``), and the ratio is the median of the pairs' ratios.
 
 Usage:
   python benchmarks/onnx_decode.py --float smollm2-135m ART_DIR [ART_DIR ...]   # ART_DIR/onnx must exist
@@ -44,6 +46,34 @@ def child(onnx_dir: str, prompt_len: int, new_tokens: int, threads: int | None, 
                       "runs_tok_s": [r[0] for r in runs]}))
 
 
+def paired(float_dir: str, onnx_dir: str, prompt_len: int, new_tokens: int, threads: int | None, pairs: int) -> None:
+    """Speed only: the float32 decoder and the model in one process, their runs alternating (float, model, model,
+    float, ...), so both see the same machine; prints the per-pair ratios. (Memory comes from :func:`child`.)"""
+    import numpy as np
+    from lowbit.runtime.onnx_runtime import OrtDecoder
+
+    decs = [OrtDecoder(float_dir, threads=threads), OrtDecoder(onnx_dir, threads=threads)]
+    ids = list(np.random.default_rng(0).integers(100, 5000, prompt_len))
+    for d in decs:
+        d.generate(ids[:8], 4)  # warm-up
+    tok = [[], []]
+    for i in range(pairs):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            out, _, t_dec = decs[j].generate(ids, new_tokens)
+            tok[j].append((len(out) - 1) / t_dec)
+    print(json.dumps({"float_tok_s": tok[0], "tok_s": tok[1], "ratios": [m / f for f, m in zip(*tok)]}))
+
+
+def _run(args: list) -> dict:
+    r = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
 def onnx_bytes(d: Path) -> tuple[int, int | None]:
     """(decoder file bytes, packed weight bytes of the artifact's formats or None)."""
     meta = json.loads((d / "export.json").read_text())
@@ -62,12 +92,17 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeat", type=int, default=3, help="decode runs per model and round; their median counts")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds over all models (ratios: median over rounds)")
+    ap.add_argument("--repeat", type=int, default=1, help="decode runs in each model's memory process")
+    ap.add_argument("--pairs", type=int, default=6, help="alternating float/model decode runs per model (speed)")
     ap.add_argument("--child", default=None)
+    ap.add_argument("--paired", nargs=2, default=None, metavar=("FLOAT_DIR", "ONNX_DIR"))
     a = ap.parse_args()
+    common = ["--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)] + \
+        (["--threads", str(a.threads)] if a.threads else [])
     if a.child:
         return child(a.child, a.prompt_len, a.new_tokens, a.threads, a.repeat)
+    if a.paired:
+        return paired(*a.paired, a.prompt_len, a.new_tokens, a.threads, a.pairs)
     fdir = Path(a.float_dir)
     if not (fdir / "export.json").exists():
         export_float(a.float_model, fdir, direct=True)
@@ -77,37 +112,26 @@ def main():
             export_float(a.float_model, Path(a.traced_float), direct=False)
         rows.append(("float32 ONNX (traced)", Path(a.traced_float)))
     rows += [(Path(x).name, Path(x) / "onnx") for x in a.artifacts]
-    # Rounds: every model once per round, in turn, so that each ratio compares runs minutes apart at most
-    # (this shared machine's speed drifts); the table gives each model's median over rounds of (tok/s / float's
-    # tok/s in the same round).
-    per_round = []
-    for rnd in range(a.rounds):
-        got = {}
-        for name, d in rows:
-            cmd = [sys.executable, __file__, "--child", str(d), "--prompt-len", str(a.prompt_len),
-                   "--new-tokens", str(a.new_tokens), "--repeat", str(a.repeat)] + \
-                (["--threads", str(a.threads)] if a.threads else [])
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-                           .splitlines()[-1])
-            r["bytes"], r["packed"] = onnx_bytes(d)
-            got[name] = r
-            print(f"round {rnd + 1} {name}: {r}", file=sys.stderr)
-        per_round.append(got)
+    # Memory: each model alone in its own process (its own VmHWM). Speed: this shared machine's speed drifts by
+    # +-30% within minutes, so each model's ratio comes from one process that alternates float and model runs.
     res = []
-    for name, _ in rows:
-        rs = [p[name] for p in per_round]
-        ratios = sorted(p[name]["tok_s"] / p[rows[0][0]]["tok_s"] for p in per_round)
-        r = dict(rs[0])
-        r["tok_s"] = sorted(x["tok_s"] for x in rs)[len(rs) // 2]
-        r["ratio"] = ratios[len(ratios) // 2]
-        r["peak_rss_mib"] = max(x["peak_rss_mib"] for x in rs)
-        r["runtime_mib"] = min(x["runtime_mib"] for x in rs)
+    float_tok = []
+    for name, d in rows:
+        r = _run(["--child", str(d), "--repeat", str(a.repeat), *common])
+        r["bytes"], r["packed"] = onnx_bytes(d)
+        if d != fdir:
+            p = _run(["--paired", str(fdir), str(d), "--pairs", str(a.pairs), *common])
+            r["ratio"], r["tok_s"], r["ratios"] = _median(p["ratios"]), _median(p["tok_s"]), p["ratios"]
+            float_tok += p["float_tok_s"]
+        print(f"{name}: {r}", file=sys.stderr)
         res.append((name, r))
     base = res[0][1]
+    base["ratio"] = 1.0
+    base["tok_s"] = _median(float_tok) if float_tok else base["tok_s"]
     print(f"\nDecode in ONNX Runtime {__import__('onnxruntime').__version__}, {a.threads or os.cpu_count()} thread(s), "
-          f"prompt {a.prompt_len}, {a.new_tokens} new tokens (greedy, KV cache), median of {a.rounds} rounds x "
-          f"{a.repeat} runs\n")
-    print("| model | decoder.onnx + data | decode tok/s | speed vs float (median of same-round ratios) | peak RSS MiB | RSS vs float | "
+          f"prompt {a.prompt_len}, {a.new_tokens} new tokens (greedy, KV cache); speed: median of {a.pairs} "
+          f"alternating float/model runs in one process\n")
+    print("| model | decoder.onnx + data | decode tok/s | speed vs float | peak RSS MiB | RSS vs float | "
           "resident weights MiB | packed MiB | resident / packed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in res:

@@ -85,6 +85,13 @@ ROWS = {
                                                      "--no-act-order"), None),
     "rtn-w4g128": ("rtn w4g128", compile_row("--method", "rtn", "--bits", "4", "--group-size", "128"), None),
     "gptq-w4g128": ("gptq w4g128 act-order", compile_row("--method", "gptq", "--bits", "4", "--group-size", "128"), None),
+    # the head (and the tied embedding) compressed: its perplexity cost at 8 and 4 bits (issue 20)
+    "rtn-w4g128-head8": ("rtn w4g128 `--head 8`", compile_row("--method", "rtn", "--bits", "4", "--group-size", "128",
+                                                                "--head", "8"), None),
+    "rtn-w4g128-head4": ("rtn w4g128 `--head 4`", compile_row("--method", "rtn", "--bits", "4", "--group-size", "128",
+                                                                "--head", "4"), None),
+    "gptq-w4g128-head4": ("gptq w4g128 act-order `--head 4`",
+                          compile_row("--method", "gptq", "--bits", "4", "--group-size", "128", "--head", "4"), None),
     "apiq-qlora": ("apiq w2g64 r8, QLoRA init (RTN, B = 0)",
                    compile_row("--method", "apiq", "--lora-rank", "8", "--lora-init", "qlora"), None),
     "apiq-loftq": ("apiq w2g64 r8, LoftQ init (5 iterations)",

@@ -4,7 +4,8 @@ ReALLM's calibration of SmolLM2 takes ~1-2 CPU-minutes per block (k-means per ca
 and memory depend only on the formats' shapes (vector length, index bits, group, rank, permutation), not on
 how well the codebook was fitted. This script gives every linear of the model the format ``d<D>b<B>g<G>r<R>``
 with a one-pass fit: per-group scales from the rows' group norms, a codebook sampled from the scaled weight
-vectors, nearest-entry indices, a random permutation and a rank-R SVD of the residual. It writes
+vectors, nearest-entry indices, a random permutation per input (shared by q/k/v and by gate/up, as ReALLM's
+act-order from the input's Hessian is) and a rank-R SVD of the residual. It writes
 ``OUT/onnx/decoder.onnx`` with the same direct builder ``lowbit-export`` uses and an ``export.json`` for
 ``benchmarks/onnx_decode.py``. Its perplexity means nothing (not a calibrated model); use it for speed and bytes.
 
@@ -22,11 +23,10 @@ from pathlib import Path
 import torch
 
 
-def fit_vq(w: torch.Tensor, d: int, b: int, g: int, r: int, gen: torch.Generator):
+def fit_vq(w: torch.Tensor, d: int, b: int, g: int, r: int, gen: torch.Generator, perm: torch.Tensor):
     from lowbit.runtime.formats import LowRank, VQCodebook
 
     n, k = w.shape
-    perm = torch.randperm(k, generator=gen)
     wp = w[:, perm]
     scales = wp.view(n, k // g, g).pow(2).mean(-1).sqrt().clamp(min=1e-8) if k % g == 0 else \
         torch.stack([c.pow(2).mean(-1).sqrt() for c in wp.split(g, 1)], 1).clamp(min=1e-8)
@@ -60,16 +60,21 @@ def main() -> int:
     model, _, _ = models.load(a.model)
     gen = torch.Generator().manual_seed(0)
     formats = {}
+    perms = {}  # ReALLM's act-order permutation comes from the input's Hessian: q/k/v share one, gate/up one
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-            formats[name] = fit_vq(mod.weight.detach().float(), d, b, g, r, gen)
+            key = re.sub(r"(q|k|v)_proj$", "qkv", re.sub(r"(gate|up)_proj$", "gate_up", name))
+            if key not in perms:
+                perms[key] = torch.randperm(mod.in_features, generator=gen)
+            formats[name] = fit_vq(mod.weight.detach().float(), d, b, g, r, gen, perms[key])
     if a.head == "4":
         formats["lm_head"] = _rtn(model.get_output_embeddings().weight.detach().float(), 4, 32)
     tens = _Tensors(None)
     tens.t = dict(model.state_dict())
     out = Path(a.output) / "onnx"
     out.mkdir(parents=True, exist_ok=True)
-    info = _build(model.config.to_dict(), tens, formats, out / "decoder.onnx", 4, None, 32, None, None, "grid")
+    info = _build(model.config.to_dict(), tens, formats, out / "decoder.onnx", 4, None, 32, None, None, "grid",
+                  True)
     (out / "export.json").write_text(json.dumps({"graphs": {"decoder": "decoder.onnx"}, "cache": info["cache"],
                                                  "decoder": {k: v for k, v in info.items() if k != "layers"},
                                                  "synthetic_vq": a.format}, indent=1))

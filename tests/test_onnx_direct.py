@@ -96,9 +96,57 @@ def test_vq_lowering_records_its_grid_error():
     assert err < 3 * rec["rel_err"] + 1e-3
 
 
+def _affine_lowrank(n, k, rank, seed):
+    from lowbit.runtime.formats import AffineIntK, LowRank
+
+    g = torch.Generator().manual_seed(seed)
+    lr = None if rank == 0 else LowRank((torch.randn(rank, k, generator=g) * 0.1).half(),
+                                        (torch.randn(n, rank, generator=g) * 0.1).half())
+    return AffineIntK.from_codes(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                                 torch.rand(n, k // 32, generator=g) + 0.1,
+                                 torch.randint(0, 16, (n, k // 32), generator=g, dtype=torch.uint8), 4, 32, lowrank=lr)
+
+
+@pytest.mark.parametrize("ranks", [(4, 4, 8), (4, 0, 4)])
+def test_merged_siblings_keep_their_low_rank_terms(ranks):
+    """q/k/v-like siblings with low-rank branches (ApiQ, ReALLM; one without): one MatMulNBits, one low-rank
+    pair (block-diagonal B) and one Add, and the same outputs as one node chain per linear."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from lowbit.compiler.lowering.onnx_fuse import fuse_matmulnbits, merge_side_terms
+
+    k = 64
+    fmts = [_affine_lowrank(n, k, r, i) for i, (n, r) in enumerate(zip((48, 16, 16), ranks))]
+    outs = []
+    for merge in (False, True):
+        g = GraphBuilder()
+        ys = [lower_linear(g, "x", f, f"lin{i}", accuracy_level=0, max_block=None)[0] for i, f in enumerate(fmts)]
+        if merge:
+            fused = fuse_matmulnbits(g, ["lin0", "lin1", "lin2"], "merged")
+            assert fused is not None
+            merge_side_terms(g, fused, "merged")
+            assert sum(n.op_type == "MatMul" for n in g.nodes) == 2  # one low-rank pair for all three
+            assert sum(n.op_type == "MatMulNBits" for n in g.nodes) == 1
+        names = [f"y{i}" for i in range(3)]
+        g.nodes.append(helper.make_node("Identity", [ys[0]], ["y0"]))
+        g.nodes.append(helper.make_node("Identity", [ys[1]], ["y1"]))
+        g.nodes.append(helper.make_node("Identity", [ys[2]], ["y2"]))
+        graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                                  [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names], g.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        m.ir_version = 10
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {"x": np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)}))
+    for a, b, f in zip(*outs, fmts):
+        assert a.shape == b.shape == (3, f.out_features)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
 @pytest.mark.parametrize("name,method", [
     ("w4g32", ["--method", "rtn", "--bits", "4", "--group-size", "32"]),
     ("w3g32-sym", ["--method", "rtn", "--bits", "3", "--group-size", "32", "--sym"]),
+    ("w4g32-sym", ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]),
     ("billm", ["--method", "billm", "--billm-block-size", "32", "--billm-outlier-ratio", "2"]),  # exact planes
     ("billm-grid", ["--method", "billm", "--billm-block-size", "32", "--billm-outlier-ratio", "2"]),
     ("reallm", ["--method", "reallm", "--bits-budget", "3.4", "--reallm-candidates", "d2b4g32r0,d2b5g32r4",
@@ -115,8 +163,14 @@ def test_direct_decoder_matches_torch(tiny_dir, text_file, tmp_path, name, metho
     if name in ("w4g32", "w3g32-sym", "billm-grid"):  # q/k/v and gate/up each one MatMulNBits (onnx_fuse)
         assert s["decoder"]["merged_matmulnbits"] == 2 * s["cache"]["layers"]
         gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
-        assert all(n.input[1] == "" for n in gqa) == (name != "billm-grid")  # packed QKV unless outliers follow
+        assert all(n.input[1] == "" for n in gqa)  # packed QKV (BiLLM: its outlier terms merged before it)
+        if name == "billm-grid":  # outlier columns: one Gather/MatMul/Add per input (q/k/v, o, gate/up, down)
+            side = [n for n in m.graph.node if n.op_type == "MatMul" and "outliers" in n.name]
+            assert 0 < len(side) <= 4 * s["cache"]["layers"]
         _assert_fusion_is_exact(d, tmp_path / f"{name}-unfused.onnx")
+    if name == "w4g32-sym":  # integer zero points (ORT's float zero points take a ~100x slower path)
+        assert all(r["lowering"] == "MatMulNBits 8-bit block 32 (codes doubled: symmetric)"
+                   for r in s["decoder"]["layers"].values()), s["decoder"]["layers"]
     worst = max(r["rel_err"] for r in s["decoder"]["layers"].values())
     tol = 1e-4 if worst == 0 else 0.2 + 4 * worst  # grid lowerings (VQ, BiLLM grid): bounded by their own error
     assert s["check"]["decoder_max_rel_err_vs_torch"] < tol, s["check"]

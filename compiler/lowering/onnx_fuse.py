@@ -81,9 +81,102 @@ def fuse_matmulnbits(g: GraphBuilder, node_names: list[str], name: str) -> dict 
     return {"output": y, "split": split, "sizes": sizes}
 
 
+def merge_side_terms(g: GraphBuilder, fused: dict, name: str) -> int:
+    """After :func:`fuse_matmulnbits`: the merged linears' float side terms, all of one kind and read from one
+    tensor ``x``, become one term added before the ``Split`` (three nodes instead of three per linear; exact):
+
+    * ``Gather(x, idx_i) @ W_i`` (BiLLM's fp16 outlier columns): one ``Gather`` of the union of the columns and
+      one ``MatMul`` with the ``W_i`` side by side, zero where a linear has no such column;
+    * ``(x @ A_i) @ B_i`` (low-rank branches: ApiQ, ReALLM): ``x @ [A_1 .. A_n]`` then a block-diagonal ``B``.
+
+    Returns the bytes the zeros add (0 if nothing was merged)."""
+    from onnx import helper, numpy_helper
+
+    split = fused["split"]
+    inits = {t.name: t for t in g.inits}
+    producer = {o: n for n in g.nodes for o in n.output}
+    consumers: dict = {}
+    for n in g.nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def only_use(t):
+        return len(consumers.get(t, [])) == 1
+
+    def side(o):
+        use = consumers.get(o, [])
+        if len(use) != 1 or use[0].op_type != "Add":
+            return None
+        add = use[0]
+        t = add.input[1] if add.input[0] == o else add.input[0]
+        mm = producer.get(t)
+        if mm is None or mm.op_type != "MatMul" or mm.input[1] not in inits or not only_use(t):
+            return None
+        first = producer.get(mm.input[0])
+        if first is None or not only_use(mm.input[0]) or first.input[1] not in inits:
+            return None
+        w = numpy_helper.to_array(inits[mm.input[1]])
+        if first.op_type == "Gather":
+            if {a.name: helper.get_attribute_value(a) for a in first.attribute}.get("axis") != -1:
+                return None
+            return "gather", first.input[0], (add, mm, first), numpy_helper.to_array(inits[first.input[1]]), w
+        if first.op_type == "MatMul":
+            return "lowrank", first.input[0], (add, mm, first), numpy_helper.to_array(inits[first.input[1]]), w
+        return None
+
+    sides = [side(o) for o in split.output]
+    found = [x for x in sides if x is not None]
+    if len(found) < 2 or len({(x[0], x[1]) for x in found}) != 1:
+        return 0
+    kind, src = found[0][:2]
+    total = sum(fused["sizes"])
+    own = sum(x[4].nbytes for x in found)
+    if kind == "gather":
+        cols = sorted({int(c) for x in found for c in x[3]})
+        row = {c: i for i, c in enumerate(cols)}
+        w = np.zeros((len(cols), total), np.float32)
+        off = 0
+        for x, n in zip(sides, fused["sizes"]):
+            if x is not None:
+                w[[row[int(c)] for c in x[3]], off : off + n] = x[4]
+            off += n
+    else:
+        a = np.concatenate([x[3] for x in found], axis=1)
+        own += a.nbytes
+        w = np.zeros((a.shape[1], total), np.float32)
+        off, r0 = 0, 0
+        for x, n in zip(sides, fused["sizes"]):
+            if x is not None:
+                r = x[3].shape[1]
+                w[r0 : r0 + r, off : off + n] = x[4]
+                r0 += r
+            off += n
+    dead, drop = set(), set()
+    for i, x in enumerate(sides):
+        if x is not None:
+            add, mm, first = x[2]
+            split.output[i] = add.output[0]
+            dead |= {id(add), id(mm), id(first)}
+            drop |= {first.input[1], mm.input[1]}
+    g.nodes[:] = [n for n in g.nodes if id(n) not in dead]
+    g.inits[:] = [t for t in g.inits if t.name not in drop]
+    at = g.nodes.index(split)
+    tail = g.nodes[at:]
+    del g.nodes[at:]
+    if kind == "gather":
+        h = g.op("Gather", [src, g.const_i64(f"{name}.outlier_idx", cols)], name=f"{name}.outlier_gather", axis=-1)
+        t = g.op("MatMul", [h, g.init(f"{name}.outliers.weight_t", w)], name=f"{name}.outliers")
+    else:
+        h = g.op("MatMul", [src, g.init(f"{name}.lora_a.weight_t", a)], name=f"{name}.lora_a")
+        t = g.op("MatMul", [h, g.init(f"{name}.lora_b.weight_t", w)], name=f"{name}.lora_b")
+    split.input[0] = g.op("Add", [split.input[0], t], name=f"{name}.{'outlier' if kind == 'gather' else 'lowrank'}_add")
+    g.nodes.extend(tail)
+    return int(w.nbytes + (a.nbytes if kind == "lowrank" else 0) - own)
+
+
 def drop_split(g: GraphBuilder, fused: dict) -> str:
     """Remove a merge's ``Split`` (the caller feeds the wide output to a consumer that takes it packed)."""
     split = fused["split"]
     g.nodes.remove(split)
     g.inits[:] = [t for t in g.inits if t.name != split.input[1]]  # its sizes constant
-    return fused["output"]
+    return split.input[0]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .onnx_fuse import drop_split, fuse_matmulnbits
+from .onnx_fuse import drop_split, fuse_matmulnbits, merge_side_terms
 from .onnx_graph import MSFT, GraphBuilder, save_deduplicated
 from .ort_linears import _np, lower_linear
 
@@ -128,7 +128,15 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
 
     g = GraphBuilder()
     records = {}
-    fusions = 0  # q/k/v and gate/up merged into one MatMulNBits each (onnx_fuse)
+    fusions = [0]  # q/k/v and gate/up merged into one MatMulNBits each (onnx_fuse)
+
+    def merged(mods, name):
+        """``mods`` (one input) as one MatMulNBits and one side term, or None where they do not merge."""
+        fused = fuse_matmulnbits(g, mods, name) if fuse else None
+        if fused:
+            fusions[0] += 1
+            records[mods[0]]["ort_bytes"] += merge_side_terms(g, fused, name)  # the merged side's zeros
+        return fused
 
     splits = {}  # (input, channels) -> (input with them zeroed, their columns): shared by q/k/v and gate/up
 
@@ -209,10 +217,9 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         p = f"model.layers.{i}"
         qkv_mods = [f"{p}.self_attn.{m}_proj" for m in "qkv"]
         q, k, v = (linear(x, m) for m in qkv_mods)
-        fused = fuse_matmulnbits(g, qkv_mods, f"{p}.self_attn.qkv_proj") if fuse else None
-        if fused and [q, k, v] == list(fused["split"].output):  # nothing after the node: GQA's packed QKV input
+        fused = merged(qkv_mods, f"{p}.self_attn.qkv_proj")
+        if fused and [q, k, v] == list(fused["split"].output):  # nothing else after it: GQA's packed QKV input
             q, k, v = drop_split(g, fused), None, None
-        fusions += bool(fused)
         att, pk, pv = g.op("GroupQueryAttention", [q, k, v, in_names[2 + 2 * i], in_names[3 + 2 * i], seqlens, total,
                                                    cos, sin], n_out=3, domain=MSFT, name=f"layers.{i}.attn",
                            num_heads=nh, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0,
@@ -224,8 +231,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         x, residual = _skip_norm(g, o, residual, nw, f"layers.{i}.post_attn_norm", eps)
         gate = linear(x, f"{p}.mlp.gate_proj")
         up = linear(x, f"{p}.mlp.up_proj")
-        if fuse:
-            fusions += bool(fuse_matmulnbits(g, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj"))
+        merged([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj")
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"layers.{i}.mlp.sigmoid")], name=f"layers.{i}.mlp.silu")
         down = linear(g.op("Mul", [act, up], name=f"layers.{i}.mlp.gated"), f"{p}.mlp.down_proj")
         last = i == L - 1
@@ -258,7 +264,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
     model.ir_version = 10
     saved = save_deduplicated(model, path)
     return {"file": Path(path).name, "builder": "direct (fused ORT ops)", "nodes": len(g.nodes),
-            "merged_matmulnbits": fusions,
+            "merged_matmulnbits": fusions[0],
             "cache": {"layers": L, "kv_heads": kvh, "head_dim": hd, "max_positions": max_pos},
             "io": "genai", "head": head, "layers": records, "shared_bytes": saved["shared"],
             # every weight ONNX Runtime holds: the linears (head included) and the embedding table

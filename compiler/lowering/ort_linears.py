@@ -6,8 +6,8 @@ keeps resident (``ort_bytes``), the artifact's own packed bytes (``packed_bytes`
 lowering against the format's own dequantization (``rel_err``: 0 where exact).
 
 * ``AffineIntK`` -> one ``com.microsoft::MatMulNBits`` (1 -> 2, 3 -> 4, 5..7 -> 8 bits, codes unchanged;
-  symmetric 1/3/5..7-bit codes doubled into the wider field with the integer zero point ``2**b - 1`` and half
-  the scale, symmetric 2/4-bit with float zero points: exact).
+  symmetric codes doubled with the integer zero point ``2**b - 1`` and half the scale: free at 1/3/5..7 bits,
+  twice the bytes at 2/4 bits (the next field; ORT's float zero points run ~100x slower): exact).
 * ``BinaryResidual`` (BiLLM), ``binary="grid"`` (default): its levels (per row-block ``+-alpha_c``, ``+-alpha_s``
   and the salient sums) rounded onto a 4-bit grid per BiLLM block, one ``MatMulNBits`` (~4.3 bits read per
   weight for BiLLM's ~2.6 stored; the relative weight error, ~7.5% on SmolLM2 against BiLLM's own ~50%, is
@@ -116,8 +116,11 @@ def _affine(g, x, fmt: AffineIntK, name, accuracy_level, max_block):
     from lowbit.passes.ort_layout import why_not_matmulnbits
 
     why = why_not_matmulnbits(fmt.bits, fmt.group_size, fmt.symmetric)
-    # symmetric codes doubled: (c - (2**b-1)/2) * s == (2c - (2**b-1)) * s/2, integers, when 2c fits the field
-    doubled = fmt.symmetric and fmt.bits + 1 <= ort_bits(fmt.bits)
+    # symmetric codes doubled: (c - (2**b-1)/2) * s == (2c - (2**b-1)) * s/2, integers in a (b+1)-bit field.
+    # Free where the field has room (1, 3, 5-7 bits); at 2 and 4 bits it takes the next field (4, 8 bits: twice
+    # the bytes) because ORT 1.32 runs float zero points on a scalar path ~100x slower (measured: 4-bit,
+    # 8192 x 8192, 490 ms against 5 ms per call with integer zero points).
+    doubled = fmt.symmetric and fmt.bits + 1 <= 8
     if why and not doubled:
         y, nb = _float_matmul(g, x, fmt.dequantize(), name)
         return y, nb, f"float MatMul ({why})", 0.0
@@ -133,7 +136,7 @@ def _affine(g, x, fmt: AffineIntK, name, accuracy_level, max_block):
     kb = -(-fmt.in_features // blk)
     sc = scales.repeat_interleave(rep, 1)[:, :kb]
     zp = zeros.repeat_interleave(rep, 1)[:, :kb]
-    zp = zp.round().to(torch.uint8) if (doubled or not fmt.symmetric) else zp  # symmetric 2/4-bit: float
+    zp = zp.round().to(torch.uint8)
     y, nb = matmul_nbits(g, x, codes, sc, zp, bits, blk, name, accuracy_level)
     how = f"MatMulNBits {ort_bits(bits)}-bit block {blk}" + (" (codes doubled: symmetric)" if doubled else "")
     return y, nb, how, 0.0
@@ -245,14 +248,18 @@ def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block):
     n, k = fmt.out_features, fmt.in_features
     idx = unpack_rows(fmt.codes, fmt.index_bits, k // fmt.vec_dim).long()
     wp = fmt.codebook.float()[idx].reshape(n, k) * fmt.scales.float()[:, torch.arange(k) // fmt.group_size]
-    xin = x
+    xin, perm_bytes = x, 0
     if fmt.perm is not None:  # x[..., perm] @ Wp.T: the stored column order, no permuted weight copy
-        xin = g.op("Gather", [x, g.const_i64(f"{name}.perm", fmt.perm.long().tolist())], name=f"{name}.perm_gather",
-                   axis=-1)
+        perm = fmt.perm.long().tolist()
+        key = ("perm", x, tuple(perm))  # act-order: q/k/v (and gate/up) share the input's order, so one Gather
+        if key not in g.memo:  # and their MatMulNBits nodes read the same tensor (then merged: onnx_fuse)
+            g.memo[key] = g.op("Gather", [x, g.const_i64(f"{name}.perm", perm)], name=f"{name}.perm_gather", axis=-1)
+            perm_bytes = k * 8
+        xin = g.memo[key]
     gs = fmt.group_size  # one scale per group: the grid per group spans that scale times the codebook's values
     block = gs if 16 <= gs <= 128 and not gs & (gs - 1) else vq_block
     y, nb, how, err = _grid(g, xin, wp, name, accuracy_level, block, "VQ codebook values x group scales")
-    return y, nb + (k * 8 if fmt.perm is not None else 0), how, err
+    return y, nb + perm_bytes, how, err
 
 
 def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor | None = None,
