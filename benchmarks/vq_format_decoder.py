@@ -1,4 +1,5 @@
-"""A VQ-format (ReALLM) decoder of a real model's shapes, for speed and memory rows only, in minutes.
+"""A VQ-format (ReALLM) or affine + low-rank (ApiQ) decoder of a real model's shapes, for speed and memory rows
+only, in minutes.
 
 ReALLM's calibration of SmolLM2 takes ~1-2 CPU-minutes per block (k-means per candidate). ONNX Runtime's speed
 and memory depend only on the formats' shapes (vector length, index bits, group, rank, permutation), not on
@@ -9,12 +10,16 @@ act-order from the input's Hessian is) and a rank-R SVD of the residual. It writ
 ``OUT/onnx/decoder.onnx`` with the same direct builder ``lowbit-export`` uses and an ``export.json`` for
 ``benchmarks/onnx_decode.py``. Its perplexity means nothing (not a calibrated model); use it for speed and bytes.
 
+``--format w2g64r8``: RTN codes plus a rank-R SVD of the residual (ApiQ's storage; ApiQ's calibration takes hours).
+
 Usage: python benchmarks/vq_format_decoder.py --format d4b8g128r8 --head 4 -o out/speed/vq-d4b8g128r8-h4
+       python benchmarks/vq_format_decoder.py --format w2g64r8 --head 4 -o out/speed/apiq-w2g64r8-h4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -51,9 +56,10 @@ def main() -> int:
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
     m = re.fullmatch(r"d(\d+)b(\d+)g(\d+)r(\d+)", a.format)
-    if not m:
-        sys.exit(f"--format must look like d4b8g128r8, got {a.format!r}")
-    d, b, g, r = map(int, m.groups())
+    ma = re.fullmatch(r"w(\d+)g(\d+)r(\d+)", a.format)  # ApiQ's format: uniform codes + a low-rank pair
+    if not (m or ma):
+        sys.exit(f"--format must look like d4b8g128r8 (VQ) or w2g64r8 (affine + low rank), got {a.format!r}")
+    d, b, g, r = map(int, m.groups()) if m else (0, *map(int, ma.groups()))
     from lowbit.compiler.engine import models
     from lowbit.compiler.lowering.onnx_llama import _build, _Tensors
 
@@ -66,7 +72,8 @@ def main() -> int:
             key = re.sub(r"(q|k|v)_proj$", "qkv", re.sub(r"(gate|up)_proj$", "gate_up", name))
             if key not in perms:
                 perms[key] = torch.randperm(mod.in_features, generator=gen)
-            formats[name] = fit_vq(mod.weight.detach().float(), d, b, g, r, gen, perms[key])
+            w = mod.weight.detach().float()
+            formats[name] = fit_vq(w, d, b, g, r, gen, perms[key]) if m else _affine_lowrank(w, b, g, r)
     if a.head == "4":
         formats["lm_head"] = _rtn(model.get_output_embeddings().weight.detach().float(), 4, 32)
     tens = _Tensors(None)
@@ -85,6 +92,16 @@ def main() -> int:
           f"weights {info['ort_weight_bytes'] / 2**20:.1f} MiB for {info['packed_bytes'] / 2**20:.1f} MiB packed, "
           f"worst grid error {worst:.3f}")
     return 0
+
+
+def _affine_lowrank(w: torch.Tensor, bits: int, group: int, r: int):
+    from lowbit.runtime.formats import LowRank
+
+    fmt = _rtn(w, bits, group)
+    if r:
+        u, s, v = torch.svd_lowrank(w - fmt.dequantize(), q=r)
+        fmt = dataclasses.replace(fmt, lowrank=LowRank((v * s).t().contiguous().half(), u.contiguous().half()))
+    return fmt
 
 
 def _rtn(w: torch.Tensor, bits: int, group: int):

@@ -129,12 +129,11 @@ def test_merged_siblings_keep_their_low_rank_terms(ranks):
             assert sum(n.op_type == "MatMul" for n in g.nodes) == 2  # one low-rank pair for all three
             assert sum(n.op_type == "MatMulNBits" for n in g.nodes) == 1
         names = [f"y{i}" for i in range(3)]
-        g.nodes.append(helper.make_node("Identity", [ys[0]], ["y0"]))
-        g.nodes.append(helper.make_node("Identity", [ys[1]], ["y1"]))
-        g.nodes.append(helper.make_node("Identity", [ys[2]], ["y2"]))
+        g.nodes += [helper.make_node("Identity", [y], [n]) for y, n in zip(ys, names)]
         graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                                   [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names], g.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
         m.ir_version = 10
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         outs.append(sess.run(None, {"x": np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)}))
