@@ -53,6 +53,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--format", default="d4b8g128r8")
     ap.add_argument("--head", choices=["float", "4"], default="4", help="head (and tied embedding): RTN 4-bit g32")
+    ap.add_argument("--vq-lowrank", choices=["exact", "fold"], default="fold",
+                    help="the low-rank term as a float MatMul pair or folded into the 4-bit grid (lowbit-export's flag)")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
     m = re.fullmatch(r"d(\d+)b(\d+)g(\d+)r(\d+)", a.format)
@@ -81,7 +83,7 @@ def main() -> int:
     out = Path(a.output) / "onnx"
     out.mkdir(parents=True, exist_ok=True)
     info = _build(model.config.to_dict(), tens, formats, out / "decoder.onnx", 4, None, 32, None, None, "grid",
-                  True)
+                  True, vq_lowrank=a.vq_lowrank)
     (out / "export.json").write_text(json.dumps({"graphs": {"decoder": "decoder.onnx"}, "cache": info["cache"],
                                                  "decoder": {k: v for k, v in info.items() if k != "layers"},
                                                  "synthetic_vq": a.format}, indent=1))
@@ -90,7 +92,7 @@ def main() -> int:
     worst = max(rec["rel_err"] for rec in info["layers"].values())
     print(f"{out}: {a.format} ({bits:.3f} true bits per weight in the linears), {info['nodes']} nodes, resident "
           f"weights {info['ort_weight_bytes'] / 2**20:.1f} MiB for {info['packed_bytes'] / 2**20:.1f} MiB packed, "
-          f"worst grid error {worst:.3f}")
+          f"grid error worst {worst:.3f}, mean {sum(r['rel_err'] for r in info['layers'].values()) / len(info['layers']):.3f}")
     return 0
 
 

@@ -28,13 +28,13 @@ def _compile(tiny_dir, text_file, out, *method, overrides=None):
     return out
 
 
-def _linear_graph(fmt, k, accuracy_level=0, binary="grid"):
+def _linear_graph(fmt, k, accuracy_level=0, binary="grid", vq_lowrank="fold"):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     g = GraphBuilder()
     y, rec = lower_linear(g, "x", fmt, "lin", accuracy_level=accuracy_level, max_block=None, vq_block=16,
-                          binary=binary)
+                          binary=binary, vq_lowrank=vq_lowrank)
     g.nodes[-1].output[0] = "y"
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
@@ -105,6 +105,30 @@ def _affine_lowrank(n, k, rank, seed):
     return AffineIntK.from_codes(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
                                  torch.rand(n, k // 32, generator=g) + 0.1,
                                  torch.randint(0, 16, (n, k // 32), generator=g, dtype=torch.uint8), 4, 32, lowrank=lr)
+
+
+def test_vq_lowrank_fold_joins_the_grid():
+    """A VQ layer's low-rank term folded into the 4-bit grid: no MatMul pair, the output within the recorded
+    error of the format's full weight (low-rank included), as close as the exact pair's lowering."""
+    from lowbit.runtime.formats import LowRank, VQCodebook
+
+    torch.manual_seed(1)
+    n, k = 32, 64
+    lr = LowRank(torch.randn(4, k) * 0.05, torch.randn(n, 4) * 0.05)
+    fmt = VQCodebook.from_indices(torch.randint(0, 16, (n, k // 2)), torch.randn(16, 2), torch.rand(n, k // 32) + 0.5,
+                                  4, 32, perm=torch.randperm(k), lowrank=lr)
+    x = torch.randn(2, 3, k)
+    ref = x @ fmt.dequantize().t()
+    errs = {}
+    for mode in ("fold", "exact"):
+        g = GraphBuilder()
+        lower_linear(g, "x", fmt, "lin", accuracy_level=0, max_block=None, vq_block=16, vq_lowrank=mode)
+        assert sum(nd.op_type == "MatMul" for nd in g.nodes) == (0 if mode == "fold" else 2)
+        sess, rec = _linear_graph(fmt, k, vq_lowrank=mode)
+        got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+        errs[mode] = float((got - ref).norm() / ref.norm())
+        assert 0 < rec["rel_err"] < 0.1 and errs[mode] < 3 * rec["rel_err"] + 1e-3
+    assert errs["fold"] < 1.5 * errs["exact"] + 1e-3
 
 
 @pytest.mark.parametrize("ranks", [(4, 4, 8), (4, 0, 4)])
