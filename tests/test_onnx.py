@@ -47,7 +47,7 @@ FORMATS = {  # name: (method flags, expected MatMulNBits nodes, expected lowbit 
     "w3g32-sym": (["--method", "rtn", "--bits", "3", "--group-size", "32", "--sym"], 14, 0),
     "w1g16": (["--method", "rtn", "--bits", "1", "--group-size", "16"], 14, 0),  # as 2-bit
     "w6g32": (["--method", "rtn", "--bits", "6", "--group-size", "32"], 14, 0),  # as 8-bit
-    "w6g32-sym": (["--method", "rtn", "--bits", "6", "--group-size", "32", "--sym"], 0, 14),
+    "w6g32-sym": (["--method", "rtn", "--bits", "6", "--group-size", "32", "--sym"], 14, 0),  # doubled: 7 in 8
     "w4g24": (["--method", "rtn", "--bits", "4", "--group-size", "24"], 0, 14),
     "w8g32-sym": (["--method", "rtn", "--bits", "8", "--group-size", "32", "--sym"], 0, 14),
     "apiq-w4g32-r4": (["--method", "apiq", "--bits", "4", "--group-size", "32", "--lora-rank", "4",
