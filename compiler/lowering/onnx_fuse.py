@@ -43,8 +43,8 @@ def fuse_matmulnbits(g: GraphBuilder, node_names: list[str], name: str) -> dict 
     attrs = [_attrs(n) for n in nodes]
     if any(n.input[0] != nodes[0].input[0] or len(n.input) != len(nodes[0].input) for n in nodes):
         return None
-    if any(a.get(k) != attrs[0].get(k) for a in attrs for k in _SAME) or any("g_idx" in a for a in attrs):
-        return None
+    if any(a.get(k) != attrs[0].get(k) for a in attrs for k in _SAME) or len(nodes[0].input) > 4:
+        return None  # (a 5th input, g_idx or bias, is not row-stacked here)
     inits = {t.name: i for i, t in enumerate(g.inits)}
     if any(x not in inits for n in nodes for x in n.input[1:]):
         return None

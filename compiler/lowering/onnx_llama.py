@@ -129,13 +129,14 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
 
     g = GraphBuilder()
     records = {}
-    fusions = [0]  # q/k/v and gate/up merged into one MatMulNBits each (onnx_fuse)
+    fusions = 0  # q/k/v and gate/up merged into one MatMulNBits each (onnx_fuse)
 
     def merged(mods, name):
         """``mods`` (one input) as one MatMulNBits and one side term, or None where they do not merge."""
+        nonlocal fusions
         fused = fuse_matmulnbits(g, mods, name) if fuse else None
         if fused:
-            fusions[0] += 1
+            fusions += 1
             records[mods[0]]["ort_bytes"] += merge_side_terms(g, fused, name)  # the merged side's zeros
         return fused
 
@@ -266,7 +267,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
     model.ir_version = 10
     saved = save_deduplicated(model, path)
     return {"file": Path(path).name, "builder": "direct (fused ORT ops)", "nodes": len(g.nodes),
-            "merged_matmulnbits": fusions[0],
+            "merged_matmulnbits": fusions,
             "cache": {"layers": L, "kv_heads": kvh, "head_dim": hd, "max_positions": max_pos},
             "io": "genai", "head": head, "layers": records, "shared_bytes": saved["shared"],
             # every weight ONNX Runtime holds: the linears (head included) and the embedding table

@@ -115,31 +115,23 @@ def _lowrank(g: GraphBuilder, x: str, y: str, lr, name: str) -> tuple[str, int]:
 
 
 def _affine(g, x, fmt: AffineIntK, name, accuracy_level, max_block):
-    from lowbit.passes.ort_layout import why_not_matmulnbits
+    from lowbit.passes.ort_layout import doubled_symmetric, why_not_matmulnbits
 
-    why = why_not_matmulnbits(fmt.bits, fmt.group_size, fmt.symmetric)
-    # symmetric codes doubled: (c - (2**b-1)/2) * s == (2c - (2**b-1)) * s/2, integers in a (b+1)-bit field.
-    # Free where the field has room (1, 3, 5-7 bits); at 2 and 4 bits it takes the next field (4, 8 bits: twice
-    # the bytes) because ORT 1.32 runs float zero points on a scalar path ~100x slower (measured: 4-bit,
-    # 8192 x 8192, 490 ms against 5 ms per call with integer zero points).
-    doubled = fmt.symmetric and fmt.bits + 1 <= 8
-    if why and not doubled:
+    k, gs = fmt.in_features, fmt.group_size
+    qw, scales, zeros, bits = fmt.qweight, fmt.scales, fmt.zeros, fmt.bits
+    doubled = fmt.symmetric and bits < 8  # integer zero points (ORT's float ones are slow): see doubled_symmetric
+    if doubled:
+        qw, scales, zeros, bits = doubled_symmetric(qw, scales, bits, gs, k)
+    why = why_not_matmulnbits(bits, gs, zeros is None)
+    if why:
         y, nb = _float_matmul(g, x, fmt.dequantize(), name)
         return y, nb, f"float MatMul ({why})", 0.0
-    gs = fmt.group_size
     blk = min(gs, max_block) if max_block else gs
-    codes = fmt.codes()
-    zeros = fmt.zero_points()
-    scales = fmt.scales.float()
-    bits = fmt.bits
-    if doubled:
-        codes, zeros, scales, bits = codes.int() * 2, zeros * 2, scales / 2, fmt.bits + 1
     rep = gs // blk
-    kb = -(-fmt.in_features // blk)
-    sc = scales.repeat_interleave(rep, 1)[:, :kb]
-    zp = zeros.repeat_interleave(rep, 1)[:, :kb]
-    zp = zp.round().to(torch.uint8)
-    y, nb = matmul_nbits(g, x, codes, sc, zp, bits, blk, name, accuracy_level)
+    kb = -(-k // blk)
+    sc = scales.float().repeat_interleave(rep, 1)[:, :kb]
+    zp = unpack_rows(zeros, bits, scales.shape[1]).repeat_interleave(rep, 1)[:, :kb].to(torch.uint8)
+    y, nb = matmul_nbits(g, x, unpack_rows(qw, bits, k), sc, zp, bits, blk, name, accuracy_level)
     how = f"MatMulNBits {ort_bits(bits)}-bit block {blk}" + (" (codes doubled: symmetric)" if doubled else "")
     return y, nb, how, 0.0
 
