@@ -20,7 +20,6 @@ Nothing from the artifact is unpickled or executed: the program is rebuilt from 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import warnings
@@ -60,34 +59,43 @@ def write(
     attrs: dict,
     manifest_extra: dict,
     float_dtype: torch.dtype | None = torch.float16,
+    sources: dict | None = None,
+    byte_source=None,
 ) -> dict:
     """Write tensors, program and manifest into ``directory`` (a staging dir). Returns the manifest.
 
     ``formats``: module name -> format; ``attrs``: module name -> {tensor name: state_dict key}.
     Float tensors other than packed ones are stored in ``float_dtype`` (None: as they are) and cast
     back to the program's dtype at load.
+
+    Block streaming (:mod:`lowbit.compiler.engine.stream`) never holds the whole model: ``sources`` maps a
+    state-dict key whose program tensor is a placeholder to a function returning the real tensor (read from the
+    checkpoint when the file gets to it), and ``byte_source(t)`` names the spill file region holding a packed
+    tensor's bytes (copied file to file). The files are written one tensor at a time either way.
     """
-    from safetensors.torch import save_file
+    from . import safetensors_stream
 
     directory = Path(directory)
+    sources = sources or {}
     state = dict(program.state_dict)
     state.update({k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)})
     packed_keys = {key for a in attrs.values() for key in a.values()}
     packed, floats, index = {}, {}, {}
     for key, t in state.items():
-        t = t.detach().contiguous()
-        program_dtype = t.dtype
+        program_dtype = dtype = t.dtype
         if key in packed_keys:
-            packed[key] = t
+            packed[key] = t.detach()
             fname = PACKED_FILE
         else:
-            if float_dtype is not None and t.is_floating_point():
-                t = t.to(float_dtype)
-            floats[key] = t
+            dtype = float_dtype if float_dtype is not None and t.is_floating_point() else t.dtype
+            # cast (or read, for a streamed model's placeholders) when written: one float tensor resident at a time
+            get = sources.get(key, lambda t=t: t.detach())
+            floats[key] = safetensors_stream.Lazy(tuple(t.shape), dtype, lambda f=get, d=dtype: f().to(d))
             fname = FLOAT_FILE
-        index[key] = {"file": fname, "shape": list(t.shape), "dtype": str(t.dtype), "program_dtype": str(program_dtype)}
-    save_file(packed, str(directory / PACKED_FILE))
-    save_file(floats, str(directory / FLOAT_FILE))
+        index[key] = {"file": fname, "shape": list(t.shape), "dtype": str(dtype), "program_dtype": str(program_dtype)}
+    safetensors_stream.write(directory / PACKED_FILE, packed, byte_source)
+    safetensors_stream.write(directory / FLOAT_FILE, floats)
+    del packed, floats
 
     # Strip the bytes out of the program: placeholders with the same shape/dtype.
     real_state = program.state_dict

@@ -183,6 +183,8 @@ def test_direct_decoder_matches_torch(tiny_dir, text_file, tmp_path, name, metho
     ops = {n.op_type for n in m.graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"} <= ops
     assert [i.name for i in m.graph.input[:3]] == ["input_ids", "attention_mask", "past_key_values.0.key"]
+    used = {x for n in m.graph.node for x in n.input}
+    assert [t.name for t in m.graph.initializer if t.name not in used] == []  # ORT would warn and drop them
     if name in ("w4g32", "w3g32-sym", "billm-grid"):  # q/k/v and gate/up each one MatMulNBits (onnx_fuse)
         assert s["decoder"]["merged_matmulnbits"] == 2 * s["cache"]["layers"]
         gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]

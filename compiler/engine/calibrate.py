@@ -11,7 +11,8 @@
 Memory is one block's work plus the activation cache (``nsamples x seqlen x hidden`` per stream). The
 original float weights of every compressed linear are kept aside (``Calibration.float_weights``) and
 restored into the model at the end, so the exported graph starts from float and verification can
-compare against it.
+compare against it. With a streamer (``--stream``, :mod:`lowbit.compiler.engine.stream`) each block's
+weights are read before its turn and replaced by placeholders after it, and no float copy is kept.
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ class Engine:
     """Runs a method over every decoder block of ``model`` on calibration ``windows``."""
 
     def __init__(self, model: nn.Module, method, windows: torch.Tensor | None, progress: bool = True,
-                 batch_size: int = 1, plan=None):
+                 batch_size: int = 1, plan=None, stream=None):
         self.batch_size = batch_size
+        self.stream = stream  # lowbit.compiler.engine.stream.Streamer: block weights read and released in turn
         self.model = model
         self.method = method
         self.plan = plan  # lowbit.compiler.engine.overrides.MethodPlan, or None: every linear gets `method`
@@ -147,6 +149,9 @@ class Engine:
             if rule is not None:
                 self.plan.used.add(rule.index)
             return
+        if self.stream is not None:
+            raise LowbitError(f"overrides: {rule.describe()}: --stream does not compress {name} yet "
+                              "(compile without --stream)")
         m, _ = self.plan.method_for(name)
         if not hasattr(m, "quantize_linear") and m.needs_data:
             raise LowbitError(f"overrides: {rule.describe()}: method {m.name!r} cannot compress {name} alone")
@@ -259,7 +264,11 @@ class Engine:
             if self.windows is None:
                 raise LowbitError(f"method {self.method.name!r} needs calibration data")
             t0 = time.perf_counter()
-            self.quant_inputs = self._capture_inputs()
+            if self.stream is not None:
+                with self.stream.embedding():
+                    self.quant_inputs = self._capture_inputs()
+            else:
+                self.quant_inputs = self._capture_inputs()
             if getattr(self.method, "needs_float_stream", False):
                 self.float_inputs = [x.clone() for x in self.quant_inputs]
             if self.progress:
@@ -267,15 +276,18 @@ class Engine:
                      f"at block 0 in {time.perf_counter() - t0:.1f}s")
         for i, block in enumerate(self.blocks):
             t0 = time.perf_counter()
+            if self.stream is not None:
+                self.stream.load_block(i, block)
             ctx = BlockContext(self, i, block, f"{self.prefix}.{i}")
             for name, mod in ctx.linears.items():
                 w = linear_weight(mod)
                 if not torch.isfinite(w).all():
                     raise LowbitError(f"weight of {name} contains NaN/Inf")
-                cal.float_weights[name] = w.clone()
+                if self.stream is None:  # streaming keeps no float copy (the checkpoint is the copy)
+                    cal.float_weights[name] = w.clone()
             if self.float_inputs is not None:
                 ctx.float_targets = ctx.run_block(self.float_inputs)
-            cal.results.update(self._calibrate_block(ctx))
+            block_results = self._calibrate_block(ctx)
             if self.quant_inputs is not None:
                 self.quant_inputs = ctx.run_block(self.quant_inputs)
                 ctx.quant_inputs = self.quant_inputs
@@ -283,6 +295,9 @@ class Engine:
                     raise LowbitError(f"block {ctx.prefix} produced NaN/Inf after quantization")
             if self.float_inputs is not None:
                 self.float_inputs = ctx.float_targets
+            if self.stream is not None:
+                block_results = self.stream.release_block(i, block, block_results)
+            cal.results.update(block_results)
             dt = time.perf_counter() - t0
             cal.block_times.append(dt)
             if self.progress:

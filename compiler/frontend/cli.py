@@ -155,6 +155,11 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "out of the bit count, as peers keep it. For deployment: 8 costs no measurable perplexity "
                         "(SmolLM2 RTN w4g128: 30.05 vs 30.07) and makes ONNX Runtime decode ~1.3x faster in 0.56x "
                         "the peak memory of a float head; 4 (RTN) cost +11%% perplexity")
+    p.add_argument("--stream", action="store_true",
+                   help="block streaming for models larger than memory (a safetensors checkpoint): the model is built "
+                        "on the meta device, each block's weights are read when its turn comes and released after, "
+                        "packed results go to a spill file; the whole float model is never resident. Same artifact. "
+                        "Not with --head, end-to-end phases or a float perplexity (--eval runs the packed artifact)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="c4", help="c4 or a .txt/.jsonl file (default c4)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -215,7 +220,7 @@ def compile_main(argv=None) -> int:
         seqlen=args.seqlen, seed=args.seed, eval=tuple(x for x in args.eval.split(",") if x),
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, eval_float=not args.no_eval_float,
         float_dtype=args.float_dtype, progress=not args.quiet, onnx_accuracy_level=args.accuracy_level,
-        overrides=args.overrides, resume=args.resume, head=args.head,
+        overrides=args.overrides, resume=args.resume, head=args.head, stream=args.stream,
     )
     try:
         report = compile_model(opts)

@@ -63,6 +63,8 @@ class CompileOptions:
     # 32-column groups, calibrated by the run's method when it is uniform (rtn, gptq), else by GPTQ. Added after
     # the user's --overrides rules, so a rule naming lm_head wins.
     head: str = "float"
+    # Block streaming (lowbit.compiler.engine.stream): block weights read from the checkpoint in turn.
+    stream: bool = False
     # The user's own passes (objects with ``name`` and ``run(gm, ctx) -> PassReport``), run after lowbit's.
     extra_passes: tuple = ()
 
@@ -99,6 +101,7 @@ class _Run:
         self.timer = _Timer()
         self.report: dict = {}
         self.eval_tokens: dict = {}
+        self.streamer = None  # lowbit.compiler.engine.stream.Streamer with --stream
 
 
 HEAD_GROUP = 32  # --head: 32-column groups (the tied table is also the embedding: rows read one at a time)
@@ -108,11 +111,15 @@ def compile_model(opts: CompileOptions) -> dict:
     """Run the whole pipeline; returns the report dict (also written into the artifact)."""
     run = _Run(opts)
     _check_inputs(run)  # options, output directory, data files: before the model loads, so bad input fails fast
-    _load_model(run)
-    _evaluate_float(run)
-    _calibrate(run)
-    _rewrite_graph(run)
-    _write_artifact(run)  # staged, reloaded and evaluated as it ships, lowered (--target), renamed when complete
+    try:
+        _load_model(run)
+        _evaluate_float(run)
+        _calibrate(run)
+        _rewrite_graph(run)
+        _write_artifact(run)  # staged, reloaded and evaluated as it ships, lowered (--target), renamed when complete
+    finally:
+        if run.streamer is not None:  # the spill file goes whatever happened
+            run.streamer.close()
     return run.report
 
 
@@ -140,6 +147,12 @@ def _check_inputs(run: _Run) -> None:
             for i, r in enumerate(rules):
                 r.index = i
         plan = MethodPlan(method, opts.method_options, rules)
+    if opts.stream:
+        if opts.head != "float":
+            raise LowbitError("--stream does not compress the head yet (--head needs the whole model's activations)")
+        if hasattr(method, "after_calibration"):
+            raise LowbitError(f"--stream: {opts.method}'s end-to-end phase trains the whole model at once; "
+                              "it needs the model in memory (compile without --stream)")
     tag = method.config.tag() if hasattr(method.config, "tag") else opts.method
     if opts.overrides is not None:
         tag += "-overrides"
@@ -179,8 +192,13 @@ def _artifact_estimate(path: Path) -> int:
 def _load_model(run: _Run) -> None:
     opts, method, plan = run.opts, run.method, run.plan
     with run.timer.stage("load"):
-        run.say(f"[load] {opts.model}")
-        run.model, run.tokenizer, src = models.load(opts.model)
+        run.say(f"[load] {opts.model}" + (" (streaming: block weights read in turn)" if opts.stream else ""))
+        if opts.stream:
+            from lowbit.compiler.engine import stream
+
+            run.model, run.tokenizer, src, run.streamer = stream.load(opts.model, spill_parent=run.out.parent)
+        else:
+            run.model, run.tokenizer, src = models.load(opts.model)
     if plan is not None:
         plan.precheck(n for n, m in run.model.named_modules() if models.is_linear_like(m))
     float_params = {id(p): p for p in run.model.parameters()}
@@ -199,7 +217,9 @@ def _evaluate_float(run: _Run) -> None:
     opts, model = run.opts, run.model
     for e in opts.eval:
         run.eval_tokens[e] = data.eval_tokens(run.tokenizer, e)
-        if opts.eval_float:
+        if opts.eval_float and opts.stream:
+            run.say(f"[eval] {e}: float perplexity skipped (--stream never holds the float model)")
+        elif opts.eval_float:
             with run.timer.stage("eval float"):
                 r = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, run.eval_tokens[e][0],
                                opts.eval_seqlen, opts.eval_windows, label=f"eval {e} float", progress=opts.progress)
@@ -219,7 +239,7 @@ def _calibrate(run: _Run) -> None:
         needs_data = plan.needs_data if plan is not None else method.needs_data
         try:
             run.cal = Engine(run.model, method, run.windows if needs_data else None, progress=opts.progress,
-                             plan=plan).run()
+                             plan=plan, stream=run.streamer).run()
         except ValueError as e:  # a method's training refusal (NaN loss, mismatched checkpoint)
             raise LowbitError(str(e)) from e
     if hasattr(method, "after_calibration"):  # end-to-end phases over the whole quantized model
@@ -237,7 +257,9 @@ def _rewrite_graph(run: _Run) -> None:
         ep = capture.capture(run.model)
         gm = ep.module()
     with run.timer.stage("passes"):
-        run.ctx = PassContext(results=cal.results, float_weights=cal.float_weights, calib_batch=run.windows[:1])
+        # verification runs the float and the rewritten model: not with --stream (no float model in memory)
+        run.ctx = PassContext(results=cal.results, float_weights=cal.float_weights,
+                              calib_batch=None if run.streamer is not None else run.windows[:1])
         try:
             run.pass_reports = PassManager([*default_passes(), *run.opts.extra_passes], log=run.say).run(gm, run.ctx)
         except PassError as e:  # nothing has been written yet
@@ -245,6 +267,8 @@ def _rewrite_graph(run: _Run) -> None:
         del ep
     with run.timer.stage("lower"):
         run.program = capture.recapture(gm)
+        if run.streamer is not None:  # the graph records its tensors as they will be loaded, not as placeholders
+            run.streamer.contiguous_metadata(run.program)
 
 
 def _write_artifact(run: _Run) -> None:
@@ -263,18 +287,24 @@ def _write_artifact(run: _Run) -> None:
         "versions": {"lowbit": __version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "float_storage_dtype": opts.float_dtype,
+        "calibration_run": {"device": "cpu", "compute_dtype": "float32", "world_size": 1,
+                            "streamed": run.streamer is not None},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     attrs = {m: v["attrs"] for m, v in ctx.replaced.items()}
     try:
         with art.staging_dir(out, overwrite=opts.overwrite, protect=[run.source_path]) as tmp:
             with timer.stage("save"):
-                art.write(tmp, run.program, cal.results, attrs, manifest_extra, float_dtype=run.float_dtype)
+                st = run.streamer
+                art.write(tmp, run.program, cal.results, attrs, manifest_extra, float_dtype=run.float_dtype,
+                          sources=st.sources(run.program) if st is not None else None,
+                          byte_source=st.spill.origin if st is not None else None)
                 run.tokenizer.save_pretrained(str(tmp / "tokenizer"))
                 # The architecture, so that lowerings can rebuild graphs the program does not hold
                 # (the ONNX decoder with a key/value cache).
                 run.model.config.save_pretrained(str(tmp / "model_config"))
-                loaded = art.load(tmp)  # what ships is what we evaluate
+                # what ships is what we evaluate (streaming: only when asked, the load holds the packed model)
+                loaded = art.load(tmp) if st is None or opts.eval else None
             packed_file = (tmp / art.PACKED_FILE).stat().st_size
             artifact_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             for e in opts.eval:
