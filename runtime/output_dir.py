@@ -36,7 +36,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 MARKER = ".lowbit-output"
-_STALE = re.compile(r"^\..+\.(partial|old)-(\d+)$")
+_STALE = re.compile(r"^\..+\.(partial|old|spill)-(\d+)$")  # spill: --stream's packed spill file
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -100,7 +100,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale(parent: Path) -> list[Path]:
-    """Remove ``.NAME.partial-PID`` / ``.NAME.old-PID`` folders of processes that no longer run."""
+    """Remove ``.NAME.partial-PID`` / ``.NAME.old-PID`` / ``.NAME.spill-PID`` folders of processes that no longer
+    run."""
     removed = []
     if not parent.is_dir():
         return removed

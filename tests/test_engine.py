@@ -49,6 +49,29 @@ def test_engine_streams_and_restores_float_weights(tiny_dir):
     assert len(cal.results) == len(cal.float_weights) == 14
 
 
+def test_linears_reading_one_input_share_one_hessian(tiny_dir):
+    """q/k/v and gate/up read the same tensor: one Hessian each group, equal to the one computed alone."""
+    model, _, _ = models.load(str(tiny_dir("llama")))
+    eng = calibrate.Engine(model, _Probe(UniformConfig()), torch.randint(0, 256, (3, 20)), progress=False)
+    eng.quant_inputs = eng._capture_inputs()
+    ctx = calibrate.BlockContext(eng, 0, eng.blocks[0], "model.layers.0")
+    hs = ctx.hessians(list(ctx.linears))
+    p = "model.layers.0."
+    assert hs[p + "self_attn.q_proj"] is hs[p + "self_attn.k_proj"] is hs[p + "self_attn.v_proj"]
+    assert hs[p + "mlp.gate_proj"] is hs[p + "mlp.up_proj"]
+    distinct = {id(h) for h in hs.values()}
+    assert len(distinct) == 4  # attention input, o_proj, MLP input, down_proj
+    for name in (p + "self_attn.v_proj", p + "mlp.up_proj", p + "mlp.down_proj"):
+        alone = ctx.hessians([name])[name]
+        assert torch.allclose(alone, hs[name], rtol=1e-6, atol=1e-6), name
+    from lowbit.passes.methods.base import take_hessian
+
+    q = take_hessian(hs, p + "self_attn.q_proj")
+    assert q is not hs[p + "self_attn.k_proj"] and torch.equal(q, hs[p + "self_attn.k_proj"])  # still shared: a copy
+    take_hessian(hs, p + "self_attn.k_proj")
+    assert take_hessian(hs, p + "self_attn.v_proj") is not None and p + "self_attn.v_proj" not in hs
+
+
 def test_resolve_alias_and_gguf_path(tmp_path):
     src = models.resolve("smollm2-135m")
     assert src.kind == "gguf" and src.path.is_file() and src.path.suffix == ".gguf"

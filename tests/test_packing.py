@@ -34,3 +34,14 @@ def test_rejects_out_of_range_codes_and_bits():
         pack_rows(torch.tensor([[0]]), 9)
     with pytest.raises(ValueError, match="need"):
         unpack_rows(torch.zeros(1, 3, dtype=torch.uint8), 4, 8)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_large_matrices_pack_in_row_chunks_to_the_same_bytes(bits, monkeypatch):
+    from lowbit.runtime import packing
+
+    codes = torch.randint(0, 1 << bits, (37, 29), dtype=torch.uint8)
+    whole = packing.pack_rows(codes, bits)
+    monkeypatch.setattr(packing, "_CHUNK_CODES", 29 * 5)  # 5 rows per chunk, the last one partial
+    assert torch.equal(packing.pack_rows(codes, bits), whole)
+    assert torch.equal(packing.unpack_rows(whole, bits, 29), codes)

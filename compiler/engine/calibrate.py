@@ -46,6 +46,26 @@ class Calibration:
     block_times: list = field(default_factory=list)
 
 
+# Inputs up to which Hessians are accumulated in float64 (SmolLM2's: 19 MB at most); above, float32 (a 7B's
+# would take 134 MB each for q/k/v and 970 MB for down_proj), where a torchrun sum then differs from one
+# process's by float32 rounding.
+WIDE_HESSIAN = 2048
+
+
+def _dump_hessians(prefix: str, hs: dict, world) -> None:
+    """Diagnostics: with ``LOWBIT_DUMP_HESSIANS=DIR`` each block's Hessians (after the torchrun sum) go to
+    ``DIR/<block>.safetensors`` (rank 0), so runs can be compared (``benchmarks/distributed_check.py``)."""
+    import os
+
+    d = os.environ.get("LOWBIT_DUMP_HESSIANS")
+    if not d or (world is not None and not world.writer):
+        return
+    from safetensors.torch import save_file
+
+    os.makedirs(d, exist_ok=True)
+    save_file({n: h.contiguous() for n, h in hs.items()}, os.path.join(d, f"{prefix}.safetensors"))
+
+
 class BlockContext:
     """Handed to ``Method.calibrate_block``: the block, its linears and the cached activations."""
 
@@ -67,31 +87,65 @@ class BlockContext:
         return self.engine.run_block(self.block, inputs)
 
     def hessians(self, names) -> dict:
-        """``{name: 2/n * sum x x^T}`` over the quantized-chain inputs (float32, ``(in, in)``)."""
+        """``{name: 2/n * sum x x^T}`` over the quantized-chain inputs (float32, ``(in, in)``).
+
+        Linears that read the very same input tensor (q/k/v, gate/up) share one Hessian: it is accumulated once
+        and the same tensor is returned under each name (methods clone before modifying). For a 7B block that
+        is 3 Hessians of 4096^2 + one of 11008^2 instead of 7, and 3 fewer products per window."""
         if self.quant_inputs is None:
             raise RuntimeError("this method was declared data-free but asked for Hessians")
         hs, counts, hooks = {}, {}, []
+        live: dict = {}  # this block call's inputs: (data_ptr, shape, stride) -> the first linear that read it
+        leader: dict = {}  # name -> the linear whose Hessian it shares (itself if none), fixed at the first call
+
+        def block_call(m, args, kwargs):
+            live.clear()
+
         for name in names:
             mod = self.linears[name]
             k = linear_weight(mod).shape[1]
-            hs[name] = torch.zeros(k, k)
             counts[name] = 0
 
-            def hook(m, args, out, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            def hook(m, args, out, name=name, k=k):
+                x = args[0]
+                # the entry holds x alive for the rest of the block call, so no later input reuses its address
+                first = live.setdefault((x.data_ptr(), tuple(x.shape), tuple(x.stride())), (name, x))[0]
+                if leader.setdefault(name, first) != first:
+                    raise LowbitError(f"{name}: its input tensor is shared differently between calibration windows")
+                if first != name:
+                    return  # the same tensor: already accumulated by `first`
+                # float64 sums up to WIDE_HESSIAN inputs: the total then does not depend on how the windows were
+                # grouped (one process, or torchrun's ranks summed), so every rank gets the one-process Hessian
+                # to the last float32 bit and GPTQ makes the same decisions; above, float32 (memory)
+                dtype = torch.float64 if k <= WIDE_HESSIAN else torch.float32
+                x = x.detach().reshape(-1, x.shape[-1]).to(dtype)
+                if name not in hs:
+                    hs[name] = torch.zeros(k, k, dtype=dtype)
                 hs[name].addmm_(x.t(), x)
                 counts[name] += x.shape[0]
 
             hooks.append(mod.register_forward_hook(hook))
+        hooks.append(self.block.register_forward_pre_hook(block_call, with_kwargs=True))
         try:
             self.run_block(self.quant_inputs)
         finally:
             for h in hooks:
                 h.remove()
+        world = self.engine.world
         for name in names:
-            hs[name] *= 2.0 / max(counts[name], 1)
-            if not torch.isfinite(hs[name]).all():
-                raise LowbitError(f"calibration activations entering {name} contain NaN/Inf")
+            if name not in leader:
+                raise LowbitError(f"calibration never reached {name} (not called by its block)")
+            lead = leader[name]
+            if lead == name:
+                if world is not None and world.enabled:  # torchrun: every rank's windows, summed (distributed.py)
+                    world.sum_(hs[name])
+                    counts[name] = world.sum_int(counts[name])
+                hs[name] = hs[name].mul_(2.0 / max(counts[name], 1)).float()  # in place: no second copy
+                if not torch.isfinite(hs[name]).all():
+                    raise LowbitError(f"calibration activations entering {name} contain NaN/Inf")
+        for name in names:
+            hs[name] = hs[leader[name]]
+        _dump_hessians(self.prefix, {n: hs[n] for n in names if leader[n] == n}, world)
         return hs
 
     def record(self, name: str, info: dict) -> None:
@@ -102,8 +156,9 @@ class Engine:
     """Runs a method over every decoder block of ``model`` on calibration ``windows``."""
 
     def __init__(self, model: nn.Module, method, windows: torch.Tensor | None, progress: bool = True,
-                 batch_size: int = 1, plan=None, stream=None):
+                 batch_size: int = 1, plan=None, stream=None, world=None):
         self.batch_size = batch_size
+        self.world = world  # lowbit.compiler.engine.distributed.World: Hessians summed over torchrun's ranks
         self.stream = stream  # lowbit.compiler.engine.stream.Streamer: block weights read and released in turn
         self.model = model
         self.method = method
@@ -177,6 +232,9 @@ class Engine:
                         self.model(input_ids=self.windows[i : i + 1], use_cache=False)
             finally:
                 handle.remove()
+            if self.world is not None and self.world.enabled:
+                self.world.sum_(h)
+                count[0] = self.world.sum_int(count[0])
             fmt, info = m.quantize_linear(w, (2 * h / max(count[0], 1)).float())
         else:  # data-free (rtn): the same call as inside the blocks, on a one-linear context
             class _One:

@@ -9,7 +9,7 @@ The model is built on the meta device from its ``config.json``. Then:
 * the embedding is read from the checkpoint only while the calibration inputs of block 0 are captured;
 * each block's linears are read from the checkpoint (one safetensors tensor at a time) when the block's turn
   comes, calibrated, and replaced by placeholders again; the block's packed formats go to a spill file next to
-  the output and are memory-mapped back, so they do not stay resident either;
+  the output (``.OUT.spill-PID/``) and are memory-mapped back, so they do not stay resident either;
 * the artifact's files are written one tensor at a time: float tensors still held by placeholders (embedding,
   head, linears an override keeps float) are read from the checkpoint when the file gets to them, packed tensors
   are copied from the spill file (:func:`lowbit.runtime.artifact.write`).
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -134,11 +134,14 @@ class Spill:
 class Streamer:
     """Loads and releases block weights for :class:`lowbit.compiler.engine.calibrate.Engine`."""
 
-    def __init__(self, model: nn.Module, checkpoint: Checkpoint, spill_parent: Path):
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, spill_parent: Path, output_name: str):
         self.model = model
         self.ckpt = checkpoint
         self.prefix, self.blocks = find_blocks(model)
-        self.spill_dir = Path(tempfile.mkdtemp(prefix=".lowbit-spill-", dir=spill_parent))
+        # named like the staging folders, so a run killed outright has its spill removed by the next run
+        self.spill_dir = Path(spill_parent) / f".{output_name}.spill-{os.getpid()}"
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        self.spill_dir.mkdir()
         self.spill = Spill(self.spill_dir)
         self.loaded_blocks = 0
 
@@ -217,7 +220,7 @@ class Streamer:
         shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
-def load(spec: str, spill_parent: Path):
+def load(spec: str, spill_parent: Path, output_name: str = "lowbit"):
     """``(model, tokenizer, source, streamer)`` for a safetensors checkpoint, with placeholders for its big
     tensors (see the module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -265,7 +268,7 @@ def load(spec: str, spill_parent: Path):
     tokenizer.model_max_length = 1 << 30
     spill_parent = Path(spill_parent)
     spill_parent.mkdir(parents=True, exist_ok=True)
-    return model, tokenizer, src, Streamer(model, ckpt, spill_parent)
+    return model, tokenizer, src, Streamer(model, ckpt, spill_parent, output_name)
 
 
 def _rebuild_buffers(model: nn.Module, config, ckpt: Checkpoint) -> None:

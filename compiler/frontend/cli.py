@@ -230,7 +230,8 @@ def compile_main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lowbit-compile: interrupted; no artifact was written", file=sys.stderr)
         return 130
-    print(summary_text(report))
+    if "rank" not in report:  # torchrun's other ranks: rank 0 prints the summary
+        print(summary_text(report))
     return 0
 
 

@@ -94,9 +94,10 @@ class _Timer:
 class _Run:
     """What the stages of one compile share: the options, and what each stage adds for the next."""
 
-    def __init__(self, opts: CompileOptions):
+    def __init__(self, opts: CompileOptions, world):
         self.opts = opts
-        self.say = log if opts.progress else (lambda m: None)
+        self.world = world
+        self.say = log if opts.progress and world.writer else (lambda m: None)
         self.t_all = time.perf_counter()
         self.timer = _Timer()
         self.report: dict = {}
@@ -109,17 +110,22 @@ HEAD_GROUP = 32  # --head: 32-column groups (the tied table is also the embeddin
 
 def compile_model(opts: CompileOptions) -> dict:
     """Run the whole pipeline; returns the report dict (also written into the artifact)."""
-    run = _Run(opts)
-    _check_inputs(run)  # options, output directory, data files: before the model loads, so bad input fails fast
+    from lowbit.compiler.engine import distributed
+
+    run = _Run(opts, distributed.from_env())  # torchrun: this rank's share of the windows, Hessians all-reduced
     try:
+        _check_inputs(run)  # options, output directory, data files: before the model loads, so bad input fails fast
         _load_model(run)
         _evaluate_float(run)
         _calibrate(run)
+        if not run.world.writer:  # the other ranks served their windows' statistics; rank 0 writes
+            return {"rank": run.world.rank, "world_size": run.world.size}
         _rewrite_graph(run)
         _write_artifact(run)  # staged, reloaded and evaluated as it ships, lowered (--target), renamed when complete
     finally:
         if run.streamer is not None:  # the spill file goes whatever happened
             run.streamer.close()
+        run.world.close()
     return run.report
 
 
@@ -147,12 +153,15 @@ def _check_inputs(run: _Run) -> None:
             for i, r in enumerate(rules):
                 r.index = i
         plan = MethodPlan(method, opts.method_options, rules)
+    if run.world.enabled and getattr(method, "needs_float_stream", False):
+        raise LowbitError(f"torchrun: {opts.method} trains each block against the float model and its gradients "
+                          "are not all-reduced yet; run it in one process (Hessian methods run distributed)")
     if opts.stream:
         if opts.head != "float":
             raise LowbitError("--stream does not compress the head yet (--head needs the whole model's activations)")
-        if hasattr(method, "after_calibration"):
+        if hasattr(method, "after_calibration") and getattr(method, "e2e", True):
             raise LowbitError(f"--stream: {opts.method}'s end-to-end phase trains the whole model at once; "
-                              "it needs the model in memory (compile without --stream)")
+                              "it needs the model in memory (compile without --stream, or --phases block-ap)")
     tag = method.config.tag() if hasattr(method.config, "tag") else opts.method
     if opts.overrides is not None:
         tag += "-overrides"
@@ -196,7 +205,8 @@ def _load_model(run: _Run) -> None:
         if opts.stream:
             from lowbit.compiler.engine import stream
 
-            run.model, run.tokenizer, src, run.streamer = stream.load(opts.model, spill_parent=run.out.parent)
+            run.model, run.tokenizer, src, run.streamer = stream.load(opts.model, spill_parent=run.out.parent,
+                                                                          output_name=run.out.name)
         else:
             run.model, run.tokenizer, src = models.load(opts.model)
     if plan is not None:
@@ -215,6 +225,8 @@ def _load_model(run: _Run) -> None:
 
 def _evaluate_float(run: _Run) -> None:
     opts, model = run.opts, run.model
+    if not run.world.writer:
+        return
     for e in opts.eval:
         run.eval_tokens[e] = data.eval_tokens(run.tokenizer, e)
         if opts.eval_float and opts.stream:
@@ -232,14 +244,20 @@ def _calibrate(run: _Run) -> None:
     with run.timer.stage("data"):
         run.windows, run.calib_info = data.calibration_windows(run.tokenizer, opts.calib, opts.nsamples, opts.seqlen,
                                                                opts.seed)
+    if run.world.enabled:
+        run.calib_info["world_size"] = run.world.size
+        run.say(f"[calibrate] torchrun: {run.world.size} processes, {run.windows.shape[0]} windows, "
+                f"{-(-run.windows.shape[0] // run.world.size)} or fewer each; Hessians summed over all")
     run.report["calibration"] = run.calib_info
+    windows = run.world.shard(run.windows)
     with run.timer.stage("calibrate"):
         run.say(f"[calibrate] {opts.method} {run.tag} on {run.windows.shape[0]} x {run.windows.shape[1]} tokens of "
                 f"{run.calib_info['source']}")
         needs_data = plan.needs_data if plan is not None else method.needs_data
         try:
-            run.cal = Engine(run.model, method, run.windows if needs_data else None, progress=opts.progress,
-                             plan=plan, stream=run.streamer).run()
+            run.cal = Engine(run.model, method, windows if needs_data else None,
+                             progress=opts.progress and run.world.writer, plan=plan, stream=run.streamer,
+                             world=run.world).run()
         except ValueError as e:  # a method's training refusal (NaN loss, mismatched checkpoint)
             raise LowbitError(str(e)) from e
     if hasattr(method, "after_calibration"):  # end-to-end phases over the whole quantized model
@@ -287,7 +305,7 @@ def _write_artifact(run: _Run) -> None:
         "versions": {"lowbit": __version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "float_storage_dtype": opts.float_dtype,
-        "calibration_run": {"device": "cpu", "compute_dtype": "float32", "world_size": 1,
+        "calibration_run": {"device": "cpu", "compute_dtype": "float32", "world_size": run.world.size,
                             "streamed": run.streamer is not None},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

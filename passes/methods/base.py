@@ -62,6 +62,14 @@ class Method:
         return {"method": self.name, **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
 
 
+def take_hessian(hs: dict, name: str):
+    """Pop ``name``'s Hessian from ``ctx.hessians``' dict as the caller's own: linears reading the same input
+    share one tensor there, so a copy is made while another name still holds it. The caller may then modify
+    or free it (GPTQ's large-input path works on it in place)."""
+    h = hs.pop(name)
+    return h.clone() if any(v is h for v in hs.values()) else h
+
+
 class HessianMethod(Method):
     """A method that quantizes each linear of a block from its weight and Hessian alone.
 
@@ -77,7 +85,7 @@ class HessianMethod(Method):
         out = {}
         for name, mod in ctx.linears.items():
             try:
-                fmt, info = self.quantize_linear(ctx.weight_of(mod), hs.pop(name))
+                fmt, info = self.quantize_linear(ctx.weight_of(mod), take_hessian(hs, name))
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
             ctx.set_weight(mod, fmt.dequantize())

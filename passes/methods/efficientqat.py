@@ -250,6 +250,7 @@ class EfficientQAT(BlockCheckpoints, Method):
     def _gptq_starts(self, ctx) -> dict:
         """GPTQ (act-order, static groups: contiguous groups, the stored layout) on each linear of the block,
         all from the block's quantized-chain inputs; the Block-AP start."""
+        from .base import take_hessian
         from .gptq import GPTQConfig, gptq_quantize
 
         c = self.config
@@ -258,7 +259,7 @@ class EfficientQAT(BlockCheckpoints, Method):
         out = {}
         for name, mod in ctx.linears.items():
             try:
-                out[name], _ = gptq_quantize(ctx.weight_of(mod), hs.pop(name), cfg)
+                out[name], _ = gptq_quantize(ctx.weight_of(mod), take_hessian(hs, name), cfg)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
         return out

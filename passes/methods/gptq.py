@@ -42,15 +42,39 @@ class GPTQConfig(UniformConfig):
             raise ValueError(f"--gptq-block-size must be >= 1, got {self.block_size}")
 
 
-def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + d I)^-1``; raises damping until it factorizes."""
+# Above this many inputs the Hessian work runs in float32 (the reference GPTQ's precision) and in place: a
+# 7B down_proj's 11008^2 float64 Hessian is 970 MB per copy, and the float64 path holds up to four copies.
+# At or below it (every SmolLM2 layer) float64 with copies, as before.
+LEAN_INPUTS = 2048
+
+
+def _inverse_cholesky_upper(h: torch.Tensor, damp: float, in_place: bool = False) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + d I)^-1``; raises damping until it factorizes.
+
+    ``in_place``: ``h`` is the caller's scratch copy; its diagonal is damped in place and its storage released
+    (resized to 0 bytes) once factorized, and the inverse comes from ``cholesky_inverse`` (no identity matrix), so
+    at most two matrices of ``h``'s size are alive at once."""
     mean_diag = float(torch.diag(h).mean())
     idx = torch.arange(h.shape[0])
     for attempt in range(6):
         d = damp * (10**attempt) * mean_diag
+        if in_place:
+            h.diagonal().add_(d)
+            l, info = torch.linalg.cholesky_ex(h)
+            h.diagonal().sub_(d)
+            if int(info) != 0:
+                continue
+            h.untyped_storage().resize_(0)  # the factor replaces it (frees it for every alias)
+            hinv = torch.cholesky_inverse(l)
+            del l
+            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0:
+                return u, damp * (10**attempt)
+            raise RuntimeError("the inverse Hessian is not positive definite (in-place float32 path)")
         hd = h.clone()
         hd[idx, idx] += d
         l, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
             hinv = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype), l)  # faster than cholesky_inverse on CPU
             u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
@@ -62,10 +86,14 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor,
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
     """Quantize ``w (N, K)`` given Hessian ``h (K, K)``; returns ``(AffineIntK, info dict)``.
 
-    The column loop runs in float32 like the reference GPTQ; the Cholesky factorization in float64.
+    The column loop runs in float32 like the reference GPTQ; the Cholesky factorization in float64, except
+    above ``LEAN_INPUTS`` inputs: float32 and in place, ``h``'s storage freed (pass a Hessian you no longer need).
     """
     w = w.detach().clone().float()
-    h = h.detach().clone().double()
+    lean = h.shape[0] > LEAN_INPUTS
+    # large inputs: the caller's float32 Hessian is worked on in place and emptied (callers hand over their own,
+    # see base.take_hessian); otherwise a float64 copy
+    h = h.detach().to(torch.float32) if lean else h.detach().to(torch.float64, copy=True)
     n, k = w.shape
     bits, gs, sym = cfg.bits, cfg.group_size, cfg.symmetric
     maxq = (1 << bits) - 1
@@ -93,11 +121,17 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
     perm_list = perm.tolist()
     invperm = torch.argsort(perm)
     w = w[:, perm]
-    h = h[perm][:, perm]
+    hp = h[perm]  # two steps: one matrix fewer alive at once
+    if lean:
+        h.untyped_storage().resize_(0)  # the caller's Hessian, handed over and already copied: freed now
+    h = hp[:, perm]
+    del hp
 
-    u64, used_damp = _inverse_cholesky_upper(h, cfg.damp)
+    u64, used_damp = _inverse_cholesky_upper(h, cfg.damp, in_place=lean)
+    del h
     u = u64.float()
-    q_all = torch.zeros(n, k)
+    del u64
+    q_all = torch.zeros(n, k, dtype=torch.uint8)  # integer codes 0..maxq (a quarter of float32)
     loss = torch.zeros(n)
     bs = cfg.block_size
     for i1 in range(0, k, bs):
