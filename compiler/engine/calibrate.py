@@ -52,6 +52,13 @@ class Calibration:
 WIDE_HESSIAN = 2048
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN/Inf in ``t``, checked a slice at a time (``torch.isfinite`` of a 7B down_proj Hessian in one piece
+    takes ~850 MB of temporaries)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _dump_hessians(prefix: str, hs: dict, world) -> None:
     """Diagnostics: with ``LOWBIT_DUMP_HESSIANS=DIR`` each block's Hessians (after the torchrun sum) go to
     ``DIR/<block>.safetensors`` (rank 0), so runs can be compared (``benchmarks/distributed_check.py``)."""
@@ -141,7 +148,7 @@ class BlockContext:
                     world.sum_(hs[name])
                     counts[name] = world.sum_int(counts[name])
                 hs[name] = hs[name].mul_(2.0 / max(counts[name], 1)).float()  # in place: no second copy
-                if not torch.isfinite(hs[name]).all():
+                if not all_finite(hs[name]):
                     raise LowbitError(f"calibration activations entering {name} contain NaN/Inf")
         for name in names:
             hs[name] = hs[leader[name]]
@@ -339,7 +346,7 @@ class Engine:
             ctx = BlockContext(self, i, block, f"{self.prefix}.{i}")
             for name, mod in ctx.linears.items():
                 w = linear_weight(mod)
-                if not torch.isfinite(w).all():
+                if not all_finite(w):
                     raise LowbitError(f"weight of {name} contains NaN/Inf")
                 if self.stream is None:  # streaming keeps no float copy (the checkpoint is the copy)
                     cal.float_weights[name] = w.clone()

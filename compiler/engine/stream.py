@@ -220,6 +220,18 @@ class Streamer:
         shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
+def _return_freed_memory() -> None:
+    """glibc only: allocations of 128 KiB or more get their own mapping, given back to the system when freed.
+    By default its threshold rises to 32 MiB after the first large free, and block-sized temporaries then stay
+    in the heap: measured +300 MB resident after one 7B block's Hessians. Elsewhere (musl, macOS) nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def load(spec: str, spill_parent: Path, output_name: str = "lowbit"):
     """``(model, tokenizer, source, streamer)`` for a safetensors checkpoint, with placeholders for its big
     tensors (see the module docstring)."""
@@ -231,6 +243,7 @@ def load(spec: str, spill_parent: Path, output_name: str = "lowbit"):
         raise LowbitError(f"--stream reads safetensors checkpoints (a Hugging Face model directory); {src.path} is "
                           "GGUF: compile it without --stream, or save it as safetensors first")
     hf_logging.set_verbosity_error()
+    _return_freed_memory()
     ckpt = Checkpoint(src.path)
     try:
         config = AutoConfig.from_pretrained(str(src.path))
