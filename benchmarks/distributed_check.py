@@ -63,13 +63,14 @@ def main() -> int:
     a = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     a.compile_args = rest
     out = Path(a.out)
-    exe = str(Path(sys.executable).parent / "lowbit-compile")
+    bindir = Path(sys.executable).parent  # the environment lowbit is installed in (run with its python)
+    exe = str(bindir / "lowbit-compile")
     walls = {}
     for tag in ("one", "torchrun"):
         env = dict(os.environ, LOWBIT_DUMP_HESSIANS=str(out / f"hessians-{tag}"))
         cmd = [exe, a.model, *a.compile_args, "-o", str(out / tag), "--overwrite", "-q"]
         if tag == "torchrun":
-            cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", str(a.nproc), *cmd]
+            cmd = [str(bindir / "torchrun"), "--standalone", "--nproc-per-node", str(a.nproc), *cmd]
             env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
         walls[tag] = run(cmd, env)
     worst, n = compare_hessians(out / "hessians-one", out / "hessians-torchrun")

@@ -143,7 +143,6 @@ class Streamer:
         shutil.rmtree(self.spill_dir, ignore_errors=True)
         self.spill_dir.mkdir()
         self.spill = Spill(self.spill_dir)
-        self.loaded_blocks = 0
 
     # -- Engine hooks ---------------------------------------------------------------------------
     def load_block(self, index: int, block: nn.Module) -> None:
@@ -151,7 +150,6 @@ class Streamer:
             if is_linear_like(mod) and is_placeholder(mod.weight):
                 full = f"{self.prefix}.{index}.{name}.weight"
                 mod.weight = nn.Parameter(self.ckpt.get(full))
-        self.loaded_blocks += 1
 
     def release_block(self, index: int, block: nn.Module, results: dict) -> dict:
         """Placeholders back in the block; the block's formats spilled. Returns the spilled formats."""
