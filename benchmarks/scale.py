@@ -10,6 +10,7 @@ measured per-block cost (scaled by weights per block: linear in the weights for 
 Usage:
   python benchmarks/scale.py --preset 1b [--method rtn --bits 4 --group-size 128] [-- EXTRA COMPILE ARGS]
   python benchmarks/scale.py --preset 7b --write-only        # just the 13.5 GB checkpoint
+  python benchmarks/scale.py --preset 7b --method gptq -- --stream   # block streaming (README, "Large models")
 Presets: tiny (CI-sized), 1b (hidden 2048, 16 layers), 7b (hidden 4096, 32 layers, intermediate 11008).
 """
 
