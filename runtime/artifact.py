@@ -44,11 +44,19 @@ class ArtifactError(ValueError):
     """The artifact directory is missing, incomplete, corrupt or inconsistent with its manifest."""
 
 
+def placeholder(shape, dtype: torch.dtype, parameter: bool = False, requires_grad: bool = False) -> torch.Tensor:
+    """A tensor of ``shape`` and ``dtype`` backed by one element: keeps a graph's metadata valid while the real
+    bytes live elsewhere (safetensors here; the checkpoint for a streamed model, compiler/engine/stream.py)."""
+    ph = torch.zeros((), dtype=dtype).expand(*shape)
+    return torch.nn.Parameter(ph, requires_grad=requires_grad) if parameter else ph
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    return t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
 def _placeholder(t: torch.Tensor) -> torch.Tensor:
-    """A tensor with ``t``'s shape and dtype backed by one element: keeps the graph's metadata valid
-    while the real bytes live in safetensors only."""
-    ph = torch.zeros((), dtype=t.dtype).expand(t.shape)
-    return torch.nn.Parameter(ph, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else ph
+    return placeholder(t.shape, t.dtype, isinstance(t, torch.nn.Parameter), t.requires_grad)
 
 
 

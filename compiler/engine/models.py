@@ -72,8 +72,9 @@ def _check_gguf(path: Path) -> None:
         raise LowbitError(f"{path}: GGUF file holds no tensors")
 
 
-def _check_safetensors(directory: Path) -> None:
-    """Open every safetensors file and touch every tensor so a corrupt/truncated file fails here, by name."""
+def _check_safetensors(directory: Path) -> dict:
+    """Open every safetensors file and touch every tensor so a corrupt/truncated file fails here, by name.
+    Returns ``{file: header}``."""
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
@@ -81,6 +82,7 @@ def _check_safetensors(directory: Path) -> None:
         if any(directory.glob("*.bin")):
             raise LowbitError(f"{directory}: only pickled .bin weights found; lowbit loads safetensors only")
         raise LowbitError(f"{directory}: no .safetensors weight files found")
+    headers = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
@@ -97,6 +99,8 @@ def _check_safetensors(directory: Path) -> None:
             raise LowbitError(
                 f"truncated safetensors file {f}: header describes {8 + n + end} bytes, file has {os.path.getsize(f)}"
             )
+        headers[f] = header
+    return headers
 
 
 def load(spec: str, dtype: torch.dtype = torch.float32):

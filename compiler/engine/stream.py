@@ -33,15 +33,13 @@ from torch import nn
 
 from lowbit.compiler.engine.models import _check_safetensors, find_blocks, is_linear_like, resolve
 from lowbit.errors import LowbitError
+from lowbit.runtime import artifact
+from lowbit.runtime.artifact import is_placeholder
 
 
 def placeholder(shape, dtype=torch.float32) -> nn.Parameter:
-    """A parameter of ``shape`` backed by one element (see :func:`lowbit.runtime.artifact._placeholder`)."""
-    return nn.Parameter(torch.zeros((), dtype=dtype).expand(*shape))
-
-
-def is_placeholder(t: torch.Tensor) -> bool:
-    return t.numel() > 1 and all(s == 0 for s in t.stride())
+    """A parameter of ``shape`` backed by one element (trainable, as ``from_pretrained`` makes parameters)."""
+    return artifact.placeholder(shape, dtype, parameter=True, requires_grad=True)
 
 
 class Checkpoint:
@@ -49,7 +47,7 @@ class Checkpoint:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        _check_safetensors(self.directory)  # every shard's header and length, before anything is calibrated
+        headers = _check_safetensors(self.directory)  # every shard's header and length, before calibration
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -59,16 +57,7 @@ class Checkpoint:
             for f in sorted(set(wm.values())):
                 if not (self.directory / f).is_file():
                     raise LowbitError(f"{index}: shard {f} is missing")
-        self.where: dict[str, Path] = {}
-        self.meta: dict[str, dict] = {}
-        for f in sorted(self.directory.glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            for k, v in header.items():
-                if k != "__metadata__":
-                    self.where[k] = f
-                    self.meta[k] = v
+        self.where = {k: f for f, header in headers.items() for k in header if k != "__metadata__"}
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -185,9 +174,7 @@ class Streamer:
         """The checkpoint's name for parameter ``name`` (a tied head is stored under the embedding's name)."""
         if name in self.ckpt:
             return name
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        p = params.get(name)
-        return next((n for n, q in params.items() if q is p and n in self.ckpt), name)
+        return self.param_name(dict(self.model.named_parameters(remove_duplicate=False)).get(name))
 
     def sources(self, program) -> dict:
         """``{state-dict key: reader}`` for the program's placeholders (read from the checkpoint at write time)."""
@@ -195,10 +182,7 @@ class Streamer:
         for key, t in program.state_dict.items():
             if isinstance(t, torch.Tensor) and is_placeholder(t):
                 name = key[len("model."):] if key.startswith("model.") else key  # the capture wrapper's prefix
-                name = self._stored_name(name)
-                if name not in self.ckpt:
-                    raise LowbitError(f"streamed program tensor {key} has no tensor {name!r} in {self.ckpt.directory}")
-                out[key] = lambda n=name, d=t.dtype: self.ckpt.get(n, d)
+                out[key] = lambda n=self._stored_name(name), d=t.dtype: self.ckpt.get(n, d)
         return out
 
     def contiguous_metadata(self, program) -> None:
@@ -256,7 +240,7 @@ def load(spec: str, spill_parent: Path, output_name: str = "lowbit"):
     head = model.get_output_embeddings()
     if head is not None:
         big.add(id(head.weight))
-    for i, block in enumerate(blocks):
+    for block in blocks:
         for mod in block.modules():
             if is_linear_like(mod):
                 big.add(id(mod.weight))
