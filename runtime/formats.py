@@ -85,7 +85,11 @@ class AffineIntK:
         group_size: int,
         lowrank: Optional[LowRank] = None,
     ) -> "AffineIntK":
-        """Pack unpacked integer ``codes (N, K)``, ``scales (N, G)`` and integer ``zeros (N, G)``."""
+        """Pack unpacked integer ``codes (N, K)``, ``scales (N, G)`` and integer ``zeros (N, G)``.
+
+        Formats live on the CPU whatever device computed them (``--device cuda``): the same artifact either way."""
+        codes, scales = codes.cpu(), scales.cpu()
+        zeros = None if zeros is None else zeros.cpu()
         n, k = codes.shape
         fmt = cls(
             bits=bits,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowbit.compiler.engine.device import Placement
 from lowbit.compiler.engine.models import find_blocks, is_linear_like, linear_weight, set_linear_weight
 from lowbit.errors import LowbitError
 
@@ -124,10 +125,11 @@ class BlockContext:
                 # float64 sums up to WIDE_HESSIAN inputs: the total then does not depend on how the windows were
                 # grouped (one process, or torchrun's ranks summed), so every rank gets the one-process Hessian
                 # to the last float32 bit and GPTQ makes the same decisions; above, float32 (memory)
+                # (whatever the compute dtype: bf16/fp16 activations are widened before the product)
                 dtype = torch.float64 if k <= WIDE_HESSIAN else torch.float32
                 x = x.detach().reshape(-1, x.shape[-1]).to(dtype)
                 if name not in hs:
-                    hs[name] = torch.zeros(k, k, dtype=dtype)
+                    hs[name] = torch.zeros(k, k, dtype=dtype, device=x.device)
                 hs[name].addmm_(x.t(), x)
                 counts[name] += x.shape[0]
 
@@ -163,8 +165,11 @@ class Engine:
     """Runs a method over every decoder block of ``model`` on calibration ``windows``."""
 
     def __init__(self, model: nn.Module, method, windows: torch.Tensor | None, progress: bool = True,
-                 batch_size: int = 1, plan=None, stream=None, world=None):
+                 batch_size: int = 1, plan=None, stream=None, world=None, placement=None):
         self.batch_size = batch_size
+        # lowbit.compiler.engine.device.Placement: the device and compute dtype blocks are calibrated in (the model
+        # itself stays on the CPU; one block at a time moves there and back)
+        self.placement = placement if placement is not None else Placement()
         self.world = world  # lowbit.compiler.engine.distributed.World: Hessians summed over torchrun's ranks
         self.stream = stream  # lowbit.compiler.engine.stream.Streamer: block weights read and released in turn
         self.model = model
@@ -259,8 +264,10 @@ class Engine:
 
     # -- block I/O -------------------------------------------------------------------------------
     def call_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = block(x, *self.extra_args, **self.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        with self.placement.autocast():
+            out = block(x, *self.extra_args, **self.kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out if self.placement.default else self.placement.to(out)  # cached in the compute dtype
 
     def run_block(self, block: nn.Module, inputs: list) -> list:
         """Run ``block`` over cached windows, ``batch_size`` windows per call.
@@ -298,7 +305,7 @@ class Engine:
             if not store:
                 self.extra_args = rest
                 self.kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states",)}
-            store.append(hidden.detach())
+            store.append(self.placement.to(hidden.detach()))
             raise _Captured
 
         h = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -313,6 +320,8 @@ class Engine:
         # Caches must not leak state between windows.
         for k in ("past_key_values", "past_key_value", "layer_past", "use_cache"):
             self.kwargs.pop(k, None)
+        self.kwargs = self.placement.to(self.kwargs)  # rotary tables, masks: where the blocks run
+        self.extra_args = self.placement.to(self.extra_args)
         if not store:
             raise LowbitError("no calibration input reached the first decoder block")
         for i, x in enumerate(store):
@@ -350,6 +359,7 @@ class Engine:
                     raise LowbitError(f"weight of {name} contains NaN/Inf")
                 if self.stream is None:  # streaming keeps no float copy (the checkpoint is the copy)
                     cal.float_weights[name] = w.clone()
+            saved = self.placement.enter_block(block)
             if self.float_inputs is not None:
                 ctx.float_targets = ctx.run_block(self.float_inputs)
             block_results = self._calibrate_block(ctx)
@@ -360,6 +370,8 @@ class Engine:
                     raise LowbitError(f"block {ctx.prefix} produced NaN/Inf after quantization")
             if self.float_inputs is not None:
                 self.float_inputs = ctx.float_targets
+            self.placement.exit_block(block, saved, keep={n.removeprefix(ctx.prefix + ".") + ".weight"
+                                                          for n in ctx.linears})
             if self.stream is not None:
                 block_results = self.stream.release_block(i, block, block_results)
             cal.results.update(block_results)

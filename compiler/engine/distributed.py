@@ -25,6 +25,8 @@ from lowbit.errors import LowbitError
 class World:
     rank: int = 0
     size: int = 1
+    # where all-reduced tensors must be: the CPU for gloo, this rank's GPU for NCCL
+    comm_device: torch.device = torch.device("cpu")
 
     @property
     def enabled(self) -> bool:
@@ -48,7 +50,7 @@ class World:
         if self.enabled:
             import torch.distributed as dist
 
-            wide = t.double() if t.dtype == torch.float32 else t
+            wide = t.to(self.comm_device, torch.float64 if t.dtype == torch.float32 else t.dtype)
             dist.all_reduce(wide)
             if wide is not t:
                 t.copy_(wide)
@@ -67,8 +69,11 @@ class World:
                 dist.destroy_process_group()
 
 
-def from_env() -> World:
-    """The world torchrun describes in the environment (``WORLD_SIZE``/``RANK``), else one process."""
+def from_env(device: torch.device | None = None) -> World:
+    """The world torchrun describes in the environment (``WORLD_SIZE``/``RANK``), else one process.
+
+    NCCL when calibration runs on GPUs (``--device cuda``: each rank on ``cuda:LOCAL_RANK``), gloo otherwise
+    (``LOWBIT_DIST_BACKEND=gloo`` forces gloo)."""
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if size <= 1:
         return World()
@@ -76,9 +81,14 @@ def from_env() -> World:
 
     rank = int(os.environ.get("RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("LOWBIT_DIST_BACKEND") != "gloo" else "gloo"
+        on_gpu = device is not None and device.type == "cuda"
+        backend = "nccl" if on_gpu and os.environ.get("LOWBIT_DIST_BACKEND") != "gloo" else "gloo"
         try:
             dist.init_process_group(backend)
         except Exception as e:
             raise LowbitError(f"torch.distributed could not start ({backend}, rank {rank} of {size}): {e}") from e
-    return World(rank=dist.get_rank(), size=dist.get_world_size())
+    backend = dist.get_backend()
+    comm = device if backend == "nccl" and device is not None else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(comm)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), comm_device=comm)

@@ -160,6 +160,16 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "on the meta device, each block's weights are read when its turn comes and released after, "
                         "packed results go to a spill file; the whole float model is never resident. Same artifact. "
                         "Not with --head, end-to-end phases or a float perplexity (--eval runs the packed artifact)")
+    p.add_argument("--device", default="cpu",
+                   help="where blocks are calibrated: cpu (default), cuda, cuda:N, or auto (a GPU if torch sees one). "
+                        "The model stays on the CPU (or streams, --stream); one block at a time moves to the device "
+                        "with its calibration activations. Same artifact format; the manifest records the device. "
+                        "GPTQ, RTN and sign run wholly there; BiLLM's layer solves run on the CPU; "
+                        "apiq, efficientqat and reallm need --device cpu --compute-dtype float32 for now")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="precision of the block forwards during calibration (an autocast; activations cached in it). "
+                        "Weights are quantized from their float32 values and Hessians are accumulated in float32 "
+                        "or wider whatever this is (default float32)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="c4", help="c4 or a .txt/.jsonl file (default c4)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -221,6 +231,7 @@ def compile_main(argv=None) -> int:
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, eval_float=not args.no_eval_float,
         float_dtype=args.float_dtype, progress=not args.quiet, onnx_accuracy_level=args.accuracy_level,
         overrides=args.overrides, resume=args.resume, head=args.head, stream=args.stream,
+        device=args.device, compute_dtype=args.compute_dtype,
     )
     try:
         report = compile_model(opts)

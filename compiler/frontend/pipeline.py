@@ -65,6 +65,10 @@ class CompileOptions:
     head: str = "float"
     # Block streaming (lowbit.compiler.engine.stream): block weights read from the checkpoint in turn.
     stream: bool = False
+    # Where blocks are calibrated and in what precision (lowbit.compiler.engine.device): cpu, cuda, cuda:N, auto;
+    # float32, bfloat16, float16 (an autocast; Hessians float32 or wider whatever it is).
+    device: str = "cpu"
+    compute_dtype: str = "float32"
     # The user's own passes (objects with ``name`` and ``run(gm, ctx) -> PassReport``), run after lowbit's.
     extra_passes: tuple = ()
 
@@ -103,6 +107,7 @@ class _Run:
         self.report: dict = {}
         self.eval_tokens: dict = {}
         self.streamer = None  # lowbit.compiler.engine.stream.Streamer with --stream
+        self.placement = None  # lowbit.compiler.engine.device.Placement: --device, --compute-dtype
 
 
 HEAD_GROUP = 32  # --head: 32-column groups (the tied table is also the embedding: rows read one at a time)
@@ -112,7 +117,11 @@ def compile_model(opts: CompileOptions) -> dict:
     """Run the whole pipeline; returns the report dict (also written into the artifact)."""
     from lowbit.compiler.engine import distributed
 
-    run = _Run(opts, distributed.from_env())  # torchrun: this rank's share of the windows, Hessians all-reduced
+    from lowbit.compiler.engine.device import Placement, resolve_device, resolve_dtype
+
+    placement = Placement(resolve_device(opts.device), resolve_dtype(opts.compute_dtype))  # before any work
+    run = _Run(opts, distributed.from_env(placement.device))  # torchrun: this rank's share of the windows, Hessians all-reduced
+    run.placement = placement
     try:
         _check_inputs(run)  # options, output directory, data files: before the model loads, so bad input fails fast
         _load_model(run)
@@ -153,6 +162,13 @@ def _check_inputs(run: _Run) -> None:
             for i, r in enumerate(rules):
                 r.index = i
         plan = MethodPlan(method, opts.method_options, rules)
+    if not run.placement.default:
+        methods = [method] + (list(plan._methods.values()) if plan is not None else [])
+        slow = sorted({m.name for m in methods if not m.device_ready and not hasattr(m, "quantize_linear")})
+        if slow:
+            raise LowbitError(f"--device {opts.device} --compute-dtype {opts.compute_dtype}: {', '.join(slow)} "
+                              "trains on the CPU in float32 only for now (compile with --device cpu --compute-dtype "
+                              "float32)")
     if run.world.enabled and getattr(method, "needs_float_stream", False):
         raise LowbitError(f"torchrun: {opts.method} trains each block against the float model and its gradients "
                           "are not all-reduced yet; run it in one process (Hessian methods run distributed)")
@@ -257,7 +273,7 @@ def _calibrate(run: _Run) -> None:
         try:
             run.cal = Engine(run.model, method, windows if needs_data else None,
                              progress=opts.progress and run.world.writer, plan=plan, stream=run.streamer,
-                             world=run.world).run()
+                             world=run.world, placement=run.placement).run()
         except ValueError as e:  # a method's training refusal (NaN loss, mismatched checkpoint)
             raise LowbitError(str(e)) from e
     if hasattr(method, "after_calibration"):  # end-to-end phases over the whole quantized model
@@ -305,7 +321,7 @@ def _write_artifact(run: _Run) -> None:
         "versions": {"lowbit": __version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "float_storage_dtype": opts.float_dtype,
-        "calibration_run": {"device": "cpu", "compute_dtype": "float32", "world_size": run.world.size,
+        "calibration_run": {**run.placement.describe(), "world_size": run.world.size,
                             "streamed": run.streamer is not None},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -366,7 +382,8 @@ def _write_artifact(run: _Run) -> None:
                 report["end_to_end"] = method.e2e_report
             report["times"] = {**timer.times, "total": time.perf_counter() - run.t_all}
             report["resources"] = {"peak_rss_mib": peak_rss_mib(),
-                                   "block_seconds": [round(t, 3) for t in getattr(cal, "block_times", [])]}
+                                   "block_seconds": [round(t, 3) for t in getattr(cal, "block_times", [])],
+                                   **run.placement.peak_memory()}
             report_mod.write(report, tmp)
     except FileExistsError as e:
         raise LowbitError(str(e)) from e
@@ -396,6 +413,7 @@ def summary_text(report: dict) -> str:
     lines.append("  time               : " + ", ".join(f"{k} {v:.1f}s" for k, v in report["times"].items()))
     res = report.get("resources", {})
     if res.get("peak_rss_mib"):
-        lines.append(f"  peak memory        : {res['peak_rss_mib'] / 1024:.2f} GiB resident (this process's VmHWM)")
+        lines.append(f"  peak memory        : {res['peak_rss_mib'] / 1024:.2f} GiB resident (this process's VmHWM)"
+                     + (f", {res['device_peak_mib'] / 1024:.2f} GiB on the GPU" if res.get("device_peak_mib") else ""))
     return "\n".join(lines)
 

@@ -50,6 +50,10 @@ class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = UniformConfig
     needs_data: ClassVar[bool] = True  # False: data-free (calibration data only used for verification)
+    # True: calibrate_block works on whatever device the block is on (--device cuda; tensors it creates follow
+    # the weights' device). A HessianMethod that is not gets its weight and Hessian on the CPU in float32 (the
+    # block forward and the Hessians still run on the device); a training method that is not is refused there.
+    device_ready: ClassVar[bool] = False
 
     def __init__(self, config):
         config.validate()
@@ -84,8 +88,11 @@ class HessianMethod(Method):
         hs = ctx.hessians(list(ctx.linears))
         out = {}
         for name, mod in ctx.linears.items():
+            w, h = ctx.weight_of(mod), take_hessian(hs, name)
+            if not self.device_ready:  # solved on the CPU (see Method.device_ready)
+                w, h = w.float().cpu(), h.cpu()
             try:
-                fmt, info = self.quantize_linear(ctx.weight_of(mod), take_hessian(hs, name))
+                fmt, info = self.quantize_linear(w, h)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
             ctx.set_weight(mod, fmt.dequantize())

@@ -55,7 +55,7 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float, in_place: bool = False
     (resized to 0 bytes) once factorized, and the inverse comes from ``cholesky_inverse`` (no identity matrix), so
     at most two matrices of ``h``'s size are alive at once."""
     mean_diag = float(torch.diag(h).mean())
-    idx = torch.arange(h.shape[0])
+    idx = torch.arange(h.shape[0], device=h.device)
     for attempt in range(6):
         d = damp * (10**attempt) * mean_diag
         if in_place:
@@ -76,7 +76,7 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float, in_place: bool = False
         l, info = torch.linalg.cholesky_ex(hd)
         del hd
         if int(info) == 0:
-            hinv = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype), l)  # faster than cholesky_inverse on CPU
+            hinv = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype, device=h.device), l)  # faster than cholesky_inverse on CPU
             u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info2) == 0:
                 return u, damp * (10**attempt)
@@ -90,11 +90,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
     above ``LEAN_INPUTS`` inputs: float32 and in place, ``h``'s storage freed (pass a Hessian you no longer need).
     """
     w = w.detach().clone().float()
+    h = h.to(w.device)
     lean = h.shape[0] > LEAN_INPUTS
     # large inputs: the caller's float32 Hessian is worked on in place and emptied (callers hand over their own,
     # see base.take_hessian); otherwise a float64 copy
     h = h.detach().to(torch.float32) if lean else h.detach().to(torch.float64, copy=True)
     n, k = w.shape
+    dev = w.device  # --device cuda: the whole solve runs there (the format is assembled on the CPU)
     bits, gs, sym = cfg.bits, cfg.group_size, cfg.symmetric
     maxq = (1 << bits) - 1
     if not torch.isfinite(h).all():
@@ -105,8 +107,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
 
     ngroups = math.ceil(k / gs)
     group_of = (torch.arange(k) // gs).tolist()
-    scales = torch.empty(n, ngroups)
-    zeros = torch.empty(n, ngroups)
+    scales = torch.empty(n, ngroups, device=dev)
+    zeros = torch.empty(n, ngroups, device=dev)
     have_params = [False] * ngroups
 
     if cfg.act_order:
@@ -117,7 +119,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
         have_params = [True] * ngroups
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
-        perm = torch.arange(k)
+        perm = torch.arange(k, device=dev)
     perm_list = perm.tolist()
     invperm = torch.argsort(perm)
     w = w[:, perm]
@@ -131,8 +133,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
     del h
     u = u64.float()
     del u64
-    q_all = torch.zeros(n, k, dtype=torch.uint8)  # integer codes 0..maxq (a quarter of float32)
-    loss = torch.zeros(n)
+    q_all = torch.zeros(n, k, dtype=torch.uint8, device=dev)  # integer codes 0..maxq (a quarter of float32)
+    loss = torch.zeros(n, device=dev)
     bs = cfg.block_size
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
@@ -167,6 +169,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig):
 class GPTQ(HessianMethod):
     name = "gptq"
     Config = GPTQConfig
+    device_ready = True
 
     def quantize_linear(self, w, h):
         return gptq_quantize(w, h, self.config)

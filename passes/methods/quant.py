@@ -77,10 +77,11 @@ def assemble(
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     """Round-to-nearest, group-wise: returns an :class:`AffineIntK` for ``w (N, K)``."""
     n, k = w.shape
-    codes = torch.empty(n, k)
+    dev = w.device  # --device cuda: computed there, assembled on the CPU
+    codes = torch.empty(n, k, device=dev)
     ngroups = (k + group_size - 1) // group_size
-    scales = torch.empty(n, ngroups)
-    zeros = torch.empty(n, ngroups)
+    scales = torch.empty(n, ngroups, device=dev)
+    zeros = torch.empty(n, ngroups, device=dev)
     for g in range(ngroups):
         sl = slice(g * group_size, min(k, (g + 1) * group_size))
         p = group_params(w[:, sl], bits, symmetric)

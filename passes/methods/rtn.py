@@ -17,6 +17,7 @@ class RTN(Method):
     name = "rtn"
     Config = UniformConfig
     needs_data = False
+    device_ready = True
 
     def calibrate_block(self, ctx) -> dict:
         c = self.config
@@ -48,6 +49,7 @@ class Sign(Method):
     name = "sign"
     Config = SignConfig
     needs_data = False
+    device_ready = True
 
     def calibrate_block(self, ctx) -> dict:
         out = {}

@@ -1,0 +1,88 @@
+"""``--device`` and ``--compute-dtype``: bad devices refused before any work, a bfloat16 autocast that keeps
+GPTQ's quality, refusals for the methods that cannot run there yet, and blocks that come back from the device
+with their own tensors. (The CUDA path itself needs a GPU: README, "Calibrating on a GPU".)"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.compiler.engine.device import Placement
+from lowbit.compiler.frontend.cli import compile_main
+from lowbit.runtime.artifact import load
+
+
+def _compile(model, text_file, out, *extra) -> int:
+    return compile_main([str(model), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64", "-o", str(out),
+                         "-q", *extra])
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "--device cuda: "),
+    ("cuda:x", "expected cuda:N"),
+    ("tpu", "--device must be cpu, cuda, cuda:N or auto"),
+])
+def test_bad_device_is_refused_before_loading(tiny_dir, text_file, tmp_path, capsys, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    model = tiny_dir("llama")
+    capsys.readouterr()  # the fixture's own output
+    assert _compile(model, text_file, tmp_path / "out", "--method", "rtn", "--device", device) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a staging directory
+
+
+def test_bfloat16_compute_keeps_gptq_quality(tiny_dir, text_file, tmp_path):
+    model = tiny_dir("llama")
+    args = ["--method", "gptq", "--bits", "3", "--group-size", "32"]
+    assert _compile(model, text_file, tmp_path / "f32", *args) == 0
+    assert _compile(model, text_file, tmp_path / "bf16", *args, "--compute-dtype", "bfloat16", "--device", "auto") == 0
+    a, b = load(tmp_path / "f32"), load(tmp_path / "bf16")
+    assert b.manifest["calibration_run"]["compute_dtype"] == "bfloat16"
+    assert b.manifest["calibration_run"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert a.manifest["calibration_run"]["compute_dtype"] == "float32"
+    loss = {t: sum(v["gptq_loss"] for v in json.loads((tmp_path / t / "report.json").read_text())["layers"].values())
+            for t in ("f32", "bf16")}
+    # the Hessians come from bfloat16 activations, the solve is float32: the same quality within a few percent
+    assert loss["bf16"] == pytest.approx(loss["f32"], rel=0.05), loss
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 200, (1, 32))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(model)(input_ids=ids).logits
+    err = {t: float((m(ids) - ref).norm() / ref.norm()) for t, m in (("f32", a), ("bf16", b))}
+    assert err["bf16"] < 1.15 * err["f32"], err  # as close to the float model as the float32 calibration
+
+
+def test_training_methods_refuse_other_devices_and_dtypes(tiny_dir, text_file, tmp_path, capsys):
+    assert _compile(tiny_dir("llama"), text_file, tmp_path / "out", "--method", "apiq",
+                    "--compute-dtype", "bfloat16") == 2
+    err = capsys.readouterr().err
+    assert "apiq trains on the CPU in float32 only for now" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_block_comes_back_with_its_own_tensors():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    block[1].register_buffer("steps", torch.arange(3))
+    norm_before = block[1].weight.detach().clone()
+    saved = {("p", n): p.data for n, p in block.named_parameters()}
+    saved.update({("b", n): b for n, b in block.named_buffers()})
+    block.to(torch.float64)  # stands in for the copy on the device
+    block[0].weight.data.fill_(0.5)  # the quantized values, set on the device
+    block[1].weight.data.mul_(3)  # anything else a forward might have touched is not kept
+    Placement().exit_block(block, saved, keep={"0.weight"})
+    assert block[0].weight.dtype == torch.float32 and block[0].weight.data_ptr() == saved[("p", "0.weight")].data_ptr()
+    assert torch.equal(block[0].weight, torch.full((4, 4), 0.5))
+    assert torch.equal(block[1].weight, norm_before) and block[1].weight.data_ptr() == saved[("p", "1.weight")].data_ptr()
+    assert block[1].steps is saved[("b", "1.steps")]
+
+
+def test_placement_moves_nested_arguments():
+    p = Placement(torch.device("cpu"), torch.bfloat16)
+    out = p.to({"pos": (torch.ones(2), torch.zeros(2)), "mask": torch.ones(2, dtype=torch.bool), "n": 3})
+    assert out["pos"][0].dtype == torch.bfloat16 and out["mask"].dtype == torch.bool and out["n"] == 3
+    assert isinstance(out["pos"], tuple)
