@@ -86,3 +86,52 @@ def test_placement_moves_nested_arguments():
     out = p.to({"pos": (torch.ones(2), torch.zeros(2)), "mask": torch.ones(2, dtype=torch.bool), "n": 3})
     assert out["pos"][0].dtype == torch.bfloat16 and out["mask"].dtype == torch.bool and out["n"] == 3
     assert isinstance(out["pos"], tuple)
+
+
+# -- activations: --activations, --offload-dir -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [["--method", "gptq", "--bits", "3", "--group-size", "32"],
+                                    ["--method", "apiq", "--apiq-epochs", "1"]])  # a training method: float chain too
+def test_activations_on_disk_give_the_same_artifact(tiny_dir, text_file, tmp_path, method):
+    model = tiny_dir("llama")
+    assert _compile(model, text_file, tmp_path / "mem", *method, "--activations", "cpu") == 0
+    off = tmp_path / "offload"
+    assert _compile(model, text_file, tmp_path / "disk", *method, "--offload-dir", str(off)) == 0
+    for f in ("packed.safetensors", "float.safetensors"):
+        assert (tmp_path / "mem" / f).read_bytes() == (tmp_path / "disk" / f).read_bytes(), f
+    assert not off.exists()  # made by the run, empty (its files never had names), removed
+
+
+def test_offload_dir_refused_before_calibration(tiny_dir, text_file, tmp_path, capsys, monkeypatch):
+    model = tiny_dir("llama")
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("x")
+    assert _compile(model, text_file, tmp_path / "out", "--method", "gptq", "--offload-dir",
+                    str(tmp_path / "a-file" / "sub")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not writable" in err[0], err
+    # a directory without room for two generations of activations
+    import lowbit.compiler.engine.activations as acts
+
+    monkeypatch.setattr(acts, "_free_bytes", lambda p: 1000)
+    assert _compile(model, text_file, tmp_path / "out", "--method", "gptq", "--offload-dir",
+                    str(tmp_path / "room")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GiB free, the calibration activations need" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no output, no offload directory left
+
+
+def test_disk_list_reads_back_what_was_written(tmp_path):
+    from lowbit.compiler.engine.activations import DiskList
+
+    d = DiskList(tmp_path, Placement())
+    xs = [torch.randn(1, 5, 8), torch.randn(1, 3, 8).to(torch.bfloat16), torch.full((1, 2, 8), float("nan"))]
+    for x in xs[:2]:
+        d.append(x)
+    assert d.all_finite and len(d) == 2 and list(tmp_path.iterdir()) == []  # no named file
+    assert torch.equal(d[0], xs[0]) and torch.equal(d[1], xs[1]) and d[1].dtype == torch.bfloat16
+    assert [t.shape for t in d[0:2]] == [xs[0].shape, xs[1].shape]
+    d.append(xs[2])
+    assert not d.all_finite
+    d.close()

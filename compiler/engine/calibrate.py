@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowbit.compiler.engine.activations import ActivationStore, DiskList
 from lowbit.compiler.engine.device import Placement
 from lowbit.compiler.engine.models import find_blocks, is_linear_like, linear_weight, set_linear_weight
 from lowbit.errors import LowbitError
@@ -72,6 +73,13 @@ def _dump_hessians(prefix: str, hs: dict, world) -> None:
 
     os.makedirs(d, exist_ok=True)
     save_file({n: h.contiguous() for n, h in hs.items()}, os.path.join(d, f"{prefix}.safetensors"))
+
+
+def _all_finite(tensors) -> bool:
+    """No NaN/Inf in an activation list (a disk list knows it from its writes: no second read)."""
+    if isinstance(tensors, DiskList):
+        return tensors.all_finite
+    return all(bool(torch.isfinite(x).all()) for x in tensors)
 
 
 class BlockContext:
@@ -165,11 +173,13 @@ class Engine:
     """Runs a method over every decoder block of ``model`` on calibration ``windows``."""
 
     def __init__(self, model: nn.Module, method, windows: torch.Tensor | None, progress: bool = True,
-                 batch_size: int = 1, plan=None, stream=None, world=None, placement=None):
+                 batch_size: int = 1, plan=None, stream=None, world=None, placement=None, store=None):
         self.batch_size = batch_size
         # lowbit.compiler.engine.device.Placement: the device and compute dtype blocks are calibrated in (the model
         # itself stays on the CPU; one block at a time moves there and back)
         self.placement = placement if placement is not None else Placement()
+        # lowbit.compiler.engine.activations.ActivationStore: the activation lists on the device, the CPU or disk
+        self.store = store if store is not None else ActivationStore("device", self.placement)
         self.world = world  # lowbit.compiler.engine.distributed.World: Hessians summed over torchrun's ranks
         self.stream = stream  # lowbit.compiler.engine.stream.Streamer: block weights read and released in turn
         self.model = model
@@ -275,26 +285,27 @@ class Engine:
         The cached keyword arguments (rotary tables, masks) have batch 1 and broadcast; an architecture
         where they do not falls back to one window per call.
         """
-        outs = []
+        outs = self.store.new_list()
         bs = self.batch_size
         i = 0
         while i < len(inputs):
-            chunk = inputs[i : i + bs]
+            chunk = [self.store.fetch(x) for x in inputs[i : i + bs]]
             if len(chunk) == 1:
-                outs.append(self.call_block(block, chunk[0]))
+                outs.append(self.store.keep(self.call_block(block, chunk[0])))
             else:
                 try:
                     y = self.call_block(block, torch.cat(chunk, 0))
                 except RuntimeError:
                     self.batch_size = bs = 1
                     continue
-                outs.extend(y.split(1, 0))
+                for part in y.split(1, 0):
+                    outs.append(self.store.keep(part))
             i += len(chunk)
         return outs
 
     def _capture_inputs(self) -> list:
         first = self.blocks[0]
-        store = []
+        store = self.store.new_list()
 
         def pre_hook(mod, args, kwargs):
             if args:
@@ -305,7 +316,7 @@ class Engine:
             if not store:
                 self.extra_args = rest
                 self.kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states",)}
-            store.append(self.placement.to(hidden.detach()))
+            store.append(self.store.keep(self.placement.to(hidden.detach())))
             raise _Captured
 
         h = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -324,9 +335,9 @@ class Engine:
         self.extra_args = self.placement.to(self.extra_args)
         if not store:
             raise LowbitError("no calibration input reached the first decoder block")
-        for i, x in enumerate(store):
-            if not torch.isfinite(x).all():
-                raise LowbitError(f"calibration window {i}: embeddings produced NaN/Inf")
+        if not _all_finite(store):
+            bad = next(i for i, x in enumerate(store) if not torch.isfinite(x).all())
+            raise LowbitError(f"calibration window {bad}: embeddings produced NaN/Inf")
         return store
 
     # -- main loop -------------------------------------------------------------------------------
@@ -344,7 +355,7 @@ class Engine:
             else:
                 self.quant_inputs = self._capture_inputs()
             if getattr(self.method, "needs_float_stream", False):
-                self.float_inputs = [x.clone() for x in self.quant_inputs]
+                self.float_inputs = self.store.collect(self.quant_inputs)
             if self.progress:
                 _log(f"[calibrate] captured {len(self.quant_inputs)} windows x {self.windows.shape[1]} tokens "
                      f"at block 0 in {time.perf_counter() - t0:.1f}s")
@@ -366,7 +377,7 @@ class Engine:
             if self.quant_inputs is not None:
                 self.quant_inputs = ctx.run_block(self.quant_inputs)
                 ctx.quant_inputs = self.quant_inputs
-                if not all(torch.isfinite(x).all() for x in self.quant_inputs):
+                if not _all_finite(self.quant_inputs):
                     raise LowbitError(f"block {ctx.prefix} produced NaN/Inf after quantization")
             if self.float_inputs is not None:
                 self.float_inputs = ctx.float_targets

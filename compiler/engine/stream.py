@@ -16,7 +16,8 @@ The model is built on the meta device from its ``config.json``. Then:
 
 What stays resident: one block's float weights and its calibration work, the activation cache, the embedding
 while block 0's inputs are captured. The artifact is the same as without streaming (byte for byte for RTN).
-Reads safetensors checkpoints (sharded or not); GGUF input is refused with a clear message.
+Reads safetensors checkpoints (sharded or not) and GGUF files of the Llama architecture (dequantized a tensor at a
+time, exactly as transformers' GGUF loader gives them: :mod:`lowbit.compiler.engine.gguf_reader`).
 """
 
 from __future__ import annotations
@@ -215,25 +216,28 @@ def _return_freed_memory() -> None:
 
 
 def load(spec: str, spill_parent: Path, output_name: str = "lowbit"):
-    """``(model, tokenizer, source, streamer)`` for a safetensors checkpoint, with placeholders for its big
-    tensors (see the module docstring)."""
+    """``(model, tokenizer, source, streamer)`` for a safetensors checkpoint or a GGUF file
+    (:mod:`lowbit.compiler.engine.gguf_reader`), with placeholders for its big tensors (see the module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     src = resolve(spec)
-    if src.kind != "hf":
-        raise LowbitError(f"--stream reads safetensors checkpoints (a Hugging Face model directory); {src.path} is "
-                          "GGUF: compile it without --stream, or save it as safetensors first")
     hf_logging.set_verbosity_error()
     _return_freed_memory()
-    ckpt = Checkpoint(src.path)
+    gguf = {"gguf_file": src.path.name} if src.kind == "gguf" else {}
+    where = str(src.path.parent if gguf else src.path)
+    ckpt = None if gguf else Checkpoint(src.path)  # safetensors headers checked before anything else
     try:
-        config = AutoConfig.from_pretrained(str(src.path))
-        tokenizer = AutoTokenizer.from_pretrained(str(src.path))
+        config = AutoConfig.from_pretrained(where, **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(where, **gguf)
     except Exception as e:
         raise LowbitError(f"could not read the config/tokenizer of {src.path}: {type(e).__name__}: {e}") from e
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if gguf:  # names mapped on the meta model, tensors dequantized one at a time
+        from lowbit.compiler.engine.gguf_reader import GGUFCheckpoint
+
+        ckpt = GGUFCheckpoint(src.path, config, model)
     model.eval()
     prefix, blocks = find_blocks(model)
     big = {id(model.get_input_embeddings().weight)}
@@ -266,7 +270,7 @@ def load(spec: str, spill_parent: Path, output_name: str = "lowbit"):
     return model, tokenizer, src, Streamer(model, ckpt, spill_parent, output_name)
 
 
-def _rebuild_buffers(model: nn.Module, config, ckpt: Checkpoint) -> None:
+def _rebuild_buffers(model: nn.Module, config, ckpt) -> None:
     """Buffers left on the meta device: persistent ones from the checkpoint, computed ones (rotary ``inv_freq``)
     by building their module again on the CPU from the config."""
     for mod_name, mod in list(model.named_modules()):

@@ -166,6 +166,13 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "with its calibration activations. Same artifact format; the manifest records the device. "
                         "GPTQ, RTN and sign run wholly there; BiLLM's layer solves run on the CPU; "
                         "apiq, efficientqat and reallm need --device cpu --compute-dtype float32 for now")
+    p.add_argument("--activations", default="auto", choices=["auto", "device", "cpu", "disk"],
+                   help="where the calibration activations (one tensor per window, two generations at once) live "
+                        "between blocks: auto (default: the device if they fit in half its free memory, else CPU "
+                        "memory on the same rule, else disk), device, cpu, or disk")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="directory for activations on disk (implies --activations disk under auto; default: beside "
+                        "the output). Unnamed temporary files, nothing left behind; checked for room first")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="precision of the block forwards during calibration (an autocast; activations cached in it). "
                         "Weights are quantized from their float32 values and Hessians are accumulated in float32 "
@@ -231,7 +238,8 @@ def compile_main(argv=None) -> int:
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, eval_float=not args.no_eval_float,
         float_dtype=args.float_dtype, progress=not args.quiet, onnx_accuracy_level=args.accuracy_level,
         overrides=args.overrides, resume=args.resume, head=args.head, stream=args.stream,
-        device=args.device, compute_dtype=args.compute_dtype,
+        device=args.device, compute_dtype=args.compute_dtype, activations=args.activations,
+        offload_dir=args.offload_dir,
     )
     try:
         report = compile_model(opts)

@@ -69,6 +69,10 @@ class CompileOptions:
     # float32, bfloat16, float16 (an autocast; Hessians float32 or wider whatever it is).
     device: str = "cpu"
     compute_dtype: str = "float32"
+    # Calibration activations between blocks (lowbit.compiler.engine.activations): auto, device, cpu or disk;
+    # disk goes to offload_dir (default: beside the output). Giving offload_dir with auto means disk.
+    activations: str = "auto"
+    offload_dir: str | None = None
     # The user's own passes (objects with ``name`` and ``run(gm, ctx) -> PassReport``), run after lowbit's.
     extra_passes: tuple = ()
 
@@ -108,6 +112,7 @@ class _Run:
         self.eval_tokens: dict = {}
         self.streamer = None  # lowbit.compiler.engine.stream.Streamer with --stream
         self.placement = None  # lowbit.compiler.engine.device.Placement: --device, --compute-dtype
+        self.store = None  # lowbit.compiler.engine.activations.ActivationStore: --activations, --offload-dir
 
 
 HEAD_GROUP = 32  # --head: 32-column groups (the tied table is also the embedding: rows read one at a time)
@@ -134,6 +139,8 @@ def compile_model(opts: CompileOptions) -> dict:
     finally:
         if run.streamer is not None:  # the spill file goes whatever happened
             run.streamer.close()
+        if run.store is not None:
+            run.store.close()
         run.world.close()
     return run.report
 
@@ -216,6 +223,10 @@ def _artifact_estimate(path: Path) -> int:
 
 def _load_model(run: _Run) -> None:
     opts, method, plan = run.opts, run.method, run.plan
+    if not opts.progress:  # -q: transformers' own progress bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     with run.timer.stage("load"):
         run.say(f"[load] {opts.model}" + (" (streaming: block weights read in turn)" if opts.stream else ""))
         if opts.stream:
@@ -266,14 +277,24 @@ def _calibrate(run: _Run) -> None:
                 f"{-(-run.windows.shape[0] // run.world.size)} or fewer each; Hessians summed over all")
     run.report["calibration"] = run.calib_info
     windows = run.world.shard(run.windows)
+    needs_data = plan.needs_data if plan is not None else method.needs_data
+    if needs_data:  # where the activations live, decided (and a disk checked) before calibration starts
+        from lowbit.compiler.engine.activations import ActivationStore
+
+        cfg = run.model.config
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+        chains = 2 if getattr(method, "needs_float_stream", False) else 1
+        itemsize = torch.empty(0, dtype=run.placement.dtype).element_size()
+        need = windows.shape[0] * windows.shape[1] * hidden * itemsize * chains
+        run.store = ActivationStore.choose(opts.activations, run.placement, need, opts.offload_dir, run.out.parent,
+                                           log=run.say)
     with run.timer.stage("calibrate"):
         run.say(f"[calibrate] {opts.method} {run.tag} on {run.windows.shape[0]} x {run.windows.shape[1]} tokens of "
                 f"{run.calib_info['source']}")
-        needs_data = plan.needs_data if plan is not None else method.needs_data
         try:
             run.cal = Engine(run.model, method, windows if needs_data else None,
                              progress=opts.progress and run.world.writer, plan=plan, stream=run.streamer,
-                             world=run.world, placement=run.placement).run()
+                             world=run.world, placement=run.placement, store=run.store).run()
         except ValueError as e:  # a method's training refusal (NaN loss, mismatched checkpoint)
             raise LowbitError(str(e)) from e
     if hasattr(method, "after_calibration"):  # end-to-end phases over the whole quantized model
