@@ -63,22 +63,10 @@ def test_streaming_refuses_bad_checkpoints_before_calibrating(tiny_dir, text_fil
 
 
 def test_streaming_refusals(tiny_dir, text_file, tmp_path, capsys):
-    gguf = tmp_path / "m.gguf"
     assert _compile(tiny_dir("llama"), text_file, tmp_path / "o", "--method", "rtn", "--stream", "--head", "8") == 2
     assert "--stream does not compress the head" in capsys.readouterr().err
     assert _compile(tiny_dir("llama"), text_file, tmp_path / "o", "--method", "efficientqat", "--stream") == 2
     assert "end-to-end phase" in capsys.readouterr().err
-    from lowbit.compiler.engine import stream
-    from lowbit.compiler.engine.models import ModelSource
-    from lowbit.errors import LowbitError
-
-    orig = stream.resolve
-    stream.resolve = lambda spec: ModelSource(spec, "gguf", gguf, "m")
-    try:
-        with pytest.raises(LowbitError, match="--stream reads safetensors"):
-            stream.load(str(gguf), tmp_path)
-    finally:
-        stream.resolve = orig
     assert not (tmp_path / "o").exists()
 
 
@@ -108,3 +96,46 @@ def test_streaming_holds_one_block_at_a_time(tiny_dir, tmp_path, monkeypatch):
     assert seen == [(0, [0]), (1, [1])]
     assert not spill.exists()
     assert all(stream.is_placeholder(b.mlp.down_proj.weight) for b in model.model.layers)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from lowbit.compiler.engine.tiny import make_tiny_gguf
+
+    return make_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+def _reader_matches_transformers(path) -> int:
+    """Every tensor the streaming GGUF reader gives equals the one transformers' GGUF loader puts in the model."""
+    from lowbit.compiler.engine import models, stream
+
+    model, _, _ = models.load(str(path))
+    _, _, _, streamer = stream.load(str(path), path.parent / "spill", "x")
+    try:
+        names = [k for k in model.state_dict() if k in streamer.ckpt]
+        for k in names:
+            assert torch.equal(streamer.ckpt.get(k), model.state_dict()[k]), k
+    finally:
+        streamer.close()
+    return len(names)
+
+
+def test_streaming_a_gguf_gives_the_in_memory_artifact(tiny_gguf, text_file, tmp_path):
+    # dequantized (Q4_1 linears, Q8_0 embedding) and q/k rows un-permuted exactly as transformers does
+    assert _reader_matches_transformers(tiny_gguf) == 2 * 9 + 2  # blocks' linears and norms, embedding, final norm
+    for tag, extra in (("mem", ()), ("stream", ("--stream",))):
+        assert _compile(tiny_gguf, text_file, tmp_path / tag, "--method", "gptq", "--bits", "4", "--group-size",
+                        "32", *extra) == 0
+    for f in FILES:
+        assert (tmp_path / "mem" / f).read_bytes() == (tmp_path / "stream" / f).read_bytes(), f
+    assert load(tmp_path / "stream").manifest["calibration_run"]["streamed"] is True
+
+
+@pytest.mark.slow
+def test_gguf_reader_matches_transformers_on_smollm2(tmp_path):
+    from lowbit.compiler.engine import models
+
+    src = models.resolve("smollm2-135m").path
+    link = tmp_path / src.name
+    link.symlink_to(src)
+    assert _reader_matches_transformers(link) == 272

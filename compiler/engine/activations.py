@@ -101,9 +101,9 @@ class ActivationStore:
         if where == "auto":
             if offload_dir is not None:
                 where = "disk"
-            elif on_gpu and 2 * need_bytes <= torch.cuda.mem_get_info(placement.device)[0] // 2:
+            elif on_gpu and 4 * need_bytes <= torch.cuda.mem_get_info(placement.device)[0]:
                 where = "device"
-            elif 2 * need_bytes <= _available_ram() // 2:
+            elif 4 * need_bytes <= _available_ram():  # two generations in half the free memory
                 where = "cpu"
             else:
                 where = "disk"

@@ -70,3 +70,57 @@ def make_tiny(arch: str, directory, seed: int = 0) -> Path:
     model.save_pretrained(d, safe_serialization=True)
     byte_tokenizer().save_pretrained(d)
     return d
+
+
+def make_tiny_gguf(path, seed=0):
+    """A tiny Llama GGUF (2 blocks, hidden 64, 4 heads / 2 kv heads, tied head) with SmolLM2's tokenizer, its linears
+    in Q4_1, the embedding in Q8_0, norms in F32 (as llama.cpp writes the bundled SmolLM2)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
+    from gguf.quants import quantize
+
+    from lowbit.compiler.engine import models
+
+    tok = GGUFReader(str(models.resolve("smollm2-135m").path)).fields
+    rng = np.random.default_rng(seed)
+    h, inter, vocab, blocks = 64, 128, len(tok["tokenizer.ggml.tokens"].data), 2
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(blocks)
+    w.add_context_length(2048)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(h // 4)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tok["tokenizer.ggml.tokens"].contents())
+    w.add_token_types(tok["tokenizer.ggml.token_type"].contents())
+    w.add_token_merges(tok["tokenizer.ggml.merges"].contents())
+    for key, fn in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unknown", w.add_unk_token_id),
+                    ("padding", w.add_pad_token_id)):
+        fn(tok[f"tokenizer.ggml.{key}_token_id"].contents())
+    w.add_add_bos_token(False)
+
+    def tensor(name, shape, qtype):
+        a = (rng.standard_normal(shape) * 0.05).astype(np.float32) if qtype != Q.F32 else \
+            (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        w.add_tensor(name, quantize(a, qtype) if qtype != Q.F32 else a, raw_dtype=qtype)
+
+    tensor("token_embd.weight", (vocab, h), Q.Q8_0)
+    kv = h // 4 * 2
+    for i in range(blocks):
+        tensor(f"blk.{i}.attn_norm.weight", (h,), Q.F32)
+        for n, shape in (("attn_q", (h, h)), ("attn_k", (kv, h)), ("attn_v", (kv, h)), ("attn_output", (h, h)),
+                         ("ffn_gate", (inter, h)), ("ffn_up", (inter, h)), ("ffn_down", (h, inter))):
+            tensor(f"blk.{i}.{n}.weight", shape, Q.Q4_1)
+        tensor(f"blk.{i}.ffn_norm.weight", (h,), Q.F32)
+    tensor("output_norm.weight", (h,), Q.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
