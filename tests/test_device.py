@@ -135,3 +135,16 @@ def test_disk_list_reads_back_what_was_written(tmp_path):
     d.append(xs[2])
     assert not d.all_finite
     d.close()
+
+
+def test_training_phase_refused_when_memory_will_not_suffice(tiny_dir, text_file, tmp_path, capsys, monkeypatch):
+    import lowbit.compiler.engine.activations as acts
+
+    model = tiny_dir("llama")
+    capsys.readouterr()
+    monkeypatch.setattr(acts, "_available_ram", lambda: 1 << 20)  # 1 MiB left when E2E-QP starts
+    assert _compile(model, text_file, tmp_path / "out", "--method", "efficientqat", "--eqat-epochs", "1",
+                    "--activations", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "e2e-qp: one training step needs about" in err[-1] and "GiB is available" in err[-1], err[-3:]
+    assert not (tmp_path / "out").exists()

@@ -41,6 +41,8 @@ def test_two_processes_give_the_one_process_hessians_and_artifact(tiny_dir, text
             assert float((a[k] - b[k]).abs().max() / a[k].abs().max()) <= 1e-5, (f, k)
     packed = [(tmp_path / d / "packed.safetensors").read_bytes() for d in ("one", "two")]
     assert packed[0] == packed[1]  # the same Hessians, the same GPTQ decisions
+    layers = json.loads((tmp_path / "two" / "report.json").read_text())["layers"]
+    assert {v["solved_by_rank"] for v in layers.values()} == {0, 1}  # the solves were shared out, not repeated
     man = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert man["calibration_run"]["world_size"] == 2
     assert man["calibration"]["world_size"] == 2

@@ -56,6 +56,36 @@ class World:
                 t.copy_(wide)
         return t
 
+    def owner(self, index: int) -> int:
+        """The rank that does the per-layer work of a block's ``index``-th linear (round robin)."""
+        return index % self.size
+
+    def broadcast_result(self, fmt, info: dict | None, src: int):
+        """``(fmt, info)`` as rank ``src`` computed them, on every rank: the format's tensors and a JSON header
+        describing its dataclass fields (no pickling: every rank rebuilds it from
+        :data:`lowbit.runtime.formats.FORMATS`' classes)."""
+        if not self.enabled:
+            return fmt, info
+        import json
+
+        import torch.distributed as dist
+
+        if self.rank == src:
+            tensors: list = []
+            header = json.dumps({"fmt": _describe(fmt, tensors), "info": info}).encode()
+            n = torch.tensor([len(header)], dtype=torch.int64, device=self.comm_device)
+            dist.broadcast(n, src)
+            dist.broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.comm_device), src)
+            for t in tensors:
+                dist.broadcast(t.contiguous().to(self.comm_device), src)
+            return fmt, info
+        n = torch.empty(1, dtype=torch.int64, device=self.comm_device)
+        dist.broadcast(n, src)
+        raw = torch.empty(int(n[0]), dtype=torch.uint8, device=self.comm_device)
+        dist.broadcast(raw, src)
+        head = json.loads(raw.cpu().numpy().tobytes())
+        return _rebuild(head["fmt"], self, src), head["info"]
+
     def sum_int(self, n: int) -> int:
         if not self.enabled:
             return n
@@ -67,6 +97,45 @@ class World:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _describe(obj, tensors: list) -> dict:
+    """A format dataclass as JSON: scalars inline, tensors by position in ``tensors`` (with shape and dtype)."""
+    import dataclasses
+
+    fields = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor):
+            tensors.append(v)
+            fields[f.name] = {"tensor": len(tensors) - 1, "shape": list(v.shape), "dtype": str(v.dtype)[6:]}
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            fields[f.name] = {"nested": _describe(v, tensors)}
+        else:
+            fields[f.name] = {"value": v}
+    return {"class": type(obj).__name__, "fields": fields}
+
+
+def _rebuild(desc: dict, world: "World", src: int):
+    """The receiving side of :func:`_describe`: tensors received in order, the dataclass rebuilt."""
+    import torch.distributed as dist
+
+    from lowbit.runtime import formats
+
+    classes = {c.__name__: c for c in (*formats.FORMATS.values(), formats.LowRank)}
+    if desc["class"] not in classes:
+        raise LowbitError(f"torchrun: rank {world.rank} received an unknown format {desc['class']!r}")
+    kwargs = {}
+    for name, f in desc["fields"].items():  # the sender's order (depth first), so tensors arrive in turn
+        if "tensor" in f:
+            t = torch.empty(f["shape"], dtype=getattr(torch, f["dtype"]), device=world.comm_device)
+            dist.broadcast(t, src)
+            kwargs[name] = t.cpu()
+        elif "nested" in f:
+            kwargs[name] = _rebuild(f["nested"], world, src)
+        else:
+            kwargs[name] = f["value"]
+    return classes[desc["class"]](**kwargs)
 
 
 def from_env(device: torch.device | None = None) -> World:

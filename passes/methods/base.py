@@ -85,16 +85,32 @@ class HessianMethod(Method):
         raise NotImplementedError
 
     def calibrate_block(self, ctx) -> dict:
+        """Under torchrun the block's linears are shared out round robin: each rank solves its own (every rank holds
+        every summed Hessian), then each result is broadcast from its owner, so every rank ends the block with the
+        same weights and formats as one process would."""
         hs = ctx.hessians(list(ctx.linears))
-        out = {}
-        for name, mod in ctx.linears.items():
-            w, h = ctx.weight_of(mod), take_hessian(hs, name)
+        engine = getattr(ctx, "engine", None)
+        world = getattr(engine, "world", None)
+        split = world is not None and world.enabled
+        solved = {}
+        for i, (name, mod) in enumerate(ctx.linears.items()):
+            h = take_hessian(hs, name)
+            if split and world.owner(i) != world.rank:
+                continue  # another rank's; its Hessian goes now
+            w = ctx.weight_of(mod)
             if not self.device_ready:  # solved on the CPU (see Method.device_ready)
                 w, h = w.float().cpu(), h.cpu()
             try:
-                fmt, info = self.quantize_linear(w, h)
+                solved[name] = self.quantize_linear(w, h)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
+            del h
+        out = {}
+        for i, (name, mod) in enumerate(ctx.linears.items()):
+            fmt, info = solved.pop(name, (None, None))
+            if split:
+                fmt, info = world.broadcast_result(fmt, info, world.owner(i))
+                info = {**info, "solved_by_rank": world.owner(i)}
             ctx.set_weight(mod, fmt.dequantize())
             ctx.record(name, info)
             out[name] = fmt

@@ -179,6 +179,34 @@ class LoopSettings:
     label: str = "finetune"
 
 
+def training_bytes(model: nn.Module, modules: dict, batch: int, seqlen: int) -> int:
+    """A rough upper estimate of what one training step adds to the loaded model: activations kept for the
+    backward pass (per token and layer about 12 hidden-sized and 4 intermediate-sized float32 vectors; attention
+    through SDPA keeps no probabilities), the logits with their log-softmax and gradient, each trained linear's dequantized weight and
+    its gradient (the packed ops rebuild it), and AdamW's two states per trained value."""
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0)
+    inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1)
+    vocab = getattr(cfg, "vocab_size", 0)
+    tokens = batch * seqlen
+    acts = 4 * tokens * layers * (12 * hidden + 4 * inter)
+    logits = 4 * tokens * vocab * 3
+    biggest = max((m.fmt.out_features * m.fmt.in_features for m in modules.values()), default=0)
+    trained = sum(p.numel() for m in modules.values() for p in m.trainable().values())
+    return acts + logits + 4 * 2 * biggest + 4 * 3 * trained
+
+
+def check_memory(model: nn.Module, modules: dict, batch: int, seqlen: int, label: str) -> None:
+    """Refuse a training phase that would not fit in the memory available now (rather than swap or be killed)."""
+    from lowbit.compiler.engine.activations import _available_ram
+
+    need, have = training_bytes(model, modules, batch, seqlen), _available_ram()
+    if need > have:
+        raise LowbitError(f"{label}: one training step needs about {need / 2**30:.1f} GiB beyond the loaded model, "
+                          f"{have / 2**30:.1f} GiB is available: lower the batch size or --seqlen (or skip the phase)")
+
+
 def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.Tensor, cfg: LoopSettings,
                ckpt: Path | None, key: dict, resume: bool, say) -> dict:
     """Next-token training of the trainable tensors of ``modules`` (``{name: PackedTrainLinear}``).
@@ -189,6 +217,7 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
     "steps", "stopped", "step"}``; raises :class:`LowbitError` on a NaN/Inf loss."""
     named = {f"{n}.{k}": p for n, m in modules.items() for k, p in m.trainable().items()}
     params = list(named.values())
+    check_memory(model, modules, min(cfg.batch_size, len(train)), train.shape[1], cfg.label)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
