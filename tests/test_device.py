@@ -91,8 +91,10 @@ def test_placement_moves_nested_arguments():
 # -- activations: --activations, --offload-dir -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", [["--method", "gptq", "--bits", "3", "--group-size", "32"],
-                                    ["--method", "apiq", "--apiq-epochs", "1"]])  # a training method: float chain too
+@pytest.mark.parametrize("method", [
+    ["--method", "gptq", "--bits", "3", "--group-size", "32"],
+    pytest.param(["--method", "apiq", "--apiq-epochs", "1"], marks=pytest.mark.slow),  # a training method: float chain
+])
 def test_activations_on_disk_give_the_same_artifact(tiny_dir, text_file, tmp_path, method):
     model = tiny_dir("llama")
     assert _compile(model, text_file, tmp_path / "mem", *method, "--activations", "cpu") == 0
@@ -138,11 +140,11 @@ def test_disk_list_reads_back_what_was_written(tmp_path):
 
 
 def test_training_phase_refused_when_memory_will_not_suffice(tiny_dir, text_file, tmp_path, capsys, monkeypatch):
-    import lowbit.compiler.engine.activations as acts
+    import lowbit.runtime.resources as res
 
     model = tiny_dir("llama")
     capsys.readouterr()
-    monkeypatch.setattr(acts, "_available_ram", lambda: 1 << 20)  # 1 MiB left when E2E-QP starts
+    monkeypatch.setattr(res, "available_bytes", lambda: 1 << 20)  # 1 MiB left when E2E-QP starts
     assert _compile(model, text_file, tmp_path / "out", "--method", "efficientqat", "--eqat-epochs", "1",
                     "--activations", "cpu") == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -25,19 +25,9 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.resources import available_bytes
 
 WHERE = ("auto", "device", "cpu", "disk")
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: assume it fits
 
 
 class DiskList(Sequence):
@@ -103,7 +93,7 @@ class ActivationStore:
                 where = "disk"
             elif on_gpu and 4 * need_bytes <= torch.cuda.mem_get_info(placement.device)[0]:
                 where = "device"
-            elif 4 * need_bytes <= _available_ram():  # two generations in half the free memory
+            elif 4 * need_bytes <= available_bytes():  # two generations in half the free memory
                 where = "cpu"
             else:
                 where = "disk"

@@ -199,9 +199,9 @@ def training_bytes(model: nn.Module, modules: dict, batch: int, seqlen: int) -> 
 
 def check_memory(model: nn.Module, modules: dict, batch: int, seqlen: int, label: str) -> None:
     """Refuse a training phase that would not fit in the memory available now (rather than swap or be killed)."""
-    from lowbit.compiler.engine.activations import _available_ram
+    from lowbit.runtime import resources
 
-    need, have = training_bytes(model, modules, batch, seqlen), _available_ram()
+    need, have = training_bytes(model, modules, batch, seqlen), resources.available_bytes()
     if need > have:
         raise LowbitError(f"{label}: one training step needs about {need / 2**30:.1f} GiB beyond the loaded model, "
                           f"{have / 2**30:.1f} GiB is available: lower the batch size or --seqlen (or skip the phase)")
