@@ -1,4 +1,5 @@
-"""This process's memory, read from ``/proc/self/status``, and the machine's available memory (Linux; no torch, so deployment code can use it).
+"""This process's memory, read from ``/proc/self/status``, and the machine's available memory (Linux; no torch,
+so deployment code can use it).
 
 ``VmHWM`` is the process's own peak: unlike ``ru_maxrss`` it does not carry a parent's peak across fork and
 exec, so a child launched by a large parent reports its own.

@@ -107,7 +107,8 @@ class ActivationStore:
         if log is not None:
             size = f"{need_bytes / 2**30:.2f} GiB" if need_bytes >= 2**30 else f"{need_bytes / 2**20:.1f} MiB"
             log(f"[calibrate] activations: {size} per generation, kept "
-                + {"device": f"on {placement.device}", "cpu": "in CPU memory", "disk": f"on disk in {directory}"}[where])
+                + {"device": f"on {placement.device}", "cpu": "in CPU memory",
+                   "disk": f"on disk in {directory}"}[where])
         return ActivationStore(where, placement, directory, created)
 
     def new_list(self):

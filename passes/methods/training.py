@@ -182,8 +182,9 @@ class LoopSettings:
 def training_bytes(model: nn.Module, modules: dict, batch: int, seqlen: int) -> int:
     """A rough upper estimate of what one training step adds to the loaded model: activations kept for the
     backward pass (per token and layer about 12 hidden-sized and 4 intermediate-sized float32 vectors; attention
-    through SDPA keeps no probabilities), the logits with their log-softmax and gradient, each trained linear's dequantized weight and
-    its gradient (the packed ops rebuild it), and AdamW's two states per trained value."""
+    through SDPA keeps no probabilities), the logits with their log-softmax and gradient, the largest trained
+    linear's dequantized weight and its gradient (the packed ops rebuild it), and AdamW's two states per trained
+    value."""
     cfg = model.config
     hidden = getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0)
     inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
