@@ -56,9 +56,16 @@ class World:
                 t.copy_(wide)
         return t
 
-    def owner(self, index: int) -> int:
-        """The rank that does the per-layer work of a block's ``index``-th linear (round robin)."""
-        return index % self.size
+    def owners(self, costs: list) -> list[int]:
+        """The rank that does each item's work: the largest first, each to the least loaded rank so far (ties to
+        the lowest rank), the same answer on every rank."""
+        load = [0.0] * self.size
+        out = [0] * len(costs)
+        for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            r = min(range(self.size), key=lambda r: (load[r], r))
+            out[i] = r
+            load[r] += costs[i]
+        return out
 
     def broadcast_result(self, fmt, info: dict | None, src: int):
         """``(fmt, info)`` as rank ``src`` computed them, on every rank: the format's tensors and a JSON header

@@ -85,17 +85,21 @@ class HessianMethod(Method):
         raise NotImplementedError
 
     def calibrate_block(self, ctx) -> dict:
-        """Under torchrun the block's linears are shared out round robin: each rank solves its own (every rank holds
-        every summed Hessian), then each result is broadcast from its owner, so every rank ends the block with the
-        same weights and formats as one process would."""
+        """Under torchrun the block's linears are shared out by cost (``out * in^2 + in^3``: the column loop and the
+        Hessian's factorizations): each rank solves its own (every rank holds every summed Hessian), then each
+        result is broadcast from its owner, so every rank ends the block with the weights and formats one process
+        would have."""
         hs = ctx.hessians(list(ctx.linears))
         engine = getattr(ctx, "engine", None)
         world = getattr(engine, "world", None)
         split = world is not None and world.enabled
+        if split:
+            shapes = [ctx.weight_of(m).shape for m in ctx.linears.values()]
+            owner = world.owners([float(n) * k * k + float(k) ** 3 for n, k in shapes])
         solved = {}
         for i, (name, mod) in enumerate(ctx.linears.items()):
             h = take_hessian(hs, name)
-            if split and world.owner(i) != world.rank:
+            if split and owner[i] != world.rank:
                 continue  # another rank's; its Hessian goes now
             w = ctx.weight_of(mod)
             if not self.device_ready:  # solved on the CPU (see Method.device_ready)
@@ -109,8 +113,8 @@ class HessianMethod(Method):
         for i, (name, mod) in enumerate(ctx.linears.items()):
             fmt, info = solved.pop(name, (None, None))
             if split:
-                fmt, info = world.broadcast_result(fmt, info, world.owner(i))
-                info = {**info, "solved_by_rank": world.owner(i)}
+                fmt, info = world.broadcast_result(fmt, info, owner[i])
+                info = {**info, "solved_by_rank": owner[i]}
             ctx.set_weight(mod, fmt.dequantize())
             ctx.record(name, info)
             out[name] = fmt
