@@ -16,7 +16,7 @@ dequantized value, so that the next block is calibrated on the quantized chain.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 REGISTRY: dict[str, type["Method"]] = {}
 
