@@ -102,8 +102,7 @@ class ActivationStore:
         directory, created = None, False
         if where == "disk":
             directory = Path(offload_dir) if offload_dir is not None else Path(default_dir)
-            created = not directory.exists()
-            check_offload_dir(directory, 2 * need_bytes)
+            created = check_offload_dir(directory, 2 * need_bytes)
         if log is not None:
             size = f"{need_bytes / 2**30:.2f} GiB" if need_bytes >= 2**30 else f"{need_bytes / 2**20:.1f} MiB"
             log(f"[calibrate] activations: {size} per generation, kept "
@@ -141,8 +140,9 @@ def _free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-def check_offload_dir(directory: Path, need_bytes: int) -> None:
-    """Refuse, before calibration, a directory that cannot take ``need_bytes`` of activations."""
+def check_offload_dir(directory: Path, need_bytes: int) -> bool:
+    """Refuse, before calibration, a directory that cannot take ``need_bytes`` of activations. Returns whether this
+    call created it (a refused directory it created is removed again)."""
     made = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -158,3 +158,4 @@ def check_offload_dir(directory: Path, need_bytes: int) -> None:
             directory.rmdir()
         raise LowbitError(f"--offload-dir {directory}: {free / 2**30:.2f} GiB free, the calibration activations need "
                           f"{need_bytes / 2**30:.2f} GiB (two generations of windows)")
+    return made

@@ -120,7 +120,7 @@ class Placement:
             return
         for n, p in block.named_parameters():
             cpu = saved[("p", n)]
-            if n in keep and cpu.device.type != "meta":
+            if n in keep:
                 cpu.copy_(p.data)  # the quantized values, for the chain and the head's calibration
             p.data = cpu
         for n, b in list(block.named_buffers()):

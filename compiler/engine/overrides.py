@@ -127,8 +127,13 @@ class MethodPlan:
         return (None if r.skip else self._methods[r.index]), r
 
     @property
+    def methods(self) -> list:
+        """Every method object the plan uses: the run's own, then one per rule that is not a skip."""
+        return [self.base, *self._methods.values()]
+
+    @property
     def needs_data(self) -> bool:
-        return self.base.needs_data or any(m.needs_data for m in self._methods.values())
+        return any(m.needs_data for m in self.methods)
 
     def precheck(self, names) -> None:
         """Fail before calibration if a rule matches none of the model's linear names."""

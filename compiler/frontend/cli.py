@@ -156,8 +156,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "(SmolLM2 RTN w4g128: 30.05 vs 30.07) and makes ONNX Runtime decode ~1.3x faster in 0.56x "
                         "the peak memory of a float head; 4 (RTN) cost +11%% perplexity")
     p.add_argument("--stream", action="store_true",
-                   help="block streaming for models larger than memory (a safetensors checkpoint): the model is built "
-                        "on the meta device, each block's weights are read when its turn comes and released after, "
+                   help="block streaming for models larger than memory (a safetensors checkpoint, or a Llama GGUF): "
+                        "the model is built on the meta device, each block's weights are read when its turn comes "
+                        "and released after, "
                         "packed results go to a spill file; the whole float model is never resident. Same artifact. "
                         "Not with --head, end-to-end phases or a float perplexity (--eval runs the packed artifact)")
     p.add_argument("--device", default="cpu",

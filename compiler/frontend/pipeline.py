@@ -121,7 +121,6 @@ HEAD_GROUP = 32  # --head: 32-column groups (the tied table is also the embeddin
 def compile_model(opts: CompileOptions) -> dict:
     """Run the whole pipeline; returns the report dict (also written into the artifact)."""
     from lowbit.compiler.engine import distributed
-
     from lowbit.compiler.engine.device import Placement, resolve_device, resolve_dtype
 
     placement = Placement(resolve_device(opts.device), resolve_dtype(opts.compute_dtype))  # before any work
@@ -170,7 +169,7 @@ def _check_inputs(run: _Run) -> None:
                 r.index = i
         plan = MethodPlan(method, opts.method_options, rules)
     if not run.placement.default:
-        methods = [method] + (list(plan._methods.values()) if plan is not None else [])
+        methods = plan.methods if plan is not None else [method]
         slow = sorted({m.name for m in methods if not m.device_ready and not hasattr(m, "quantize_linear")})
         if slow:
             raise LowbitError(f"--device {opts.device} --compute-dtype {opts.compute_dtype}: {', '.join(slow)} "
