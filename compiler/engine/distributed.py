@@ -5,8 +5,11 @@ every N-th (``windows[rank::N]``); the block-sequential engine runs on each rank
 (and its token count) is summed over the ranks before it is normalized, so every rank holds the Hessian one
 process would have computed on all windows (up to float summation order). The per-layer solves are then
 deterministic functions of those Hessians and run identically on every rank; rank 0 alone writes the artifact,
-whose manifest records ``world_size``. Methods that train against the float block (needs_float_stream: ApiQ,
-EfficientQAT's Block-AP, ReALLM's block fine-tuning) are refused: their gradients are not all-reduced yet.
+whose manifest records ``world_size``. Methods that train each block against the float block (ApiQ, EfficientQAT's
+Block-AP, ReALLM's block fine-tuning) take the one-process batches in the same order on every rank, each rank
+computing the part of a batch it holds, and sum their gradients before every step
+(``lowbit.passes.methods.data_parallel``); end-to-end phases (EfficientQAT's E2E-QP) run on rank 0 over all windows.
+ReALLM shares its candidate search out by linear the same way. Tensors travel as raw bytes (gloo lacks int16).
 
 A rank that raises exits 2 and torchrun stops the others (their staging directories go with them).
 """
@@ -83,8 +86,8 @@ class World:
             n = torch.tensor([len(header)], dtype=torch.int64, device=self.comm_device)
             dist.broadcast(n, src)
             dist.broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.comm_device), src)
-            for t in tensors:
-                dist.broadcast(t.contiguous().to(self.comm_device), src)
+            for t in tensors:  # as raw bytes: gloo has no int16 (a VQ permutation) and other small types
+                dist.broadcast(t.detach().contiguous().reshape(-1).view(torch.uint8).to(self.comm_device), src)
             return fmt, info
         n = torch.empty(1, dtype=torch.int64, device=self.comm_device)
         dist.broadcast(n, src)
@@ -135,9 +138,11 @@ def _rebuild(desc: dict, world: "World", src: int):
     kwargs = {}
     for name, f in desc["fields"].items():  # the sender's order (depth first), so tensors arrive in turn
         if "tensor" in f:
-            t = torch.empty(f["shape"], dtype=getattr(torch, f["dtype"]), device=world.comm_device)
-            dist.broadcast(t, src)
-            kwargs[name] = t.cpu()
+            dtype = getattr(torch, f["dtype"])
+            n = torch.Size(f["shape"]).numel() * torch.empty(0, dtype=dtype).element_size()
+            raw = torch.empty(n, dtype=torch.uint8, device=world.comm_device)
+            dist.broadcast(raw, src)
+            kwargs[name] = raw.cpu().view(dtype).reshape(f["shape"])
         elif "nested" in f:
             kwargs[name] = _rebuild(f["nested"], world, src)
         else:

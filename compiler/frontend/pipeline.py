@@ -175,9 +175,6 @@ def _check_inputs(run: _Run) -> None:
             raise LowbitError(f"--device {opts.device} --compute-dtype {opts.compute_dtype}: {', '.join(slow)} "
                               "trains on the CPU in float32 only for now (compile with --device cpu --compute-dtype "
                               "float32)")
-    if run.world.enabled and getattr(method, "needs_float_stream", False):
-        raise LowbitError(f"torchrun: {opts.method} trains each block against the float model and its gradients "
-                          "are not all-reduced yet; run it in one process (Hessian methods run distributed)")
     if opts.stream:
         if opts.head != "float":
             raise LowbitError("--stream does not compress the head yet (--head needs the whole model's activations)")
@@ -197,7 +194,11 @@ def _check_inputs(run: _Run) -> None:
         if ckpt_dir.exists() and not opts.resume and not opts.overwrite:
             raise LowbitError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it or "
                               "--overwrite to restart")
-        method.checkpoint_dir, method.resume = ckpt_dir, opts.resume
+        if opts.resume and run.world.enabled:
+            raise LowbitError("--resume under torchrun is not supported (the ranks could stop at different blocks): "
+                              "resume in one process, or restart with --overwrite")
+        # under torchrun rank 0 alone checkpoints (every rank ends each block with the same formats)
+        method.checkpoint_dir, method.resume = (ckpt_dir if run.world.writer else None), opts.resume
     elif opts.resume:
         raise LowbitError(f"--resume applies to methods with per-block checkpoints (efficientqat, reallm); "
                           f"{opts.method} has none")
@@ -296,7 +297,9 @@ def _calibrate(run: _Run) -> None:
                              world=run.world, placement=run.placement, store=run.store).run()
         except ValueError as e:  # a method's training refusal (NaN loss, mismatched checkpoint)
             raise LowbitError(str(e)) from e
-    if hasattr(method, "after_calibration"):  # end-to-end phases over the whole quantized model
+    # End-to-end phases over the whole quantized model: under torchrun on rank 0 alone, over all the windows (the
+    # other ranks are done once the blocks are; the phase's gradients are not summed over ranks)
+    if hasattr(method, "after_calibration") and run.world.writer:
         with run.timer.stage(f"{opts.method} end-to-end"):
             try:
                 run.cal.results = method.after_calibration(run.model, run.cal.results, run.windows, opts.progress)

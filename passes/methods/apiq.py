@@ -24,6 +24,7 @@ options.
 from __future__ import annotations
 
 import fnmatch
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from torch import nn
 from lowbit.runtime.modules import swap_module
 
 from .base import Method, UniformConfig, register
+from .data_parallel import WindowShard
 from .lora import LWCQuantizer, QuantLoRALinear, kaiming_lora, loftq_init
 
 
@@ -147,28 +149,33 @@ class ApiQ(Method):
             groups.append({"params": lora, "lr": c.lr_lora, "weight_decay": c.weight_decay})
         return torch.optim.AdamW(groups)
 
-    def _train(self, forward, inputs, targets, targets2, params_of, label: str):
-        """AdamW over ``epochs`` passes of the windows; returns (first-epoch loss, last-epoch loss)."""
+    def _train(self, forward, inputs, targets, targets2, params_of, label: str, shard: WindowShard):
+        """AdamW over ``epochs`` passes of the windows; returns (first-epoch loss, last-epoch loss). Batches are
+        of one-process window indices (``shard``: under torchrun each rank computes its windows' part)."""
         c = self.config
         opt = self._optimizer(params_of)
-        n = len(inputs)
+        n = shard.n
         first = last = float("nan")
         t0 = time.perf_counter()
+
+        def loss_of(mine):
+            x = torch.cat([inputs[j] for j in mine])
+            out = forward(x)
+            loss = torch.nn.functional.mse_loss(out, torch.cat([targets[j] for j in mine]))
+            if targets2 is not None:
+                loss = loss + torch.nn.functional.mse_loss(out, torch.cat([targets2[j] for j in mine]))
+            return loss
+
         for epoch in range(c.epochs):
             total = 0.0
             for i in range(0, n, c.batch_size):
-                x = torch.cat(inputs[i : i + c.batch_size])
-                y = torch.cat(targets[i : i + c.batch_size])
-                out = forward(x)
-                loss = torch.nn.functional.mse_loss(out, y)
-                if targets2 is not None:
-                    loss = loss + torch.nn.functional.mse_loss(out, torch.cat(targets2[i : i + c.batch_size]))
-                if not torch.isfinite(loss):
-                    raise ValueError(f"{label}: training loss became {float(loss)} at epoch {epoch + 1}")
+                idx = range(i, min(i + c.batch_size, n))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                value = shard.backward(shard.batch_loss(idx, loss_of), opt)
+                if not math.isfinite(value):
+                    raise ValueError(f"{label}: training loss became {value} at epoch {epoch + 1}")
                 opt.step()
-                total += float(loss.detach()) * x.shape[0]
+                total += value * len(idx)
             total /= n
             first = total if epoch == 0 else first
             last = total
@@ -178,8 +185,8 @@ class ApiQ(Method):
         return first, last
 
     @torch.no_grad()
-    def _loss(self, forward, inputs, targets) -> float:
-        return sum(float(torch.nn.functional.mse_loss(forward(x), y)) for x, y in zip(inputs, targets)) / len(inputs)
+    def _loss(self, forward, inputs, targets, shard: WindowShard) -> float:
+        return shard.mean(range(shard.n), lambda j: float(torch.nn.functional.mse_loss(forward(inputs[j]), targets[j])))
 
     def _blockwise(self, ctx) -> dict:
         block, engine = ctx.block, ctx.engine
@@ -201,7 +208,7 @@ class ApiQ(Method):
             # epochs' mean losses are recorded instead.)
             with torch.enable_grad():
                 first, last = self._train(forward, ctx.quant_inputs, ctx.float_targets, targets2,
-                                          list(stand_ins.values()), ctx.prefix)
+                                          list(stand_ins.values()), ctx.prefix, WindowShard(ctx))
         finally:
             for name, mod in originals.items():
                 swap_module(block, name[len(ctx.prefix) + 1:], mod)
@@ -235,6 +242,7 @@ class ApiQ(Method):
         # others' inputs, so the quantized-chain inputs are re-captured only when a stage ends.
         shared = {n: id(floats[n][0]) for n in names}
         out, quant = {}, None
+        shard = WindowShard(ctx)
         for i, name in enumerate(names):
             mod = ctx.linears[name]
             if quant is None or shared[name] != shared[names[i - 1]]:
@@ -243,10 +251,10 @@ class ApiQ(Method):
             bias = getattr(mod, "bias", None)
             targets = [torch.nn.functional.linear(x, w, None if bias is None else bias.float()) for x in floats[name]]
             s = self._stand_in(ctx, name, mod)
-            before = self._loss(s, quant, targets)
+            before = self._loss(s, quant, targets, shard)
             with torch.enable_grad():
-                self._train(s, quant, targets, None, [s], name)
-            after = self._loss(s, quant, targets)
+                self._train(s, quant, targets, None, [s], name, shard)
+            after = self._loss(s, quant, targets, shard)
             fmt = s.freeze()
             ctx.set_weight(mod, fmt.dequantize())
             ctx.record(name, {"rank": fmt.lowrank.rank if fmt.lowrank else 0, "layer_mse_init": before,

@@ -47,6 +47,7 @@ from lowbit.runtime.modules import swap_module
 
 from .base import Method, UniformConfig, register
 from .checkpoints import BlockCheckpoints, save_atomic
+from .data_parallel import WindowShard
 
 PHASES = ("block-ap", "e2e-qp")
 
@@ -266,7 +267,8 @@ class EfficientQAT(BlockCheckpoints, Method):
 
     def _train_block(self, ctx, stand_ins: dict, forward) -> dict:
         c = self.config
-        n_all = len(ctx.quant_inputs)
+        shard = WindowShard(ctx)  # torchrun: this rank's windows of the one-process list (data_parallel.py)
+        n_all = shard.n
         n_val = min(c.val_windows, n_all // 4)
         n_train = n_all - n_val
         steps_per_epoch = math.ceil(n_train / c.batch_size)
@@ -300,8 +302,8 @@ class EfficientQAT(BlockCheckpoints, Method):
             if not n_val:
                 return float("nan")
             with torch.no_grad():
-                return sum(float(torch.nn.functional.mse_loss(forward(x), y)) for x, y in
-                           zip(ctx.quant_inputs[n_train:], ctx.float_targets[n_train:])) / n_val
+                return shard.mean(range(n_train, n_all), lambda j: float(torch.nn.functional.mse_loss(
+                    forward(ctx.quant_inputs[j]), ctx.float_targets[j])))
 
         def keep_if_best(val: float, at: int) -> None:
             if val < best["val_loss"]:  # NaN (no validation windows) never replaces: the last step is kept
@@ -319,18 +321,17 @@ class EfficientQAT(BlockCheckpoints, Method):
             order = torch.randperm(n_train, generator=torch.Generator().manual_seed(
                 c.seed * 1_000_003 + ctx.index * 1009 + epoch))
             idx = order[i * c.batch_size : (i + 1) * c.batch_size].tolist()
-            x = torch.cat([ctx.quant_inputs[j] for j in idx])
-            y = torch.cat([ctx.float_targets[j] for j in idx])
-            loss = torch.nn.functional.mse_loss(forward(x), y)
-            if not torch.isfinite(loss):
-                raise ValueError(f"Block-AP loss became {float(loss.detach())} at step {step + 1}; "
-                                 "no artifact written (try a lower --eqat-lr-weight/--eqat-lr-quant)")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value = shard.backward(shard.batch_loss(idx, lambda mine: torch.nn.functional.mse_loss(
+                forward(torch.cat([ctx.quant_inputs[j] for j in mine])),
+                torch.cat([ctx.float_targets[j] for j in mine]))), opt)
+            if not math.isfinite(value):
+                raise ValueError(f"Block-AP loss became {value} at step {step + 1}; "
+                                 "no artifact written (try a lower --eqat-lr-weight/--eqat-lr-quant)")
             opt.step()
             sched.step()
             step += 1
-            epoch_loss += float(loss.detach()) * len(idx)
+            epoch_loss += value * len(idx)
             if step % steps_per_epoch == 0 or step == total:
                 rec = {"epoch": epoch + 1, "train_loss": epoch_loss / n_train, "val_loss": val_loss()}
                 history.append(rec)

@@ -55,6 +55,7 @@ from lowbit.runtime.modules import swap_module
 
 from .base import Method, register
 from .checkpoints import BlockCheckpoints
+from .data_parallel import WindowShard
 from .gptq import _inverse_cholesky_upper
 
 AUTO_CODES = ((2, 4), (2, 5), (2, 6), (2, 7), (4, 8))
@@ -421,7 +422,8 @@ class ReALLM(BlockCheckpoints, Method):
         for p in frozen:
             p.requires_grad_(False)
         params = [p for m in stand.values() for p in (m.a, m.b)]
-        n_all = len(ctx.quant_inputs)
+        shard = WindowShard(ctx)  # torchrun: this rank's windows of the one-process list (data_parallel.py)
+        n_all = shard.n
         n_val = min(c.val_windows, n_all // 4)
         n_train = n_all - n_val
         xs, ys = ctx.quant_inputs, ctx.float_targets
@@ -434,7 +436,7 @@ class ReALLM(BlockCheckpoints, Method):
             if not n_val:
                 return float("nan")
             with torch.no_grad():
-                return sum(float(loss_on([j])) for j in range(n_train, n_all)) / n_val
+                return shard.mean(range(n_train, n_all), lambda j: float(loss_on([j])))
 
         try:
             with torch.enable_grad():
@@ -445,12 +447,11 @@ class ReALLM(BlockCheckpoints, Method):
                 for _epoch in range(c.block_epochs):
                     order = torch.randperm(n_train, generator=gen).tolist()
                     for i in range(0, n_train, c.block_batch_size):
-                        loss = loss_on(order[i:i + c.block_batch_size])
-                        if not torch.isfinite(loss):
-                            raise ValueError(f"low-rank fine-tuning loss became {float(loss.detach())}; "
-                                             "try a lower --reallm-block-lr")
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()
+                        value = shard.backward(shard.batch_loss(order[i:i + c.block_batch_size], loss_on), opt)
+                        if not math.isfinite(value):
+                            raise ValueError(f"low-rank fine-tuning loss became {value}; "
+                                             "try a lower --reallm-block-lr")
                         opt.step()
                     v = val()
                     if v < best[0]:
@@ -477,31 +478,56 @@ class ReALLM(BlockCheckpoints, Method):
             return restored
         cands = c.candidate_list()
         hs = ctx.hessians(list(ctx.linears))
-        options, weights = {}, {}
+        # Under torchrun the search and the final decompositions are shared out by linear (all of a linear's
+        # candidates on one rank, so its generator's stream is the one-process stream); the proxy errors are
+        # summed over the ranks (zeros elsewhere) and each format is broadcast from the rank that made it.
+        world = getattr(getattr(ctx, "engine", None), "world", None)
+        split = world is not None and world.enabled
+        names = list(ctx.linears)
+        fits_of, weights = {}, {}
         for name, mod in ctx.linears.items():
             w = ctx.weight_of(mod).float()
-            n, k = w.shape
-            gen = torch.Generator().manual_seed(c.seed * 1_000_003 + zlib.crc32(name.encode()))
-            fits = [cd for cd in cands if k % cd.vec_dim == 0]
+            fits = [cd for cd in cands if w.shape[1] % cd.vec_dim == 0]
             if not fits:
-                raise ValueError(f"{name}: no candidate vector dimension divides in_features {k} "
+                raise ValueError(f"{name}: no candidate vector dimension divides in_features {w.shape[1]} "
                                  f"(candidates: {', '.join(cd.name for cd in cands)})")
-            opts = []
-            for cd in fits:
-                _, err = decompose(w, hs[name], cd, c, gen, feedback=False)
-                opts.append((cd, cd.nbytes(n, k, c.perm != "none"), err, n * k))
-            options[name], weights[name] = opts, w
+            fits_of[name], weights[name] = fits, w
+        cost = [float(weights[n].numel()) * len(fits_of[n]) for n in names]
+        owner = world.owners(cost) if split else [0] * len(names)
+        me = world.rank if split else 0
+        errs = {n: torch.zeros(len(fits_of[n]), dtype=torch.float64) for n in names}
+        for i, name in enumerate(names):
+            if owner[i] != me:
+                continue
+            gen = torch.Generator().manual_seed(c.seed * 1_000_003 + zlib.crc32(name.encode()))
+            for j, cd in enumerate(fits_of[name]):
+                errs[name][j] = decompose(weights[name], hs[name], cd, c, gen, feedback=False)[1]
+        if split:
+            flat = world.sum_(torch.cat([errs[n] for n in names]))
+            errs = dict(zip(names, flat.split([len(fits_of[n]) for n in names])))
+        options = {}
+        for name in names:
+            n, k = weights[name].shape
+            options[name] = [(cd, cd.nbytes(n, k, c.perm != "none"), float(errs[name][j]), n * k)
+                             for j, cd in enumerate(fits_of[name])]
         sel = choose(options, c.bits_budget)
+        owner = world.owners([float(weights[n].numel()) for n in names]) if split else owner
         out, infos = {}, {}
-        for name, mod in ctx.linears.items():
+        for i, name in enumerate(names):
             cd, nbytes, proxy_err, numel = options[name][sel[name]]
-            gen = torch.Generator().manual_seed(c.seed * 1_000_003 + zlib.crc32(name.encode()) + 1)
-            fmt, err = decompose(weights[name], hs[name], cd, c, gen, feedback=True)
+            fmt = err = None
+            if owner[i] == me:
+                gen = torch.Generator().manual_seed(c.seed * 1_000_003 + zlib.crc32(name.encode()) + 1)
+                fmt, err = decompose(weights[name], hs[name], cd, c, gen, feedback=True)
+            if split:
+                fmt, got = world.broadcast_result(fmt, {"err": err}, owner[i])
+                err = got["err"]
             if fmt.nbytes() != nbytes:
                 raise RuntimeError(f"{name}: stored {fmt.nbytes()} bytes, budgeted {nbytes}")
             infos[name] = {"reallm_config": cd.name, "reallm_proxy_error": proxy_err, "reallm_error": err,
                            "reallm_candidates": {o[0].name: {"bits": 8 * o[1] / o[3], "proxy_error": o[2]}
-                                                 for o in options[name]}}
+                                                 for o in options[name]},
+                           **({"solved_by_rank": owner[i]} if split else {})}
             out[name] = fmt
         tuned = self._finetune_block(ctx, out)
         for name, mod in ctx.linears.items():
