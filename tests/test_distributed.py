@@ -84,8 +84,9 @@ def _weights(d):
 
 @pytest.mark.parametrize("method", [
     ["--method", "apiq", "--apiq-epochs", "2", "--apiq-batch-size", "2", "--lora-rank", "4"],
-    ["--method", "efficientqat", "--bits", "2", "--group-size", "32", "--phases", "block-ap", "--eqat-epochs", "2",
-     "--eqat-batch-size", "2", "--eqat-val-windows", "2"],
+    pytest.param(["--method", "efficientqat", "--bits", "2", "--group-size", "32", "--phases", "block-ap",
+                  "--eqat-epochs", "2", "--eqat-batch-size", "2", "--eqat-val-windows", "2"],
+                 marks=pytest.mark.slow),  # the same helper as ApiQ's (data_parallel.py); kept out of the default time
 ], ids=["apiq", "efficientqat"])
 def test_training_methods_sum_gradients_over_ranks(tiny_dir, text_file, tmp_path, method):
     # the one-process batches on both ranks, each computing its windows' part, gradients summed: the same steps
