@@ -68,3 +68,33 @@ def test_method_options_validated(opts, match):
 def test_unknown_method():
     with pytest.raises(ValueError, match="available"):
         build_method("nope")
+
+
+def test_preset_paper_sets_the_papers_setup_and_records_overrides(tiny_dir, text_file, tmp_path):
+    import json
+
+    from lowbit.compiler.frontend.cli import compile_main
+
+    out = tmp_path / "b"
+    # the user's flags win over the preset (--nsamples/--seqlen: the paper's 128 x 2048 is too long for the tiny run)
+    rc = compile_main([str(tiny_dir("llama")), "--method", "billm", "--preset", "paper", "--billm-outlier-ratio", "50",
+                       "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "-o", str(out), "-q"])
+    assert rc == 0
+    m = json.loads((out / "manifest.json").read_text())["method"]
+    assert m["search_rows"] == 0 and m["mean_shift"] is False and m["search_on"] == "w"  # the paper's variant
+    assert m["outlier_ratio"] == 50  # the user's
+    p = m["preset"]
+    assert p["name"] == "paper" and p["deviations"]
+    assert p["overridden_by_user"] == {"outlier_ratio": {"paper": 0.0, "used": 50.0},
+                                       "nsamples": {"paper": 128, "used": 4}, "seqlen": {"paper": 2048, "used": 32}}
+    assert m["tag"].endswith("-paper")
+
+
+def test_preset_paper_refused_for_methods_without_one(tiny_dir, text_file, tmp_path, capsys):
+    from lowbit.compiler.frontend.cli import compile_main
+
+    rc = compile_main([str(tiny_dir("llama")), "--method", "gptq", "--preset", "paper", "--calib", str(text_file),
+                       "-o", str(tmp_path / "g"), "-q"])
+    assert rc == 2
+    assert "has no paper preset" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()

@@ -69,6 +69,10 @@ def _compile_parser() -> argparse.ArgumentParser:
                    "VQ under --bits-budget), sign "
                    "(naive 1-bit baseline); "
                         "default gptq")
+    p.add_argument("--preset", default=None, choices=["paper"],
+                   help="billm, apiq, efficientqat, reallm: the paper's algorithm variant, hyper-parameters and "
+                        "calibration size instead of lowbit's defaults (flags you give still win; the report and "
+                        "manifest list the preset, your overrides and what stands in for the paper's data)")
     q = p.add_argument_group("uniform quantization (rtn, gptq)")
     q.add_argument("--bits", type=int, default=None, help="bits per weight code, 1-8 (default 4)")
     q.add_argument("--group-size", type=int, default=None, help="columns per scale/zero group (default 128)")
@@ -180,9 +184,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "or wider whatever this is (default float32)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="c4", help="c4 or a .txt/.jsonl file (default c4)")
-    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    c.add_argument("--seed", type=int, default=0, help="seed for drawing windows (default 0)")
+    c.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    c.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 512)")
+    c.add_argument("--seed", type=int, default=None, help="seed for drawing windows (default 0)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", default="", help="comma-separated: wikitext2, c4, or a file (default: none)")
     e.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
@@ -232,10 +236,19 @@ def compile_main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     method_options = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
+    from lowbit.passes.methods import presets
+
+    given = {k: getattr(args, k) for k in ("nsamples", "seqlen", "seed") if getattr(args, k) is not None}
+    try:
+        method_options, calib, preset = presets.apply(args.preset, args.method, method_options, given)
+    except ValueError as e:
+        print(f"lowbit-compile: error: {e}", file=sys.stderr)
+        return 2
+    calib = {"nsamples": 128, "seqlen": 512, "seed": 0, **calib}
     opts = CompileOptions(
         model=args.model, method=args.method, method_options=method_options, output=args.output,
-        overwrite=args.overwrite, target=args.target, calib=args.calib, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, eval=tuple(x for x in args.eval.split(",") if x),
+        overwrite=args.overwrite, target=args.target, calib=args.calib, nsamples=calib["nsamples"],
+        seqlen=calib["seqlen"], seed=calib["seed"], preset=preset, eval=tuple(x for x in args.eval.split(",") if x),
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen, eval_float=not args.no_eval_float,
         float_dtype=args.float_dtype, progress=not args.quiet, onnx_accuracy_level=args.accuracy_level,
         overrides=args.overrides, resume=args.resume, head=args.head, stream=args.stream,

@@ -42,6 +42,9 @@ class CompileOptions:
     model: str
     method: str = "gptq"
     method_options: dict = field(default_factory=dict)  # e.g. bits, group_size, symmetric, damp
+    # --preset paper's record (lowbit.passes.methods.presets.apply): its settings are already in method_options and
+    # the calibration fields; kept for the report and the manifest (method.preset)
+    preset: dict | None = None
     output: str | None = None
     overwrite: bool = False
     target: str = "torch"
@@ -182,6 +185,8 @@ def _check_inputs(run: _Run) -> None:
             raise LowbitError(f"--stream: {opts.method}'s end-to-end phase trains the whole model at once; "
                               "it needs the model in memory (compile without --stream, or --phases block-ap)")
     tag = method.config.tag() if hasattr(method.config, "tag") else opts.method
+    if opts.preset is not None:
+        tag += f"-{opts.preset['name']}"
     if opts.overrides is not None:
         tag += "-overrides"
     if opts.head != "float":
@@ -244,7 +249,7 @@ def _load_model(run: _Run) -> None:
         "lowbit_version": __version__,
         "model": {"id": src.model_id, "source": str(src.path), "kind": src.kind, "class": type(run.model).__name__,
                   "params": run.n_params},
-        "method": {**method.describe(), "tag": run.tag,
+        "method": {**method.describe(), "tag": run.tag, **({"preset": opts.preset} if opts.preset else {}),
                    **({"overrides": [r.describe() for r in plan.rules]} if plan is not None else {})},
         "eval": {},
     }
@@ -288,6 +293,12 @@ def _calibrate(run: _Run) -> None:
         need = windows.shape[0] * windows.shape[1] * hidden * itemsize * chains
         run.store = ActivationStore.choose(opts.activations, run.placement, need, opts.offload_dir, run.out.parent,
                                            log=run.say)
+    if opts.preset is not None:
+        p = opts.preset
+        run.say(f"[preset] {p['name']}: {p['source']}; " + (
+            "your flags override " + ", ".join(f"{k} ({v['paper']} -> {v['used']})" for k, v in
+                                               p["overridden_by_user"].items()) + "; " if p["overridden_by_user"] else "")
+                + f"{len(p['deviations'])} deviations (report.json: method.preset)")
     with run.timer.stage("calibrate"):
         run.say(f"[calibrate] {opts.method} {run.tag} on {run.windows.shape[0]} x {run.windows.shape[1]} tokens of "
                 f"{run.calib_info['source']}")
