@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import sys
 import time
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from torch import nn
 from lowbit.runtime.modules import swap_module
 
 from .base import Method, UniformConfig, register
+from .base import progress as _log  # rank 0 alone prints under torchrun
 from .data_parallel import WindowShard
 from .lora import LWCQuantizer, QuantLoRALinear, kaiming_lora, loftq_init
 
@@ -75,10 +75,6 @@ class ApiQConfig(UniformConfig):
     def tag(self) -> str:
         kind = {"apiq": f"apiq-{self.mode}", "qlora": "qlora", "loftq": "loftq"}[self.init]
         return f"w{self.bits}g{self.group_size}" + ("sym" if self.symmetric else "") + f"-r{self.rank}-{kind}"
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @register

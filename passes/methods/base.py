@@ -15,10 +15,21 @@ dequantized value, so that the next block is calibrated on the quantized chain.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+from .data_parallel import active_world
+
 REGISTRY: dict[str, type["Method"]] = {}
+
+
+def progress(msg: str) -> None:
+    """A method's progress line on stderr; under torchrun only rank 0 prints (every rank takes the same steps, so
+    the others' lines would repeat it; failures still surface as each rank's exception)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
 
 
 def register(cls):
@@ -90,9 +101,8 @@ class HessianMethod(Method):
         result is broadcast from its owner, so every rank ends the block with the weights and formats one process
         would have."""
         hs = ctx.hessians(list(ctx.linears))
-        engine = getattr(ctx, "engine", None)
-        world = getattr(engine, "world", None)
-        split = world is not None and world.enabled
+        world = active_world(ctx)
+        split = world is not None
         if split:
             shapes = [ctx.weight_of(m).shape for m in ctx.linears.values()]
             owner = world.owners([float(n) * k * k + float(k) ** 3 for n, k in shapes])

@@ -18,15 +18,27 @@ from __future__ import annotations
 import torch
 
 
+def active_world(ctx):
+    """The ``torchrun`` world this calibration shares its work over, or ``None`` in one process."""
+    world = getattr(getattr(ctx, "engine", None), "world", None)
+    return world if world is not None and world.enabled else None
+
+
 class WindowShard:
     """This process's share of the calibration windows, addressed by one-process window index."""
 
     def __init__(self, ctx):
-        world = getattr(getattr(ctx, "engine", None), "world", None)
-        self.world = world if world is not None and world.enabled else None
+        self.world = active_world(ctx)
         n_local = len(ctx.quant_inputs)
-        self.rank, self.size = (world.rank, world.size) if self.world else (0, 1)
         self.n = self.world.sum_int(n_local) if self.world else n_local
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank if self.world else 0
+
+    @property
+    def size(self) -> int:
+        return self.world.size if self.world else 1
 
     def mine(self, idx) -> list[int]:
         """Local positions of the windows among ``idx`` (one-process indices) that this rank holds."""

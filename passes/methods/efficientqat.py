@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -46,14 +45,11 @@ from lowbit.runtime.checkpoint_io import load_checkpoint
 from lowbit.runtime.modules import swap_module
 
 from .base import Method, UniformConfig, register
+from .base import progress as _log  # rank 0 alone prints under torchrun
 from .checkpoints import BlockCheckpoints, save_atomic
 from .data_parallel import WindowShard
 
 PHASES = ("block-ap", "e2e-qp")
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:

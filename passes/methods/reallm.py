@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import zlib
 from dataclasses import dataclass
 
@@ -54,15 +53,12 @@ from lowbit.runtime.formats import LowRank, VQCodebook
 from lowbit.runtime.modules import swap_module
 
 from .base import Method, register
+from .base import progress as _log  # rank 0 alone prints under torchrun
 from .checkpoints import BlockCheckpoints
-from .data_parallel import WindowShard
+from .data_parallel import WindowShard, active_world
 from .gptq import _inverse_cholesky_upper
 
 AUTO_CODES = ((2, 4), (2, 5), (2, 6), (2, 7), (4, 8))
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -481,8 +477,8 @@ class ReALLM(BlockCheckpoints, Method):
         # Under torchrun the search and the final decompositions are shared out by linear (all of a linear's
         # candidates on one rank, so its generator's stream is the one-process stream); the proxy errors are
         # summed over the ranks (zeros elsewhere) and each format is broadcast from the rank that made it.
-        world = getattr(getattr(ctx, "engine", None), "world", None)
-        split = world is not None and world.enabled
+        world = active_world(ctx)
+        split = world is not None
         names = list(ctx.linears)
         fits_of, weights = {}, {}
         for name, mod in ctx.linears.items():
