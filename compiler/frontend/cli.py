@@ -125,7 +125,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     r.add_argument("--reallm-ranks", default=None, help="low-rank ranks tried by 'auto' (default 0,8)")
     r.add_argument("--reallm-perm", default=None, choices=["act-order", "none"],
                    help="column reordering (default act-order: decreasing Hessian diagonal, stored as int16)")
-    r.add_argument("--reallm-lq-iters", type=int, default=None, help="low-rank / VQ alternations (default 2)")
+    r.add_argument("--reallm-lq-iters", type=int, default=None, help="at most N low-rank / VQ alternations, stopped when the error grows (default 2)")
     r.add_argument("--reallm-kmeans-iters", type=int, default=None, help="k-means iterations (default 10)")
     r.add_argument("--reallm-block-epochs", type=int, default=None,
                    help="block-wise fine-tuning of the low-rank parts against the float block (default 0: off)")

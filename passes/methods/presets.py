@@ -83,7 +83,7 @@ PAPER = {
             "implemented (no permutation)",
             "the low-rank part is a plain LoRA pair trained block-wise (the code: DoRA, with magnitudes)",
             "the VQ residual is built with GPTQ-style error feedback and the rank-64 part from a data-aware SVD (the "
-            "code: data-free LQ-LoRA alternation, stopped when the error grows; here a fixed 100 alternations)",
+            "code: data-free LQ-LoRA alternation; both stop when the error grows, at most 100 alternations here)",
             "block fine-tuning keeps the factors with the lowest held-out loss over 200 epochs (the code: early stop "
             "after 3 epochs without improvement)",
             "the HNeRV neural decoder is not implemented",

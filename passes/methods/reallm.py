@@ -11,7 +11,7 @@ Per linear ``W (N, K)`` with Hessian ``H = 2/n X^T X`` of its quantized-chain in
 2. **Low-rank part** (``r > 0``), LQ-LoRA's alternation with an output-error (data-aware) SVD: ``L`` =
    the rank-``r`` minimizer of ``tr((W - Q - L) H (W - Q - L)^T)``, i.e. the truncated SVD of
    ``(W - Q) C`` mapped back through ``C^-1`` (``H = C C^T``); starting from ``Q = 0``, ``Q`` and ``L``
-   alternate ``lq_iters`` times and the iterate with the lowest error is kept.
+   alternate up to ``lq_iters`` times, stopping when the error grows; the iterate with the lowest error is kept.
 3. **VQ residual** ``Q`` of ``R = W - L``: per row and group of ``g`` stored columns, a scale (the
    group's RMS); the scaled rows are cut into ``d``-vectors; one codebook of ``2**b`` entries per matrix
    is learned by k-means weighted by ``diag(H)`` (on at most ``kmeans_sample`` vectors, k-means++ start).
@@ -319,8 +319,9 @@ def decompose(w: torch.Tensor, h: torch.Tensor, cand: Candidate, cfg: ReALLMConf
             lowrank = LowRank(lowrank.lora_a.half(), lowrank.lora_b.half())  # scored as stored
         approx = qfull if lowrank is None else qfull + lowrank.dense()
         err = output_error(w - approx, h)
-        if best is None or err < best[1]:
-            best = (res, err, lowrank)
+        if best is not None and err >= best[1]:
+            break  # the error grew: stop, as the official LQ-LoRA loop does (keeps the best iterate)
+        best = (res, err, lowrank)
     res, err, lowrank = best
     fmt = VQCodebook.from_indices(res.indices, res.codebook, res.scales, cand.index_bits, cand.group_size,
                                   perm=None if cfg.perm == "none" else perm, lowrank=lowrank)
