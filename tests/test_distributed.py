@@ -105,6 +105,7 @@ def test_training_methods_sum_gradients_over_ranks(tiny_dir, text_file, tmp_path
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["calibration_run"]["world_size"] == 2
 
 
+@pytest.mark.slow  # ~75 s of three processes; the shared-out Hessian solves are in the default suite (GPTQ above)
 def test_reallm_search_shared_out_gives_the_one_process_artifact(tiny_dir, text_file, tmp_path):
     # the candidate search and the final decompositions split by linear, proxy errors summed, formats broadcast
     args = [str(tiny_dir("llama")), "--method", "reallm", "--bits-budget", "4.5", "--reallm-candidates",

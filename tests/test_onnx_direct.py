@@ -169,7 +169,8 @@ def test_merged_siblings_keep_their_low_rank_terms(ranks):
 @pytest.mark.parametrize("name,method", [
     ("w4g32", ["--method", "rtn", "--bits", "4", "--group-size", "32"]),
     ("w3g32-sym", ["--method", "rtn", "--bits", "3", "--group-size", "32", "--sym"]),
-    ("w4g32-sym", ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]),
+    pytest.param("w4g32-sym", ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"],
+                 marks=pytest.mark.slow),  # the doubled symmetric path is w3g32-sym's too
     ("billm", ["--method", "billm", "--billm-block-size", "32", "--billm-outlier-ratio", "2"]),  # exact planes
     ("billm-grid", ["--method", "billm", "--billm-block-size", "32", "--billm-outlier-ratio", "2"]),
     ("reallm", ["--method", "reallm", "--bits-budget", "3.4", "--reallm-candidates", "d2b4g32r0,d2b5g32r4",

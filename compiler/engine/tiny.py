@@ -72,9 +72,11 @@ def make_tiny(arch: str, directory, seed: int = 0) -> Path:
     return d
 
 
-def make_tiny_gguf(path, seed=0):
-    """A tiny Llama GGUF (2 blocks, hidden 64, 4 heads / 2 kv heads, tied head) with SmolLM2's tokenizer, its linears
-    in Q4_1, the embedding in Q8_0, norms in F32 (as llama.cpp writes the bundled SmolLM2)."""
+def make_tiny_gguf(path, seed=0, vocab_size=1024):
+    """A tiny Llama GGUF (2 blocks, hidden 64, 4 heads / 2 kv heads, tied head) with SmolLM2's tokenizer cut to its
+    first ``vocab_size`` tokens (special tokens, bytes and the merges that make the kept tokens: a valid byte-level
+    BPE; the whole 49,152-token vocabulary made each GGUF header parse take ~8 s), its linears in Q4_1, the
+    embedding in Q8_0, norms in F32 (as llama.cpp writes the bundled SmolLM2)."""
     import numpy as np
     from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
     from gguf.quants import quantize
@@ -83,7 +85,11 @@ def make_tiny_gguf(path, seed=0):
 
     tok = GGUFReader(str(models.resolve("smollm2-135m").path)).fields
     rng = np.random.default_rng(seed)
-    h, inter, vocab, blocks = 64, 128, len(tok["tokenizer.ggml.tokens"].data), 2
+    tokens = tok["tokenizer.ggml.tokens"].contents()[:vocab_size]
+    kept = set(tokens)
+    merges = [m for m in tok["tokenizer.ggml.merges"].contents()
+              if m.replace(" ", "", 1) in kept and all(part in kept for part in m.split(" ", 1))]
+    h, inter, vocab, blocks = 64, 128, len(tokens), 2
     w = GGUFWriter(str(path), "llama")
     w.add_block_count(blocks)
     w.add_context_length(2048)
@@ -97,9 +103,9 @@ def make_tiny_gguf(path, seed=0):
     w.add_vocab_size(vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
-    w.add_token_list(tok["tokenizer.ggml.tokens"].contents())
-    w.add_token_types(tok["tokenizer.ggml.token_type"].contents())
-    w.add_token_merges(tok["tokenizer.ggml.merges"].contents())
+    w.add_token_list(tokens)
+    w.add_token_types(tok["tokenizer.ggml.token_type"].contents()[:vocab])
+    w.add_token_merges(merges)
     for key, fn in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unknown", w.add_unk_token_id),
                     ("padding", w.add_pad_token_id)):
         fn(tok[f"tokenizer.ggml.{key}_token_id"].contents())
