@@ -139,3 +139,20 @@ def test_gguf_reader_matches_transformers_on_smollm2(tmp_path):
     link = tmp_path / src.name
     link.symlink_to(src)
     assert _reader_matches_transformers(link) == 272
+
+
+def test_a_gguf_header_is_parsed_once_per_load(tiny_gguf, tmp_path, monkeypatch):
+    # lowbit's check, transformers' config, weights and tokenizer, and the streaming reader share one parse (gguf-py
+    # takes ~8 s per parse of SmolLM2's header); the cache is dropped once the load is done
+    import gguf
+
+    from lowbit.compiler.engine import models, stream
+
+    parses = []
+    real = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: (parses.append(a), real(self, *a, **k))[1])
+    models.load(str(tiny_gguf))
+    assert len(parses) == 1 and not models._GGUF_READERS
+    _, _, _, streamer = stream.load(str(tiny_gguf), tmp_path / "spill", "x")
+    streamer.close()
+    assert len(parses) == 2 and not models._GGUF_READERS

@@ -30,12 +30,12 @@ class GGUFCheckpoint:
     """The tensors of one GGUF file under their Hugging Face names, read one at a time (``get``)."""
 
     def __init__(self, path: Path, config, meta_model):
-        from gguf import GGUFReader
+        from lowbit.compiler.engine.models import gguf_reader
 
         self.path = Path(path)
         self.directory = self.path  # for messages shared with the safetensors Checkpoint
         try:
-            self.reader = GGUFReader(str(self.path))
+            self.reader = gguf_reader(self.path)  # the parse the model check made (models.gguf_reader)
         except Exception as e:
             raise LowbitError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         arch = _field(self.reader, "general.architecture")

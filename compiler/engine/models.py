@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,59 @@ def resolve(spec: str) -> ModelSource:
     return ModelSource(spec, "hf", p.resolve(), p.name)
 
 
+_GGUF_READERS: dict = {}
+
+
+def gguf_reader(path):
+    """One parsed ``gguf.GGUFReader`` per file (and size and modification time) in this process.
+
+    gguf-py parses a header element by element: ~8 s for SmolLM2's 49,152-token vocabulary and 48,900 merges, and
+    one load parsed it four times (lowbit's check, then transformers for the config, the weights and the tokenizer).
+    A reader is a read-only memory map, so one serves every caller; the newest file only is kept, until
+    :func:`release_gguf_readers` (its parsed fields hold ~150 MB for SmolLM2)."""
+    from gguf import GGUFReader
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _GGUF_READERS:
+        _GGUF_READERS.clear()
+        _GGUF_READERS[key] = _ORIGINAL_READER[0](str(path)) if _ORIGINAL_READER else GGUFReader(str(path))
+    return _GGUF_READERS[key]
+
+
+def release_gguf_readers() -> None:
+    """Drop the cached reader (a caller that still holds it, e.g. the streaming checkpoint, keeps it alive)."""
+    _GGUF_READERS.clear()
+
+
+_ORIGINAL_READER: list = []  # gguf.GGUFReader while shared_gguf_readers() stands in for it
+
+
+@contextmanager
+def shared_gguf_readers():
+    """Within the block, transformers' ``from gguf import GGUFReader`` (it imports inside its functions) gets
+    :func:`gguf_reader`, so the config, weights and tokenizer of one file share one parse."""
+    import gguf
+
+    if _ORIGINAL_READER:  # nested: already in place
+        yield
+        return
+    _ORIGINAL_READER.append(gguf.GGUFReader)
+
+    def reader(path, mode="r"):
+        return gguf_reader(path) if mode == "r" else _ORIGINAL_READER[0](path, mode)
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = _ORIGINAL_READER.pop()
+
+
 def _check_gguf(path: Path) -> None:
     """Parse the GGUF header and tensor index, so that a damaged file fails here, named, before anything loads."""
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
+        reader = gguf_reader(path)
         n = len(reader.tensors)
     except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on junk
         raise LowbitError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
@@ -128,12 +176,15 @@ def load(spec: str, dtype: torch.dtype = torch.float32):
                 "that transformers can load"
             )
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=src.kind == "hf" or None, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": kwargs["gguf_file"]} if src.kind == "gguf" else {}))
+        with shared_gguf_readers():
+            model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=src.kind == "hf" or None, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": kwargs["gguf_file"]} if src.kind == "gguf" else {}))
     except LowbitError:
         raise
     except Exception as e:
         raise LowbitError(f"could not load model from {src.path}: {type(e).__name__}: {e}") from e
+    finally:
+        release_gguf_readers()
     model.eval()
     tokenizer.model_max_length = 1 << 30  # we window long texts ourselves; silence length warnings
     find_blocks(model)  # fail early on architectures without a decoder block list

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.compiler.engine.models import _check_safetensors, find_blocks, is_linear_like, resolve
+from lowbit.compiler.engine.models import (_check_safetensors, find_blocks, is_linear_like, release_gguf_readers,
+                                           resolve, shared_gguf_readers)
 from lowbit.errors import LowbitError
 from lowbit.runtime import artifact
 from lowbit.runtime.artifact import is_placeholder
@@ -228,8 +229,9 @@ def load(spec: str, spill_parent: Path, output_name: str = "lowbit"):
     where = str(src.path.parent if gguf else src.path)
     ckpt = None if gguf else Checkpoint(src.path)  # safetensors headers checked before anything else
     try:
-        config = AutoConfig.from_pretrained(where, **gguf)
-        tokenizer = AutoTokenizer.from_pretrained(where, **gguf)
+        with shared_gguf_readers():  # one header parse for the check, the config, the tokenizer and the reader
+            config = AutoConfig.from_pretrained(where, **gguf)
+            tokenizer = AutoTokenizer.from_pretrained(where, **gguf)
     except Exception as e:
         raise LowbitError(f"could not read the config/tokenizer of {src.path}: {type(e).__name__}: {e}") from e
     with torch.device("meta"):
@@ -237,7 +239,10 @@ def load(spec: str, spill_parent: Path, output_name: str = "lowbit"):
     if gguf:  # names mapped on the meta model, tensors dequantized one at a time
         from lowbit.compiler.engine.gguf_reader import GGUFCheckpoint
 
-        ckpt = GGUFCheckpoint(src.path, config, model)
+        try:
+            ckpt = GGUFCheckpoint(src.path, config, model)
+        finally:
+            release_gguf_readers()  # the checkpoint holds its reader; nothing else needs one
     model.eval()
     prefix, blocks = find_blocks(model)
     big = {id(model.get_input_embeddings().weight)}
