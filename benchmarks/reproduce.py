@@ -159,22 +159,20 @@ def commands(row: str, out: Path, seed: int | None = None) -> list[list[str]]:
 
 def figures(report: dict, ft: dict | None) -> dict:
     s = report["summary"]
-    ev = report.get("eval", {}).get("wikitext2", {})
-    c4 = report.get("eval", {}).get("c4", {})
     fig = {"code_bits": s["code_bits_per_weight"], "true_bits_disk": s["bits_per_weight_on_disk"],
            "packed_mib": s["linears_packed_bytes"] / 2**20, "windows": None, "ppl": None, "ppl_float": None,
            "ppl_c4": None, "ppl_c4_float": None, "calibrate_s": report.get("times", {}).get("calibrate")}
-    for key, src in (("ppl", ev.get("after")), ("ppl_float", ev.get("before"))):
-        if src:
-            fig[key] = src["ppl"]
-            fig["windows"] = f"{src['windows']}x{src['seqlen']}"
-    for key, src in (("ppl_c4", c4.get("after")), ("ppl_c4_float", c4.get("before"))):
-        if src:
-            fig[key] = src["ppl"]
-    if ft is not None:  # a fine-tuning row: the finetune report holds the new evaluation and the training time
-        fev = ft.get("eval", {})
-        e, ec = fev.get("wikitext2", {}).get("after") or {}, fev.get("c4", {}).get("after") or {}
-        fig.update(ppl=e.get("ppl", fig["ppl"]), ppl_c4=ec.get("ppl", fig["ppl_c4"]), train_s=ft.get("time_s"))
+    for data, key in (("wikitext2", "ppl"), ("c4", "ppl_c4")):
+        ev = report.get("eval", {}).get(data, {})
+        for k, src in ((key, ev.get("after")), (f"{key}_float", ev.get("before"))):
+            if src:
+                fig[k] = src["ppl"]
+                if data == "wikitext2":
+                    fig["windows"] = f"{src['windows']}x{src['seqlen']}"
+        if ft is not None:  # a fine-tuning row: the finetune report holds the new evaluation
+            fig[key] = (ft.get("eval", {}).get(data, {}).get("after") or {}).get("ppl", fig[key])
+    if ft is not None:
+        fig["train_s"] = ft.get("time_s")
     return fig
 
 
@@ -229,6 +227,11 @@ def table_line(rec: dict) -> str:
             f"{f['packed_mib']:.1f} |")
 
 
+def recorded_line(rec: dict) -> str:
+    """A row's table line with the commit and date it was measured at."""
+    return table_line(rec) + f" <!-- {rec['commit']}, {rec['date'][:10]} -->"
+
+
 def write_readme(out: Path) -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -240,15 +243,9 @@ def write_readme(out: Path) -> None:
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
         label = cells[0].removesuffix(" (by hand)") if cells else None
         row = by_label.get(label)
-        if len(cells) == 7:  # a line written before the C4 column: the header names it, a row's cell is empty
-            if all(set(c) <= {"-", ":"} for c in cells):
-                line = "|" + "---|" * 8
-            else:
-                extra = "C4 ppl (docs 1000-1999)" if cells[0] == "model" else ""
-                line = "| " + " | ".join(cells[:4] + [extra] + cells[4:]) + " |"
         if row and (out / row / "row.json").is_file():
             rec = json.loads((out / row / "row.json").read_text())
-            line = table_line(rec) + f" <!-- {rec['commit']}, {rec['date'][:10]} -->"
+            line = recorded_line(rec)
         elif row and "(by hand)" not in line:
             line = line.replace(f"| {label} |", f"| {label} (by hand) |", 1)
         new.append(line)
@@ -258,7 +255,7 @@ def write_readme(out: Path) -> None:
         if row not in seen and (out / row / "row.json").is_file():
             rec = json.loads((out / row / "row.json").read_text())
             last += 1
-            new.insert(last, table_line(rec) + f" <!-- {rec['commit']}, {rec['date'][:10]} -->")
+            new.insert(last, recorded_line(rec))
     readme.write_text(text[:start] + "\n".join(new) + "\n" + text[end:])
     print(f"[reproduce] rewrote the table in {readme}")
 

@@ -63,20 +63,25 @@ def resolve(spec: str) -> ModelSource:
 _GGUF_READERS: dict = {}
 
 
+def _reader_class():
+    """``gguf.GGUFReader`` itself, also while :func:`shared_gguf_readers` stands a function in for it."""
+    import gguf
+
+    return getattr(gguf.GGUFReader, "original", gguf.GGUFReader)
+
+
 def gguf_reader(path):
     """One parsed ``gguf.GGUFReader`` per file (and size and modification time) in this process.
 
-    gguf-py parses a header element by element: ~8 s for SmolLM2's 49,152-token vocabulary and 48,900 merges, and
-    one load parsed it four times (lowbit's check, then transformers for the config, the weights and the tokenizer).
+    gguf-py parses a header element by element: 6-8 s for SmolLM2's 49,152-token vocabulary and 48,900 merges, and
+    one load parsed it three times (lowbit's check, then transformers for the weights and the tokenizer).
     A reader is a read-only memory map, so one serves every caller; the newest file only is kept, until
     :func:`release_gguf_readers` (its parsed fields hold ~150 MB for SmolLM2)."""
-    from gguf import GGUFReader
-
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if key not in _GGUF_READERS:
         _GGUF_READERS.clear()
-        _GGUF_READERS[key] = _ORIGINAL_READER[0](str(path)) if _ORIGINAL_READER else GGUFReader(str(path))
+        _GGUF_READERS[key] = _reader_class()(str(path))
     return _GGUF_READERS[key]
 
 
@@ -85,28 +90,26 @@ def release_gguf_readers() -> None:
     _GGUF_READERS.clear()
 
 
-_ORIGINAL_READER: list = []  # gguf.GGUFReader while shared_gguf_readers() stands in for it
-
-
 @contextmanager
 def shared_gguf_readers():
     """Within the block, transformers' ``from gguf import GGUFReader`` (it imports inside its functions) gets
     :func:`gguf_reader`, so the config, weights and tokenizer of one file share one parse."""
     import gguf
 
-    if _ORIGINAL_READER:  # nested: already in place
+    original = _reader_class()
+    if gguf.GGUFReader is not original:  # nested: already in place
         yield
         return
-    _ORIGINAL_READER.append(gguf.GGUFReader)
 
     def reader(path, mode="r"):
-        return gguf_reader(path) if mode == "r" else _ORIGINAL_READER[0](path, mode)
+        return gguf_reader(path) if mode == "r" else original(path, mode)
 
+    reader.original = original
     gguf.GGUFReader = reader
     try:
         yield
     finally:
-        gguf.GGUFReader = _ORIGINAL_READER.pop()
+        gguf.GGUFReader = original
 
 
 def _check_gguf(path: Path) -> None:
