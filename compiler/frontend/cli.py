@@ -398,7 +398,9 @@ def export_main(argv=None) -> int:
     p.add_argument("--vq-lowrank", default="fold", choices=["exact", "fold"],
                    help="direct decoder: a VQ (ReALLM) layer's low-rank term folded into its 4-bit grid (default: "
                         "three nodes fewer per input; measured on ReALLM's d4b8g128r8 at SmolLM2's shapes, mean grid "
-                        "error 0.096 vs 0.095, 459 vs 819 nodes; error recorded) or an exact float MatMul pair")
+                        "error 0.096 vs 0.095, 459 vs 819 nodes; error recorded) or an exact float MatMul pair. Either way the "
+                        "VQ values sit on a 4-bit grid, which costs perplexity (ReALLM 2.5 speed artifact: +133%% "
+                        "fold, +97%% exact, README); the traced model.onnx is the exact form")
     p.add_argument("--genai", action="store_true",
                    help="--onnx: also write genai_config.json and the tokenizer, so onnxruntime-genai loads DIR/onnx")
     p.add_argument("--outlier-data", default="c4",
