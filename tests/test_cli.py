@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 from lowbit.compiler.frontend.cli import compile_main
 from lowbit.runtime.artifact import ArtifactError, load
 
-from conftest import make_text
 
 BASE = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "-q"]
 

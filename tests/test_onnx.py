@@ -4,7 +4,6 @@ matches full recomputation; corrupt files fail at load with a clear message."""
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch

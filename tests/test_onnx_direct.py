@@ -28,13 +28,13 @@ def _compile(tiny_dir, text_file, out, *method, overrides=None):
     return out
 
 
-def _linear_graph(fmt, k, accuracy_level=0, binary="grid", vq_lowrank="fold"):
+def _linear_graph(fmt, k, accuracy_level=0, binary="grid", vq_lowrank="fold", grid_bits=4):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     g = GraphBuilder()
     y, rec = lower_linear(g, "x", fmt, "lin", accuracy_level=accuracy_level, max_block=None, vq_block=16,
-                          binary=binary, vq_lowrank=vq_lowrank)
+                          binary=binary, vq_lowrank=vq_lowrank, grid_bits=grid_bits)
     g.nodes[-1].output[0] = "y"
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
@@ -94,6 +94,31 @@ def test_vq_lowering_records_its_grid_error():
     err = float((got - ref).norm() / ref.norm())
     assert 0 < rec["rel_err"] < 0.1  # a 4-bit grid per 16 columns: a real, measured, small error
     assert err < 3 * rec["rel_err"] + 1e-3
+
+
+def test_an_8_bit_value_grid_cuts_the_error_for_its_bytes():
+    """--value-grid-bits 8: VQ values x scales and BiLLM's levels on a 256-level grid, 8-bit MatMulNBits: the
+    recorded weight error and the output error fall more than 8x, the bytes held roughly double."""
+    from lowbit.runtime.formats import VQCodebook
+
+    torch.manual_seed(0)
+    n, k = 32, 64
+    vq = VQCodebook.from_indices(torch.randint(0, 16, (n, k // 2)), torch.randn(16, 2), torch.rand(n, k // 32) + 0.5,
+                                 4, 32, perm=torch.randperm(k))
+    for fmt, k in ((vq, k), _billm_format()):
+        x = torch.randn(2, 3, k)
+        ref = x @ fmt.dequantize().t()
+        res = {}
+        for bits in (4, 8):
+            sess, rec = _linear_graph(fmt, k, grid_bits=bits)
+            got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+            res[bits] = (rec, float((got - ref).norm() / ref.norm()))
+            assert f"{bits}-bit grid" in rec["lowering"]
+        (r4, e4), (r8, e8) = res[4], res[8]
+        assert 0 < r8["rel_err"] < r4["rel_err"] / 8 and e8 < e4 / 8, (type(fmt).__name__, r4, r8, e4, e8)
+        assert 1.5 < r8["ort_bytes"] / r4["ort_bytes"] < 2.2
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        lower_linear(GraphBuilder(), "x", vq, "lin", grid_bits=6)
 
 
 def _affine_lowrank(n, k, rank, seed):
@@ -178,8 +203,12 @@ def test_merged_siblings_keep_their_low_rank_terms(ranks):
 ])
 def test_direct_decoder_matches_torch(tiny_dir, text_file, tmp_path, name, method):
     d = _compile(tiny_dir, text_file, tmp_path / name, *method)
-    s = export_artifact(d, accuracy_level=0, binary="exact" if name == "billm" else "grid", progress=lambda m: None)
-    assert s["decoder"]["builder"].startswith("direct")
+    grid = 8 if name == "reallm" else 4  # VQ values on the 8-bit grid (BiLLM's grid case keeps the 4-bit one)
+    s = export_artifact(d, accuracy_level=0, binary="exact" if name == "billm" else "grid", grid_bits=grid,
+                        progress=lambda m: None)
+    assert s["decoder"]["builder"].startswith("direct") and s["decoder"]["value_grid_bits"] == grid
+    if name in ("reallm", "billm-grid"):
+        assert all(f"{grid}-bit grid" in r["lowering"] for r in s["decoder"]["layers"].values())
     m = onnx.load(str(d / "onnx" / "decoder.onnx"), load_external_data=False)
     ops = {n.op_type for n in m.graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"} <= ops

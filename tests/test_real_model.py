@@ -1,6 +1,5 @@
 """Real-model checks on SmolLM2-135M (slow: run with ``pytest -m slow``)."""
 
-import os
 
 import pytest
 import torch

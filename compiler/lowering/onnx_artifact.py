@@ -28,7 +28,7 @@ from lowbit.errors import LowbitError
 def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = True, kv_cache: bool = True,
                     overwrite: bool = False, check: bool = True, outlier_data: str | None = "c4",
                     decoder: str = "auto", genai: bool = False, binary: str = "grid", vq_lowrank: str = "fold",
-                    progress=print) -> dict:
+                    grid_bits: int = 4, progress=print) -> dict:
     """Export an artifact directory to ONNX under ``DIR/onnx``; returns the export summary.
 
     ``decoder``: ``direct`` builds the key/value-cache decoder from the packed formats with ONNX Runtime's fused
@@ -37,7 +37,9 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
     write ``genai_config.json`` and the tokenizer so that onnxruntime-genai loads ``DIR/onnx`` (direct decoder).
     ``binary``: BiLLM's lowering in the direct decoder, ``grid`` (4-bit grid, measured error) or ``exact``.
     ``vq_lowrank``: a VQ format's low-rank term in the direct decoder, ``exact`` (float MatMul pair) or ``fold``
-    (added to the weight before its 4-bit grid: fewer nodes, error recorded)."""
+    (added to the weight before its grid: fewer nodes, error recorded). ``grid_bits``: the grid (4 or 8 bits) that
+    BiLLM's levels and VQ values x scales are rounded onto in the direct decoder (8: ~2x the bytes read, ~1/17 of
+    the error)."""
     from lowbit.runtime.artifact import load, staging_dir
 
     if decoder not in ("auto", "direct", "traced"):
@@ -50,6 +52,8 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
         raise LowbitError(f"binary lowering must be grid or exact, got {binary!r}")
     if vq_lowrank not in ("exact", "fold"):
         raise LowbitError(f"VQ low-rank lowering must be exact or fold, got {vq_lowrank!r}")
+    if grid_bits not in (4, 8):
+        raise LowbitError(f"--value-grid-bits must be 4 or 8, got {grid_bits}")
 
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise LowbitError(f"--accuracy-level must be 0-4, got {accuracy_level}")
@@ -79,7 +83,7 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
                    "pass": None if rep is None else rep.to_json(), "graphs": {"prefill": MODEL_FILE}}
         if kv_cache:
             dec = _export_decoder(art, tmp, decoder, accuracy_level, matmulnbits, f16, outliers, max_block, binary,
-                                  vq_lowrank, progress)
+                                  vq_lowrank, grid_bits, progress)
             files += [dec["file"], dec["file"] + ".data"]
             summary["graphs"]["decoder"] = dec["file"]
             summary["cache"] = dec["cache"]
@@ -118,7 +122,7 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
 
 
 def _export_decoder(art, out_dir: Path, decoder: str, accuracy_level: int, matmulnbits: bool, f16: bool,
-                    outliers: dict, max_block, binary: str, vq_lowrank: str, progress) -> dict:
+                    outliers: dict, max_block, binary: str, vq_lowrank: str, grid_bits: int, progress) -> dict:
     from lowbit.compiler.lowering.onnx_decoder import export_decoder
     from lowbit.compiler.lowering.onnx_llama import DECODER_FILE, build_decoder, unsupported_reason
 
@@ -137,7 +141,8 @@ def _export_decoder(art, out_dir: Path, decoder: str, accuracy_level: int, matmu
     # blocks gave the same ORT perplexity at accuracy_level 4 (38.493 vs 38.489; torch 38.353) for 26 MB more
     # resident memory, and the fused graph needs no activation-outlier split (38.52 with it).
     info = build_decoder(art, out_dir / DECODER_FILE, accuracy_level, max_block=None, binary=binary,
-                         vq_lowrank=vq_lowrank)
+                         vq_lowrank=vq_lowrank, grid_bits=grid_bits)
+    info["value_grid_bits"] = grid_bits
     lowerings = {}
     for rec in info["layers"].values():
         lowerings[rec["lowering"]] = lowerings.get(rec["lowering"], 0) + 1

@@ -88,19 +88,19 @@ class _Tensors:
 
 def build_decoder(art, path: Path, accuracy_level: int = 4, max_block: int | None = 32, vq_block: int = 32,
                   max_positions: int | None = None, outliers: dict | None = None, binary: str = "grid",
-                  fuse: bool = True, vq_lowrank: str = "fold") -> dict:
+                  fuse: bool = True, vq_lowrank: str = "fold", grid_bits: int = 4) -> dict:
     """Write ``path`` (+ ``.data``) for an artifact and return ``{"cache", "layers": {name: record}, "head", ...}``.
 
     ``outliers``: ``{module name: LongTensor of input channels}`` taken out of ``MatMulNBits``' int8 activation
     path at ``accuracy_level`` 4 (measured on SmolLM2 with 32-column blocks: not needed, so off by default).
     ``fuse``: q/k/v and gate/up, where their lowerings are sibling ``MatMulNBits`` nodes, run as one node each
-    (:mod:`~lowbit.compiler.lowering.onnx_fuse`; exact, fewer kernel calls per token). ``vq_lowrank``: see
-    :func:`~lowbit.compiler.lowering.ort_linears.lower_linear`."""
+    (:mod:`~lowbit.compiler.lowering.onnx_fuse`; exact, fewer kernel calls per token). ``vq_lowrank``,
+    ``grid_bits``: see :func:`~lowbit.compiler.lowering.ort_linears.lower_linear`."""
     why = unsupported_reason(art)
     if why:
         raise ValueError(why)
     return _build(_config(art), _Tensors(art), art.formats, path, accuracy_level, max_block, vq_block,
-                  max_positions, outliers, binary, fuse, vq_lowrank)
+                  max_positions, outliers, binary, fuse, vq_lowrank, grid_bits)
 
 
 def build_float_decoder(model, path: Path, max_positions: int | None = None, fuse: bool = True) -> dict:
@@ -113,7 +113,7 @@ def build_float_decoder(model, path: Path, max_positions: int | None = None, fus
 
 
 def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_positions, outliers, binary,
-           fuse, vq_lowrank: str = "fold") -> dict:
+           fuse, vq_lowrank: str = "fold", grid_bits: int = 4) -> dict:
     from onnx import TensorProto, helper
 
     L = int(cfg["num_hidden_layers"])
@@ -158,7 +158,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
             xin, xo = splits[key]
         y, rec = lower_linear(g, xin, fmt, mod, weight=w, bias=tens.get(f"{mod}.bias"),
                               accuracy_level=accuracy_level, max_block=max_block, vq_block=vq_block, binary=binary,
-                              vq_lowrank=vq_lowrank)
+                              vq_lowrank=vq_lowrank, grid_bits=grid_bits)
         if xin is not x:  # the dequantized columns (low-rank part included) in float: x[..., idx] @ W[:, idx].T
             cols = _np(fmt.dequantize()[:, idx].t().contiguous())
             t = g.op("MatMul", [xo, g.init(f"{mod}.act_cols_t", cols)], name=f"{mod}.act_cols")

@@ -9,7 +9,7 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   symmetric codes doubled with the integer zero point ``2**b - 1`` and half the scale: free at 1/3/5..7 bits,
   twice the bytes at 2/4 bits (the next field; ORT's float zero points run ~100x slower): exact).
 * ``BinaryResidual`` (BiLLM), ``binary="grid"`` (default): its levels (per row-block ``+-alpha_c``, ``+-alpha_s``
-  and the salient sums) rounded onto a 4-bit grid per BiLLM block, one ``MatMulNBits`` (~4.3 bits read per
+  and the salient sums) rounded onto a 4-bit grid (or 8-bit: ``grid_bits``) per BiLLM block, one ``MatMulNBits`` (~4.3 bits read per
   weight for BiLLM's ~2.6 stored; the relative weight error, ~7.5% on SmolLM2 against BiLLM's own ~50%, is
   recorded); fp16 outlier columns stay exact in a thin float ``MatMul``. ``binary="exact"``: a weight of the
   concentrated part is ``alpha_c * s``, of the sparse part ``alpha_s * s``, so each part is one ternary plane
@@ -19,7 +19,7 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   block's columns padded to 32 so blocks keep their own ``alpha``. Exact, but ~2.5x the format's bytes and
   slower (ORT's 2-bit kernels). The mean-shifted variant (``mus``) always takes the grid.
 * ``VQCodebook`` (ReALLM) -> the codebook values times group scales are not on any uniform grid: they are
-  rounded onto a 4-bit grid per block (the format's scale group when it is a power of two of 16-128 columns,
+  rounded onto a 4-bit grid (or 8-bit: ``grid_bits``) per block (the format's scale group when it is a power of two of 16-128 columns,
   else ``vq_block``; range shrink chosen for least squared error) and run as ``MatMulNBits`` after a
   ``Gather`` of ``x`` by the column permutation; the relative weight error is measured and recorded. Its
   low-rank term is folded into the weight before the grid by default (``vq_lowrank="fold"``: no ``MatMul``
@@ -39,7 +39,10 @@ from lowbit.runtime.packing import pack_rows, unpack_rows
 
 from .onnx_graph import MSFT, GraphBuilder
 
-GRID_BITS = 4  # the grid for values that are on no uniform grid (VQ codebooks, BiLLM's levels)
+# the grid for values that are on no uniform grid (VQ codebooks, BiLLM's levels): 4 bits by default (ORT's fastest
+# kernel, ~4.5 bits resident per weight); 8 bits reads twice the bytes for ~1/17 of the grid's error
+GRID_BITS = 4
+VALUE_GRID_BITS = (4, 8)
 # ORT 1.32's 2-bit MatMulNBits is ~10x slower at 16-column blocks than at 32 (measured: BiLLM's salient node)
 SALIENT_BLOCK = 32
 BINARY_LOWERINGS = ("grid", "exact")
@@ -150,15 +153,15 @@ def _doubled(g: GraphBuilder, x: str, k: int, block: int) -> str:
     return g.memo[key]
 
 
-def _binary_grid(g, x, fmt: BinaryResidual, name, accuracy_level, block):
-    """BiLLM's levels (per row-block: +-alpha_c, +-alpha_s and the salient sums) on a 4-bit grid per ``block``
-    columns; the fp16 outlier columns stay exact in one thin float ``MatMul``."""
+def _binary_grid(g, x, fmt: BinaryResidual, name, accuracy_level, block, grid_bits: int = GRID_BITS):
+    """BiLLM's levels (per row-block: +-alpha_c, +-alpha_s and the salient sums) on a ``grid_bits`` grid per
+    ``block`` columns; the fp16 outlier columns stay exact in one thin float ``MatMul``."""
     full = fmt.dequantize()
     w = full.clone()
     if fmt.outlier_cols is not None:
         w[:, fmt.outlier_cols.long()] = 0.0
-    codes, sc, zp, _ = grid_codes(w, GRID_BITS, block)
-    y, nb = matmul_nbits(g, x, codes, sc, zp, GRID_BITS, block, name, accuracy_level)
+    codes, sc, zp, _ = grid_codes(w, grid_bits, block)
+    y, nb = matmul_nbits(g, x, codes, sc, zp, grid_bits, block, name, accuracy_level)
     deq = ((codes.float() - zp.float().repeat_interleave(block, 1)[:, : w.shape[1]])
            * sc.repeat_interleave(block, 1)[:, : w.shape[1]])
     if fmt.outlier_cols is not None:
@@ -170,13 +173,15 @@ def _binary_grid(g, x, fmt: BinaryResidual, name, accuracy_level, block):
         y = _add(g, y, t, f"{name}.outlier_add")
         nb += b2
     err = float((deq - full).norm() / full.norm().clamp(min=1e-12))
-    return y, nb, f"BiLLM levels on a {GRID_BITS}-bit grid, block {block}: MatMulNBits", err
+    return y, nb, f"BiLLM levels on a {grid_bits}-bit grid, block {block}: MatMulNBits", err
 
 
-def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block, mode: str = "grid"):
+def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block, mode: str = "grid",
+            grid_bits: int = GRID_BITS):
     n, k, bs = fmt.out_features, fmt.in_features, fmt.block_size
     if mode == "grid" or fmt.mus is not None or bs < 16 or bs & (bs - 1):
-        return _binary_grid(g, x, fmt, name, accuracy_level, bs if bs >= 16 and not bs & (bs - 1) else vq_block)
+        return _binary_grid(g, x, fmt, name, accuracy_level, bs if bs >= 16 and not bs & (bs - 1) else vq_block,
+                            grid_bits)
     s = unpack_rows(fmt.signs, 1, k).to(torch.uint8)  # 1 = +1
     sal = fmt.salient_cols.long()
     non_sal = torch.ones(k, dtype=torch.bool)
@@ -232,13 +237,14 @@ def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block, mode: str
     return y, total, f"exact ternary planes: MatMulNBits 2-bit x{nodes}", 0.0
 
 
-def _grid(g, x, w, name, accuracy_level, block, what):
-    codes, sc, zp, err = grid_codes(w, GRID_BITS, block)
-    y, nb = matmul_nbits(g, x, codes, sc, zp, GRID_BITS, block, name, accuracy_level)
-    return y, nb, f"{what} on a {GRID_BITS}-bit grid, block {block}: MatMulNBits", err
+def _grid(g, x, w, name, accuracy_level, block, what, grid_bits: int = GRID_BITS):
+    codes, sc, zp, err = grid_codes(w, grid_bits, block)
+    y, nb = matmul_nbits(g, x, codes, sc, zp, grid_bits, block, name, accuracy_level)
+    return y, nb, f"{what} on a {grid_bits}-bit grid, block {block}: MatMulNBits", err
 
 
-def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block, fold_lowrank: bool = False):
+def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block, fold_lowrank: bool = False,
+        grid_bits: int = GRID_BITS):
     n, k = fmt.out_features, fmt.in_features
     idx = unpack_rows(fmt.codes, fmt.index_bits, k // fmt.vec_dim).long()
     wp = fmt.codebook.float()[idx].reshape(n, k) * fmt.scales.float()[:, torch.arange(k) // fmt.group_size]
@@ -256,17 +262,21 @@ def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block, fold_lowrank: boo
     gs = fmt.group_size  # one scale per group: the grid per group spans that scale times the codebook's values
     block = gs if 16 <= gs <= 128 and not gs & (gs - 1) else vq_block
     what = "VQ codebook values x group scales" + (" + low-rank term" if fold_lowrank else "")
-    y, nb, how, err = _grid(g, xin, wp, name, accuracy_level, block, what)
+    y, nb, how, err = _grid(g, xin, wp, name, accuracy_level, block, what, grid_bits)
     return y, nb + perm_bytes, how, err
 
 
 def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, accuracy_level: int = 4, max_block: int | None = 32,
-                 vq_block: int = 32, binary: str = "grid", vq_lowrank: str = "fold") -> tuple[str, dict]:
+                 vq_block: int = 32, binary: str = "grid", vq_lowrank: str = "fold",
+                 grid_bits: int = GRID_BITS) -> tuple[str, dict]:
     """Emit one linear; ``fmt`` is the artifact's format, or ``None`` with the float ``weight``. ``binary``:
-    ``grid`` (BiLLM on a 4-bit grid: one fast node, ~1.7x the format's bytes) or ``exact`` (ternary planes).
-    ``vq_lowrank``: a VQ format's low-rank term as an exact float ``MatMul`` pair (``exact``) or added to the
-    weight before its 4-bit grid (``fold``: three nodes fewer per input, error recorded)."""
+    ``grid`` (BiLLM on a ``grid_bits`` grid: one fast node, ~1.7x the format's bytes at 4 bits) or ``exact``
+    (ternary planes). ``vq_lowrank``: a VQ format's low-rank term as an exact float ``MatMul`` pair (``exact``) or
+    added to the weight before its grid (``fold``: three nodes fewer per input, error recorded). ``grid_bits``
+    (4 or 8): the grid of the values that are on no uniform grid (BiLLM's levels, VQ values x scales)."""
+    if grid_bits not in VALUE_GRID_BITS:
+        raise ValueError(f"{name}: the value grid must have 4 or 8 bits, got {grid_bits}")
     if fmt is None:
         y, nb = _float_matmul(g, x, weight, name)
         rec = {"lowering": "float MatMul", "ort_bytes": nb, "packed_bytes": weight.numel() * 2, "rel_err": 0.0}
@@ -274,10 +284,10 @@ def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor |
         if isinstance(fmt, AffineIntK):
             y, nb, how, err = _affine(g, x, fmt, name, accuracy_level, max_block)
         elif isinstance(fmt, BinaryResidual):
-            y, nb, how, err = _binary(g, x, fmt, name, accuracy_level, vq_block, binary)
+            y, nb, how, err = _binary(g, x, fmt, name, accuracy_level, vq_block, binary, grid_bits)
         elif isinstance(fmt, VQCodebook):
             fold = vq_lowrank == "fold" and fmt.lowrank is not None
-            y, nb, how, err = _vq(g, x, fmt, name, accuracy_level, vq_block, fold)
+            y, nb, how, err = _vq(g, x, fmt, name, accuracy_level, vq_block, fold, grid_bits)
         else:
             raise TypeError(f"{name}: no ONNX Runtime lowering for format {type(fmt).__name__}")
         lr = getattr(fmt, "lowrank", None)
