@@ -67,7 +67,7 @@ def to_gptq(fmt: AffineIntK, version: int = 1) -> tuple[dict, int]:
         raise GPTQLayoutError(why)
     if version not in (1, 2):
         raise GPTQLayoutError(f"GPTQ checkpoint format v{version}: only v1 (gptq) and v2 (gptq_v2) exist")
-    n, k, b, g = fmt.out_features, fmt.in_features, fmt.bits, fmt.scales.shape[1]
+    k, b, g = fmt.in_features, fmt.bits, fmt.scales.shape[1]
     codes = unpack_rows(fmt.qweight, b, k)  # (N, K)
     zeros = unpack_rows(fmt.zeros, b, g)  # (N, G)
     zero_count = int((zeros == 0).sum())
