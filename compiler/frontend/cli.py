@@ -392,21 +392,20 @@ def export_main(argv=None) -> int:
                         "onnxruntime-genai names), traced = torch.export capture (any architecture); auto = direct "
                         "where it applies (default)")
     p.add_argument("--billm-lowering", default="grid", choices=["grid", "exact"],
-                   help="direct decoder: BiLLM weights on a 4-bit grid per block (one fast MatMulNBits, ~1.7x the "
-                        "format's bytes, weight error recorded in export.json; default) or exact (2-bit ternary "
+                   help="direct decoder: BiLLM weights on a grid per block (--value-grid-bits; one MatMulNBits, "
+                        "weight error recorded in export.json; default) or exact (2-bit ternary "
                         "planes, ~2.5x the bytes, slower in ONNX Runtime 1.32)")
     p.add_argument("--vq-lowrank", default="fold", choices=["exact", "fold"],
-                   help="direct decoder: a VQ (ReALLM) layer's low-rank term folded into its 4-bit grid (default: "
+                   help="direct decoder: a VQ (ReALLM) layer's low-rank term folded into its grid (default: "
                         "three nodes fewer per input; measured on ReALLM's d4b8g128r8 at SmolLM2's shapes, mean grid "
-                        "error 0.096 vs 0.095, 459 vs 819 nodes; error recorded) or an exact float MatMul pair. Either way the "
-                        "VQ values sit on a 4-bit grid, which costs perplexity (ReALLM 2.5 speed artifact: +133%% "
-                        "fold, +97%% exact, README); --value-grid-bits 8 or the traced model.onnx for accuracy")
-    p.add_argument("--value-grid-bits", type=int, default=4, choices=[4, 8],
+                        "error 0.096 vs 0.095 on the 4-bit grid, 459 vs 819 nodes; error recorded) or an exact float "
+                        "MatMul pair")
+    p.add_argument("--value-grid-bits", type=int, default=8, choices=[4, 8],
                    help="direct decoder: the MatMulNBits grid that values on no uniform grid (BiLLM's levels, VQ "
-                        "codebook values x group scales) are rounded onto per block: 4 (default; fastest, ~4.5 bits "
-                        "resident per weight) or 8 (~1/17 of the grid error for ~2x the bytes; ReALLM 2.5 speed "
-                        "artifact, WikiText-2 4 x 2048 vs torch: +1.96%%, +1.33%% with --accuracy-level 0, against "
-                        "+133%% on the 4-bit grid; 131 vs 76 MiB of weights; README)")
+                        "codebook values x group scales) are rounded onto per block: 8 (default; ReALLM speed "
+                        "artifacts in ORT vs torch, WikiText-2 4 x 2048: budget 3.0 +0.40%%, budget 2.5 +1.96%%) "
+                        "or 4 (ORT's fastest kernel, ~1.4x the speed and ~0.6x the weights in memory, but +99.5%% "
+                        "and +133%% on the same artifacts; README)")
     p.add_argument("--genai", action="store_true",
                    help="--onnx: also write genai_config.json and the tokenizer, so onnxruntime-genai loads DIR/onnx")
     p.add_argument("--outlier-data", default="c4",

@@ -9,7 +9,7 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   symmetric codes doubled with the integer zero point ``2**b - 1`` and half the scale: free at 1/3/5..7 bits,
   twice the bytes at 2/4 bits (the next field; ORT's float zero points run ~100x slower): exact).
 * ``BinaryResidual`` (BiLLM), ``binary="grid"`` (default): its levels (per row-block ``+-alpha_c``, ``+-alpha_s``
-  and the salient sums) rounded onto a 4-bit grid (or 8-bit: ``grid_bits``) per BiLLM block, one ``MatMulNBits`` (~4.3 bits read per
+  and the salient sums) rounded onto an 8-bit grid (``grid_bits``; or 4-bit) per BiLLM block, one ``MatMulNBits`` (~4.3 bits read per
   weight for BiLLM's ~2.6 stored; the relative weight error, ~7.5% on SmolLM2 against BiLLM's own ~50%, is
   recorded); fp16 outlier columns stay exact in a thin float ``MatMul``. ``binary="exact"``: a weight of the
   concentrated part is ``alpha_c * s``, of the sparse part ``alpha_s * s``, so each part is one ternary plane
@@ -19,7 +19,7 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   block's columns padded to 32 so blocks keep their own ``alpha``. Exact, but ~2.5x the format's bytes and
   slower (ORT's 2-bit kernels). The mean-shifted variant (``mus``) always takes the grid.
 * ``VQCodebook`` (ReALLM) -> the codebook values times group scales are not on any uniform grid: they are
-  rounded onto a 4-bit grid (or 8-bit: ``grid_bits``) per block (the format's scale group when it is a power of two of 16-128 columns,
+  rounded onto an 8-bit grid (``grid_bits``; or 4-bit) per block (the format's scale group when it is a power of two of 16-128 columns,
   else ``vq_block``; range shrink chosen for least squared error) and run as ``MatMulNBits`` after a
   ``Gather`` of ``x`` by the column permutation; the relative weight error is measured and recorded. Its
   low-rank term is folded into the weight before the grid by default (``vq_lowrank="fold"``: no ``MatMul``
@@ -39,9 +39,10 @@ from lowbit.runtime.packing import pack_rows, unpack_rows
 
 from .onnx_graph import MSFT, GraphBuilder
 
-# the grid for values that are on no uniform grid (VQ codebooks, BiLLM's levels): 4 bits by default (ORT's fastest
-# kernel, ~4.5 bits resident per weight); 8 bits reads twice the bytes for ~1/17 of the grid's error
-GRID_BITS = 4
+# the grid for values that are on no uniform grid (VQ codebooks, BiLLM's levels): 8 bits by default (~1/17 of a
+# 4-bit grid's error: ReALLM's perplexity in ORT +0.4% instead of +99.5%); 4 bits is ORT's fastest kernel (~1.4x
+# the speed, ~0.6x the weights in memory) at that accuracy cost
+GRID_BITS = 8
 VALUE_GRID_BITS = (4, 8)
 # ORT 1.32's 2-bit MatMulNBits is ~10x slower at 16-column blocks than at 32 (measured: BiLLM's salient node)
 SALIENT_BLOCK = 32
@@ -271,7 +272,7 @@ def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor |
                  vq_block: int = 32, binary: str = "grid", vq_lowrank: str = "fold",
                  grid_bits: int = GRID_BITS) -> tuple[str, dict]:
     """Emit one linear; ``fmt`` is the artifact's format, or ``None`` with the float ``weight``. ``binary``:
-    ``grid`` (BiLLM on a ``grid_bits`` grid: one fast node, ~1.7x the format's bytes at 4 bits) or ``exact``
+    ``grid`` (BiLLM on a ``grid_bits`` grid: one node, ~1.7x the format's bytes at 4 bits) or ``exact``
     (ternary planes). ``vq_lowrank``: a VQ format's low-rank term as an exact float ``MatMul`` pair (``exact``) or
     added to the weight before its grid (``fold``: three nodes fewer per input, error recorded). ``grid_bits``
     (4 or 8): the grid of the values that are on no uniform grid (BiLLM's levels, VQ values x scales)."""
