@@ -222,7 +222,7 @@ def test_direct_decoder_matches_torch(tiny_dir, text_file, tmp_path, name, metho
         if name == "billm-grid":  # outlier columns: one Gather/MatMul/Add per input (q/k/v, o, gate/up, down)
             side = [n for n in m.graph.node if n.op_type == "MatMul" and "outliers" in n.name]
             assert 0 < len(side) <= 4 * s["cache"]["layers"]
-        _assert_fusion_is_exact(d, tmp_path / f"{name}-unfused.onnx")
+        _assert_fusion_is_exact(d, tmp_path / f"{name}-unfused.onnx", grid)
     if name == "w4g32-sym":  # integer zero points (ORT's float zero points take a ~100x slower path)
         assert all(r["lowering"] == "MatMulNBits 8-bit block 32 (codes doubled: symmetric)"
                    for r in s["decoder"]["layers"].values()), s["decoder"]["layers"]
@@ -240,13 +240,13 @@ def test_direct_decoder_matches_torch(tiny_dir, text_file, tmp_path, name, metho
     assert float((full - ref).abs().max() / ref.abs().max()) < tol
 
 
-def _assert_fusion_is_exact(d, unfused_path):
+def _assert_fusion_is_exact(d, unfused_path, grid_bits=8):
     """The decoder with q/k/v and gate/up merged gives the same logits as one node per linear."""
     import onnxruntime as ort
 
     from lowbit.compiler.lowering.onnx_llama import build_decoder
 
-    build_decoder(load(d), unfused_path, accuracy_level=0, max_block=None, fuse=False)
+    build_decoder(load(d), unfused_path, accuracy_level=0, max_block=None, fuse=False, grid_bits=grid_bits)
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
                 for p in (d / "onnx" / "decoder.onnx", unfused_path)]
     assert len(sessions[0].get_inputs()) == len(sessions[1].get_inputs())
