@@ -35,7 +35,7 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
     ops and onnxruntime-genai's input names (:mod:`~lowbit.compiler.lowering.onnx_llama`; Llama-type models),
     ``traced`` captures it with torch.export (any architecture), ``auto`` the first that applies. ``genai``: also
     write ``genai_config.json`` and the tokenizer so that onnxruntime-genai loads ``DIR/onnx`` (direct decoder).
-    ``binary``: BiLLM's lowering in the direct decoder, ``grid`` (4-bit grid, measured error) or ``exact``.
+    ``binary``: BiLLM's lowering in the direct decoder, ``grid`` (the value grid, measured error) or ``exact``.
     ``vq_lowrank``: a VQ format's low-rank term in the direct decoder, ``exact`` (float MatMul pair) or ``fold``
     (added to the weight before its grid: fewer nodes, error recorded). ``grid_bits``: the grid (8 or 4 bits) that
     BiLLM's levels and VQ values x scales are rounded onto in the direct decoder (4: ORT's fastest kernel, ~17x
@@ -52,7 +52,9 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
         raise LowbitError(f"binary lowering must be grid or exact, got {binary!r}")
     if vq_lowrank not in ("exact", "fold"):
         raise LowbitError(f"VQ low-rank lowering must be exact or fold, got {vq_lowrank!r}")
-    if grid_bits not in (4, 8):
+    from lowbit.compiler.lowering.ort_linears import VALUE_GRID_BITS
+
+    if grid_bits not in VALUE_GRID_BITS:
         raise LowbitError(f"--value-grid-bits must be 4 or 8, got {grid_bits}")
 
     if accuracy_level not in (0, 1, 2, 3, 4):

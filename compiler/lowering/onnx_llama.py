@@ -29,7 +29,7 @@ import torch
 
 from .onnx_fuse import drop_split, fuse_matmulnbits, merge_side_terms
 from .onnx_graph import MSFT, GraphBuilder, save_deduplicated
-from .ort_linears import _np, lower_linear
+from .ort_linears import GRID_BITS, _np, lower_linear
 
 DECODER_FILE = "decoder.onnx"
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -88,7 +88,7 @@ class _Tensors:
 
 def build_decoder(art, path: Path, accuracy_level: int = 4, max_block: int | None = 32, vq_block: int = 32,
                   max_positions: int | None = None, outliers: dict | None = None, binary: str = "grid",
-                  fuse: bool = True, vq_lowrank: str = "fold", grid_bits: int = 8) -> dict:
+                  fuse: bool = True, vq_lowrank: str = "fold", grid_bits: int = GRID_BITS) -> dict:
     """Write ``path`` (+ ``.data``) for an artifact and return ``{"cache", "layers": {name: record}, "head", ...}``.
 
     ``outliers``: ``{module name: LongTensor of input channels}`` taken out of ``MatMulNBits``' int8 activation
@@ -113,7 +113,7 @@ def build_float_decoder(model, path: Path, max_positions: int | None = None, fus
 
 
 def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_positions, outliers, binary,
-           fuse, vq_lowrank: str = "fold", grid_bits: int = 8) -> dict:
+           fuse, vq_lowrank: str = "fold", grid_bits: int = GRID_BITS) -> dict:
     from onnx import TensorProto, helper
 
     L = int(cfg["num_hidden_layers"])

@@ -9,9 +9,9 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   symmetric codes doubled with the integer zero point ``2**b - 1`` and half the scale: free at 1/3/5..7 bits,
   twice the bytes at 2/4 bits (the next field; ORT's float zero points run ~100x slower): exact).
 * ``BinaryResidual`` (BiLLM), ``binary="grid"`` (default): its levels (per row-block ``+-alpha_c``, ``+-alpha_s``
-  and the salient sums) rounded onto an 8-bit grid (``grid_bits``; or 4-bit) per BiLLM block, one ``MatMulNBits`` (~4.3 bits read per
-  weight for BiLLM's ~2.6 stored; the relative weight error, ~7.5% on SmolLM2 against BiLLM's own ~50%, is
-  recorded); fp16 outlier columns stay exact in a thin float ``MatMul``. ``binary="exact"``: a weight of the
+  and the salient sums) rounded onto an 8-bit grid (``grid_bits``; or 4-bit) per BiLLM block, one
+  ``MatMulNBits`` (the relative weight error is recorded: ~7.5% per layer on SmolLM2 at 4 bits, against BiLLM's
+  own ~50%; ~4.3 bits read per weight at 4 bits for BiLLM's ~2.6 stored, ~8.3 at 8); fp16 outlier columns stay exact in a thin float ``MatMul``. ``binary="exact"``: a weight of the
   concentrated part is ``alpha_c * s``, of the sparse part ``alpha_s * s``, so each part is one ternary plane
   ``{-1, 0, +1}`` times its per-row-block ``alpha`` (codes ``1 + s`` inside the part, ``1`` = zero elsewhere,
   zero point 1), both planes side by side in one 2-bit ``MatMulNBits`` that reads ``[x, x]``; the salient
@@ -19,8 +19,8 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   block's columns padded to 32 so blocks keep their own ``alpha``. Exact, but ~2.5x the format's bytes and
   slower (ORT's 2-bit kernels). The mean-shifted variant (``mus``) always takes the grid.
 * ``VQCodebook`` (ReALLM) -> the codebook values times group scales are not on any uniform grid: they are
-  rounded onto an 8-bit grid (``grid_bits``; or 4-bit) per block (the format's scale group when it is a power of two of 16-128 columns,
-  else ``vq_block``; range shrink chosen for least squared error) and run as ``MatMulNBits`` after a
+  rounded onto an 8-bit grid (``grid_bits``; or 4-bit) per block (the format's scale group when it is a power
+  of two of 16-128 columns, else ``vq_block``; range shrink chosen for least squared error) and run as ``MatMulNBits`` after a
   ``Gather`` of ``x`` by the column permutation; the relative weight error is measured and recorded. Its
   low-rank term is folded into the weight before the grid by default (``vq_lowrank="fold"``: no ``MatMul``
   pair; at SmolLM2's shapes the mean grid error moved from 0.095 to 0.096), or kept exact.
