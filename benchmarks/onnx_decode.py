@@ -4,13 +4,13 @@ Each model runs in its own process (peak RSS = that process's own VmHWM, i.e. ru
 runner imports no torch). "weights" = what the loaded model holds: the process's RSS after loading and a 12-token
 warm-up (every kernel run once, so ``MatMulNBits`` weights are pre-packed) minus its RSS before the session was
 created, less library pages as below: the weights as ONNX Runtime holds them plus the session's own structures, the
-figure to compare with the artifact's packed bytes. "resident" = what the model holds while it decodes: the process's
-RSS after the decode runs minus its RSS before the session was created (Python, numpy, ONNX Runtime imported), less the pages of
-shared libraries mapped in meanwhile (ONNX Runtime's own kernel code, paged in when a kernel first runs: the
-runtime's baseline, not the model's; from ``/proc/self/smaps``). It includes the weights as ONNX Runtime holds
-them (pre-packed ``MatMulNBits`` blocks, memory-mapped float tensors' touched pages), the key/value cache and the
-arena's activations. "peak - before" (the previous
-definition: VmHWM minus RSS before the session, library pages and load-time transients included) is printed too.
+figure to compare with the artifact's packed bytes. "resident" = what the model holds while it decodes: the
+process's RSS after the decode runs minus its RSS before the session was created (Python, numpy, ONNX Runtime
+imported), less the pages of shared libraries mapped in meanwhile (ONNX Runtime's own kernel code, paged in when
+a kernel first runs: the runtime's baseline, not the model's; from ``/proc/self/smaps``). It includes the weights
+as ONNX Runtime holds them (pre-packed ``MatMulNBits`` blocks, memory-mapped float tensors' touched pages), the
+key/value cache and the arena's activations. "peak - before" (the previous definition: VmHWM minus RSS before the
+session, library pages and load-time transients included) is printed too.
 
 The float32 baseline is the uncompressed model as the same directly built graph (fused ORT ops, float
 MatMul weights, q/k/v and gate/up merged the same way; ``--float-dir``, default out/float-onnx-direct);
@@ -53,8 +53,7 @@ def child(onnx_dir: str, prompt_len: int, new_tokens: int, threads: int | None, 
     rss = peak_rss_mib()
     resident = (rss_mib() - base) - (_library_rss_mib() - base_lib)
     print(json.dumps({"tok_s": tok_s, "prefill_s": t_pre, "peak_rss_mib": rss, "runtime_mib": base,
-                      "resident_mib": resident,
-                      "weights_mib": weights, "runs_tok_s": [r[0] for r in runs]}))
+                      "resident_mib": resident, "weights_mib": weights, "runs_tok_s": [r[0] for r in runs]}))
 
 
 def _library_rss_mib() -> float:

@@ -240,7 +240,7 @@ def test_direct_decoder_matches_torch(tiny_dir, text_file, tmp_path, name, metho
     assert float((full - ref).abs().max() / ref.abs().max()) < tol
 
 
-def _assert_fusion_is_exact(d, unfused_path, grid_bits=8):
+def _assert_fusion_is_exact(d, unfused_path, grid_bits):
     """The decoder with q/k/v and gate/up merged gives the same logits as one node per linear."""
     import onnxruntime as ort
 

@@ -11,8 +11,9 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
 * ``BinaryResidual`` (BiLLM), ``binary="grid"`` (default): its levels (per row-block ``+-alpha_c``, ``+-alpha_s``
   and the salient sums) rounded onto an 8-bit grid (``grid_bits``; or 4-bit) per BiLLM block, one
   ``MatMulNBits`` (the relative weight error is recorded: ~7.5% per layer on SmolLM2 at 4 bits, against BiLLM's
-  own ~50%; ~4.3 bits read per weight at 4 bits for BiLLM's ~2.6 stored, ~8.3 at 8); fp16 outlier columns stay exact in a thin float ``MatMul``. ``binary="exact"``: a weight of the
-  concentrated part is ``alpha_c * s``, of the sparse part ``alpha_s * s``, so each part is one ternary plane
+  own ~50%; ~4.3 bits read per weight at 4 bits for BiLLM's ~2.6 stored, ~8.3 at 8); fp16 outlier columns
+  stay exact in a thin float ``MatMul``. ``binary="exact"``: a weight of the concentrated part is
+  ``alpha_c * s``, of the sparse part ``alpha_s * s``, so each part is one ternary plane
   ``{-1, 0, +1}`` times its per-row-block ``alpha`` (codes ``1 + s`` inside the part, ``1`` = zero elsewhere,
   zero point 1), both planes side by side in one 2-bit ``MatMulNBits`` that reads ``[x, x]``; the salient
   columns are gathered twice and take two more planes (``alpha0 * s``, ``alpha1 * r``) in a second node, each
@@ -20,10 +21,10 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   slower (ORT's 2-bit kernels). The mean-shifted variant (``mus``) always takes the grid.
 * ``VQCodebook`` (ReALLM) -> the codebook values times group scales are not on any uniform grid: they are
   rounded onto an 8-bit grid (``grid_bits``; or 4-bit) per block (the format's scale group when it is a power
-  of two of 16-128 columns, else ``vq_block``; range shrink chosen for least squared error) and run as ``MatMulNBits`` after a
-  ``Gather`` of ``x`` by the column permutation; the relative weight error is measured and recorded. Its
-  low-rank term is folded into the weight before the grid by default (``vq_lowrank="fold"``: no ``MatMul``
-  pair; at SmolLM2's shapes the mean grid error moved from 0.095 to 0.096), or kept exact.
+  of two of 16-128 columns, else ``vq_block``; range shrink chosen for least squared error) and run as
+  ``MatMulNBits`` after a ``Gather`` of ``x`` by the column permutation; the relative weight error is measured and
+  recorded. Its low-rank term is folded into the weight before the grid by default (``vq_lowrank="fold"``: no
+  ``MatMul`` pair; at SmolLM2's shapes the mean grid error moved from 0.095 to 0.096), or kept exact.
 * ``LowRank`` (affine formats: ApiQ) -> two thin float ``MatMul`` nodes added to the output.
 * no format (a linear kept float) -> ``MatMul`` with the transposed float weight.
 """
@@ -154,7 +155,7 @@ def _doubled(g: GraphBuilder, x: str, k: int, block: int) -> str:
     return g.memo[key]
 
 
-def _binary_grid(g, x, fmt: BinaryResidual, name, accuracy_level, block, grid_bits: int = GRID_BITS):
+def _binary_grid(g, x, fmt: BinaryResidual, name, accuracy_level, block, grid_bits: int):
     """BiLLM's levels (per row-block: +-alpha_c, +-alpha_s and the salient sums) on a ``grid_bits`` grid per
     ``block`` columns; the fp16 outlier columns stay exact in one thin float ``MatMul``."""
     full = fmt.dequantize()
@@ -177,8 +178,7 @@ def _binary_grid(g, x, fmt: BinaryResidual, name, accuracy_level, block, grid_bi
     return y, nb, f"BiLLM levels on a {grid_bits}-bit grid, block {block}: MatMulNBits", err
 
 
-def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block, mode: str = "grid",
-            grid_bits: int = GRID_BITS):
+def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block, mode: str, grid_bits: int):
     n, k, bs = fmt.out_features, fmt.in_features, fmt.block_size
     if mode == "grid" or fmt.mus is not None or bs < 16 or bs & (bs - 1):
         return _binary_grid(g, x, fmt, name, accuracy_level, bs if bs >= 16 and not bs & (bs - 1) else vq_block,
@@ -238,14 +238,13 @@ def _binary(g, x, fmt: BinaryResidual, name, accuracy_level, vq_block, mode: str
     return y, total, f"exact ternary planes: MatMulNBits 2-bit x{nodes}", 0.0
 
 
-def _grid(g, x, w, name, accuracy_level, block, what, grid_bits: int = GRID_BITS):
+def _grid(g, x, w, name, accuracy_level, block, what, grid_bits: int):
     codes, sc, zp, err = grid_codes(w, grid_bits, block)
     y, nb = matmul_nbits(g, x, codes, sc, zp, grid_bits, block, name, accuracy_level)
     return y, nb, f"{what} on a {grid_bits}-bit grid, block {block}: MatMulNBits", err
 
 
-def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block, fold_lowrank: bool = False,
-        grid_bits: int = GRID_BITS):
+def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block, fold_lowrank: bool, grid_bits: int):
     n, k = fmt.out_features, fmt.in_features
     idx = unpack_rows(fmt.codes, fmt.index_bits, k // fmt.vec_dim).long()
     wp = fmt.codebook.float()[idx].reshape(n, k) * fmt.scales.float()[:, torch.arange(k) // fmt.group_size]
