@@ -100,7 +100,7 @@ def binarize(w: torch.Tensor, mask: torch.Tensor, mean_shift: bool):
     """
     m = mask.to(w.dtype)
     cnt = m.sum(-1).clamp(min=1)
-    mu = (w * m).sum(-1) / cnt if mean_shift else torch.zeros(w.shape[:-1], dtype=w.dtype)
+    mu = (w * m).sum(-1) / cnt if mean_shift else torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device)
     d = w - mu.unsqueeze(-1)
     alpha = (d.abs() * m).sum(-1) / cnt
     # sign(0) is taken as +1 so every stored sign bit is meaningful.
@@ -122,8 +122,8 @@ def _search_salient(target, score, cands, mean_shift):
     nb = target.shape[1]
     order = torch.argsort(score, descending=True)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(nb)
-    ks = torch.tensor(cands)
+    rank[order] = torch.arange(nb, device=order.device)
+    ks = torch.tensor(cands, device=order.device)
     sal = (rank.unsqueeze(0) < ks.unsqueeze(1)).unsqueeze(1)  # (C, 1, B)
     t = target.unsqueeze(0)
     approx = residual_binarize(t, sal, mean_shift, 2) + residual_binarize(t, ~sal, mean_shift, 2)
@@ -150,7 +150,7 @@ def _outlier_columns(h, dead, ratio: float, max_fraction: float) -> torch.Tensor
     """Input channels with massive activations: ``H_jj > ratio * median(H_jj)`` over the live columns,
     at most ``max_fraction`` of the columns (the largest first). ``ratio`` 0 = none."""
     k = h.shape[0]
-    out = torch.zeros(k, dtype=torch.bool)
+    out = torch.zeros(k, dtype=torch.bool, device=h.device)
     live = ~dead
     if ratio <= 0 or not live.any():
         return out
@@ -177,16 +177,16 @@ def _binarize_block(wb, d, rows, cfg: BiLLMConfig) -> dict:
     kc = [x for x in kc if 1 <= x < width] or [min(1, width)]
     tsub = target[rows]
     sal_cols, nsal = _search_salient(tsub, s.sum(0), kc, cfg.mean_shift) if width > 1 else (
-        torch.ones(1, dtype=torch.bool), 1)
+        torch.ones(1, dtype=torch.bool, device=wb.device), 1)
     ns_vals = tsub[:, ~sal_cols].abs().flatten()
     if ns_vals.numel() == 0:
         p = float("inf")
     else:
         if cfg.search_ranges == "code":
-            qs = torch.linspace(0.10, 0.90, 81)
+            qs = torch.linspace(0.10, 0.90, 81, device=wb.device)
             cands = torch.quantile(ns_vals, qs)
         else:
-            cands = torch.linspace(0.1, 0.9, 9) * ns_vals.max()
+            cands = torch.linspace(0.1, 0.9, 9, device=wb.device) * ns_vals.max()
         p = _search_split(tsub, sal_cols, cands, cfg.mean_shift)
     # Binarize the real weights with the chosen masks; the split threshold applies to |target|.
     sal2 = sal_cols.view(1, -1).expand(n, -1)
@@ -217,7 +217,8 @@ def _binarize_block(wb, d, rows, cfg: BiLLMConfig) -> dict:
 def billm_quantize(w: torch.Tensor, h: torch.Tensor, cfg: BiLLMConfig):
     """Binarize ``w (N, K)`` with Hessian ``h``; returns ``(BinaryResidual, info)``."""
     w = w.detach().clone().float()
-    h = h.detach().clone().double()
+    dev = w.device  # --device cuda: the whole solve runs there (the format is assembled on the CPU)
+    h = h.detach().to(dev).clone().double()
     n, k = w.shape
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN/Inf")
@@ -230,16 +231,16 @@ def billm_quantize(w: torch.Tensor, h: torch.Tensor, cfg: BiLLMConfig):
     u = u64.float()
     bs = cfg.block_size
     nblocks = (k + bs - 1) // bs
-    signs = torch.empty(n, k, dtype=torch.bool)
+    signs = torch.empty(n, k, dtype=torch.bool, device=dev)
     res_signs_cols = []
-    salient = torch.zeros(k, dtype=torch.bool)
-    group = torch.zeros(n, k, dtype=torch.bool)  # True = sparse group (non-salient only)
-    alphas = torch.zeros(n, nblocks, 4)
-    mus = torch.zeros(n, nblocks, 4)
-    q_total = torch.empty(n, k)
+    salient = torch.zeros(k, dtype=torch.bool, device=dev)
+    group = torch.zeros(n, k, dtype=torch.bool, device=dev)  # True = sparse group (non-salient only)
+    alphas = torch.zeros(n, nblocks, 4, device=dev)
+    mus = torch.zeros(n, nblocks, 4, device=dev)
+    q_total = torch.empty(n, k, device=dev)
     rows = slice(None)
-    if cfg.search_rows and n > cfg.search_rows:
-        rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: cfg.search_rows].sort().values
+    if cfg.search_rows and n > cfg.search_rows:  # drawn on the CPU: the same rows on every device
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: cfg.search_rows].sort().values.to(dev)
     outliers = _outlier_columns(h, dead, cfg.outlier_ratio, cfg.max_outlier_fraction)
     for bi, c0 in enumerate(range(0, k, bs)):
         c1 = min(c0 + bs, k)
@@ -262,8 +263,10 @@ def billm_quantize(w: torch.Tensor, h: torch.Tensor, cfg: BiLLMConfig):
         err = (wb - qb) / torch.diag(u)[c0:c1].unsqueeze(0)
         if c1 < k:
             w[:, c1:] -= err @ u[c0:c1, c1:]
+    signs, salient, group, alphas, mus, outliers, q_total = (
+        t.cpu() for t in (signs, salient, group, alphas, mus, outliers, q_total))
     fmt = BinaryResidual.from_planes(
-        signs=signs, residual_signs=torch.cat(res_signs_cols, 1), salient=salient, group=group,
+        signs=signs, residual_signs=torch.cat(res_signs_cols, 1).cpu(), salient=salient, group=group,
         alphas=alphas, mus=mus if cfg.mean_shift else None, block_size=bs,
         outliers=outliers, outlier_vals=q_total[:, outliers],
     )
@@ -280,6 +283,7 @@ def billm_quantize(w: torch.Tensor, h: torch.Tensor, cfg: BiLLMConfig):
 class BiLLM(HessianMethod):
     name = "billm"
     Config = BiLLMConfig
+    device_ready = True
 
     def quantize_linear(self, w, h):
         return billm_quantize(w, h, self.config)
