@@ -116,7 +116,16 @@ class OrtDecoder:
         return out[0], out[1:]
 
     def generate(self, ids: list[int], max_new_tokens: int, eos: int | None = None, on_token=None):
-        """Greedy generation; returns ``(new_ids, seconds_prefill, seconds_decode)``."""
+        """Greedy generation; returns ``(new_ids, seconds_prefill, seconds_decode)``.
+
+        A directly built decoder (``GroupQueryAttention``, onnxruntime-genai's inputs) runs with one key/value
+        buffer per layer sized for the whole generation, bound as both its past input and its present output:
+        the attention op then writes each new position in place (its shared past/present buffer mode, which
+        onnxruntime-genai offers as ``past_present_share_buffer``) instead of copying the whole cache into a new
+        tensor every step: the same tokens (tested), ~10% more tokens/s at SmolLM2's size for a 4-bit model.
+        The traced decoder concatenates."""
+        if self.genai_io:
+            return self._generate_in_place(ids, max_new_tokens, eos, on_token)
         cache = self.empty_cache()
         t0 = time.perf_counter()
         logits, cache = self.step(np.array([ids]), cache)
@@ -130,4 +139,40 @@ class OrtDecoder:
             if eos is not None and nxt == eos:
                 break
             logits, cache = self.step(np.array([[nxt]]), cache)
+        return out, t1 - t0, time.perf_counter() - t1
+
+    def _generate_in_place(self, ids: list[int], max_new_tokens: int, eos: int | None, on_token):
+        import onnxruntime as ort
+
+        c, layers = self.cache, self.cache["layers"]
+        capacity = len(ids) + max_new_tokens  # every position this call can write
+        binding = self.sess.io_binding()
+        for i in range(layers):
+            for kv in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, c["kv_heads"], capacity, c["head_dim"]),
+                                                                np.float32))
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
+                binding.bind_ortvalue_output(f"present.{i}.{kv}", buf)
+
+        def step(tokens: np.ndarray, total: int) -> np.ndarray:
+            binding.bind_cpu_input("input_ids", tokens)
+            # the mask's length is the number of valid positions: GroupQueryAttention reads it as the sequence
+            # length, and writes the new keys/values after the first total - len(tokens) of the buffer
+            binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+            binding.bind_output("logits", "cpu")  # (1, T, V): T changes after the prompt, so ORT allocates it
+            self.sess.run_with_iobinding(binding)
+            return binding.get_outputs()[-1].numpy()  # outputs come back in binding order: logits last
+
+        t0 = time.perf_counter()
+        logits = step(np.array([ids], np.int64), len(ids))
+        t1 = time.perf_counter()
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            if on_token:
+                on_token(nxt)
+            if eos is not None and nxt == eos:
+                break
+            logits = step(np.array([[nxt]], np.int64), len(ids) + len(out))
         return out, t1 - t0, time.perf_counter() - t1

@@ -238,6 +238,19 @@ def test_direct_decoder_matches_torch(tiny_dir, text_file, tmp_path, name, metho
     logits2, _ = dec.step(ids[:, 6:].numpy(), cache)
     full = torch.from_numpy(np.concatenate([logits, logits2], 1))
     assert float((full - ref).abs().max() / ref.abs().max()) < tol
+    # generation with one key/value buffer per layer written in place picks the tokens that steps concatenating
+    # the cache pick
+    prompt = ids[0, :6].tolist()
+    assert dec.generate(prompt, 12)[0] == _greedy_by_steps(dec, prompt, 12)
+
+
+def _greedy_by_steps(dec, prompt, n):
+    logits, cache = dec.step(np.array([prompt]), dec.empty_cache())
+    out = []
+    for _ in range(n):
+        out.append(int(logits[0, -1].argmax()))
+        logits, cache = dec.step(np.array([[out[-1]]]), cache)
+    return out
 
 
 def _assert_fusion_is_exact(d, unfused_path, grid_bits):
