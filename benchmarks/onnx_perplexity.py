@@ -47,10 +47,12 @@ def main():
             return torch.from_numpy(s.run(None, {"input_ids": ids.numpy()})[0])
 
     r_ort = perplexity(ort_logits, tokens, a.seqlen, a.windows, label="onnxruntime")
-    ev = json.loads((d / "report.json").read_text()).get("eval", {}).get(a.data, {}).get("after")
+    # lowbit-compile's report; a lowbit-finetune artifact has finetune.json instead, whose figure is recomputed
+    report = d / "report.json"
+    ev = json.loads(report.read_text()).get("eval", {}).get(a.data, {}).get("after") if report.is_file() else None
     reported = ev is not None and (ev["windows"], ev["seqlen"]) == (a.windows, a.seqlen)
     if not a.torch and not reported:
-        print(f"[onnx_perplexity] {d}/report.json has no {a.data} perplexity on {a.windows} x {a.seqlen}: computing "
+        print(f"[onnx_perplexity] {report} has no {a.data} perplexity on {a.windows} x {a.seqlen}: computing "
               "the torch figure", file=sys.stderr)
     r_t = ev["ppl"] if reported and not a.torch else perplexity(art, tokens, a.seqlen, a.windows, label="torch")["ppl"]
     print(f"{d.name}: {a.data} {a.windows} x {a.seqlen}: onnxruntime {a.graph} {r_ort['ppl']:.3f} "
