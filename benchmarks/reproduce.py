@@ -15,7 +15,7 @@ a fine-tuning row trains) is missing run it first. ``--write-readme`` replaces t
 ``<!-- results -->`` and ``<!-- /results -->``: a regenerated row shows its new figures; a row not yet
 regenerated keeps its old figures, marked "(by hand)".
 
-All rows together take about 11 hours on a 2-core CPU (calibration times in the table).
+All rows together take about 14 hours on a 2-core CPU (calibration times in the table).
 """
 
 from __future__ import annotations
