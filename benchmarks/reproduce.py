@@ -66,6 +66,20 @@ def eqat_rows(bits: int, gs: int) -> dict:
     }
 
 
+def reallm_rows(budget: str, what: str, candidates: str | None = None) -> dict:
+    """A ReALLM row at ``--bits-budget budget`` (``candidates``: its ``--reallm-candidates``, else the defaults)
+    and the row that fine-tunes its low-rank parts end to end (``lowbit-finetune --train lora``)."""
+    base = f"reallm-{budget}"
+    extra = ["--reallm-candidates", candidates] if candidates else []
+    return {
+        base: (f"reallm budget {budget} ({what})",
+               compile_row("--method", "reallm", "--bits-budget", budget, *extra), None),
+        f"{base}-ft": (f"reallm budget {budget} + `lowbit-finetune --train lora`",
+                       finetune_row(base, "--train", "lora", "--nsamples", "64", "--val-samples", "8", "--seqlen",
+                                    "512", "--batch-size", "4"), base),
+    }
+
+
 # id -> (README label, commands, prerequisite row or None). Labels match the README table's first column.
 ROWS = {
     "float": ("float (fp32)", compile_row("--method", "rtn", "--bits", "8", "--group-size", "32", eval_float=True), None),
@@ -112,30 +126,12 @@ ROWS = {
                       compile_row("--method", "efficientqat", "--preset", "paper", "--nsamples", "128", "--seqlen",
                                   "512"), None),
     "rtn-w2g32": ("rtn w2g32", compile_row("--method", "rtn", "--bits", "2", "--group-size", "32"), None),
-    "reallm-2.5": ("reallm budget 2.5 (per-matrix d2b5-d4b8, ranks 0/8)",
-                   compile_row("--method", "reallm", "--bits-budget", "2.5"), None),
-    "reallm-2.5-ft": ("reallm budget 2.5 + `lowbit-finetune --train lora`",
-                      finetune_row("reallm-2.5", "--train", "lora", "--nsamples", "64", "--val-samples", "8",
-                                   "--seqlen", "512", "--batch-size", "4"), "reallm-2.5"),
-    "reallm-3.0": ("reallm budget 3.0 (per-matrix d2b5-d4b8, ranks 0/8)",
-                   compile_row("--method", "reallm", "--bits-budget", "3.0"), None),
-    "reallm-3.0-ft": ("reallm budget 3.0 + `lowbit-finetune --train lora`",
-                      finetune_row("reallm-3.0", "--train", "lora", "--nsamples", "64", "--val-samples", "8",
-                                   "--seqlen", "512", "--batch-size", "4"), "reallm-3.0"),
+    **reallm_rows("2.5", "per-matrix d2b5-d4b8, ranks 0/8"),
+    **reallm_rows("3.0", "per-matrix d2b5-d4b8, ranks 0/8"),
     # issue 23's 3.3-bit target: the 3.0 budget's codes with 0.3 bits more
-    "reallm-3.3": ("reallm budget 3.3 (per-matrix d2b6-d2b7 at g128, ranks 0/8)",
-                   compile_row("--method", "reallm", "--bits-budget", "3.3", "--reallm-candidates",
-                               "d2b6g128r0,d2b6g128r8,d2b7g128r0,d2b7g128r8"), None),
-    "reallm-3.3-ft": ("reallm budget 3.3 + `lowbit-finetune --train lora`",
-                      finetune_row("reallm-3.3", "--train", "lora", "--nsamples", "64", "--val-samples", "8",
-                                   "--seqlen", "512", "--batch-size", "4"), "reallm-3.3"),
+    **reallm_rows("3.3", "per-matrix d2b6-d2b7 at g128, ranks 0/8", "d2b6g128r0,d2b6g128r8,d2b7g128r0,d2b7g128r8"),
     # issue 23's 4.3-bit target: 2-D codebooks of 256 entries (4 bits per weight before scales)
-    "reallm-4.25": ("reallm budget 4.25 (per-matrix d2b7-d2b8, g64/g128, ranks 0/8)",
-                    compile_row("--method", "reallm", "--bits-budget", "4.25", "--reallm-candidates",
-                                "d2b8g128r0,d2b8g128r8,d2b7g128r8,d2b8g64r0"), None),
-    "reallm-4.25-ft": ("reallm budget 4.25 + `lowbit-finetune --train lora`",
-                       finetune_row("reallm-4.25", "--train", "lora", "--nsamples", "64", "--val-samples", "8",
-                                    "--seqlen", "512", "--batch-size", "4"), "reallm-4.25"),
+    **reallm_rows("4.25", "per-matrix d2b7-d2b8, g64/g128, ranks 0/8", "d2b8g128r0,d2b8g128r8,d2b7g128r8,d2b8g64r0"),
 }
 
 

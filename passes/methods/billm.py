@@ -218,7 +218,7 @@ def billm_quantize(w: torch.Tensor, h: torch.Tensor, cfg: BiLLMConfig):
     """Binarize ``w (N, K)`` with Hessian ``h``; returns ``(BinaryResidual, info)``."""
     w = w.detach().clone().float()
     dev = w.device  # --device cuda: the whole solve runs there (the format is assembled on the CPU)
-    h = h.detach().to(dev).clone().double()
+    h = h.detach().to(dev, torch.float64, copy=True)
     n, k = w.shape
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN/Inf")
