@@ -82,6 +82,35 @@ def test_billm_solves_where_its_block_is(tiny_dir, text_file, tmp_path):
     assert all(t.device.type == "cpu" for t in (fa.signs, fa.alphas, fa.salient_cols, fa.group))
 
 
+def test_reallm_solves_where_its_block_is(tiny_dir, text_file, tmp_path):
+    """ReALLM is device-ready: with bfloat16 compute (the path ``--device cuda`` takes) the search, the
+    decompositions and the block fine-tuning take the block's own weights and the artifact is as close to the float
+    model as the float32 run's; a bfloat16 weight decomposes as its float32 copy, with every tensor on the CPU."""
+    from lowbit.passes.methods.reallm import Candidate, ReALLMConfig, decompose
+
+    model = tiny_dir("llama")
+    args = ["--method", "reallm", "--bits-budget", "6", "--reallm-candidates", "d2b4g32r2",
+            "--reallm-block-epochs", "1"]
+    assert _compile(model, text_file, tmp_path / "f32", *args) == 0
+    assert _compile(model, text_file, tmp_path / "bf16", *args, "--compute-dtype", "bfloat16") == 0
+    a, b = load(tmp_path / "f32"), load(tmp_path / "bf16")
+    assert b.manifest["calibration_run"]["compute_dtype"] == "bfloat16"
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 200, (1, 32))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(model)(input_ids=ids).logits
+    err = {t: float((m(ids) - ref).norm() / ref.norm()) for t, m in (("f32", a), ("bf16", b))}
+    assert err["bf16"] < 1.15 * err["f32"], err
+    w = torch.randn(48, 96).bfloat16()
+    x = torch.randn(256, 96)
+    cand, cfg = Candidate(2, 5, 32, 4), ReALLMConfig()
+    fa, ea = decompose(w, x.T @ x, cand, cfg, torch.Generator().manual_seed(0), feedback=True)
+    fb, eb = decompose(w.float(), x.T @ x, cand, cfg, torch.Generator().manual_seed(0), feedback=True)
+    assert torch.equal(fa.codes, fb.codes) and torch.equal(fa.dequantize(), fb.dequantize()) and ea == eb
+    assert all(t.device.type == "cpu" for t in fa.tensors().values())
+
+
 def test_training_methods_refuse_other_devices_and_dtypes(tiny_dir, text_file, tmp_path, capsys):
     assert _compile(tiny_dir("llama"), text_file, tmp_path / "out", "--method", "apiq",
                     "--compute-dtype", "bfloat16") == 2

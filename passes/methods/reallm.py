@@ -151,7 +151,7 @@ class ReALLMConfig:
 def _cholesky_lower(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Lower ``C`` with ``C C^T = H + damp * mean(diag H) * I`` (more damping until it factorizes)."""
     h = h.double()
-    idx = torch.arange(h.shape[0])
+    idx = torch.arange(h.shape[0], device=h.device)
     mean_diag = float(torch.diag(h).mean()) or 1.0
     for attempt in range(6):
         hd = h.clone()
@@ -182,25 +182,30 @@ def _group_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
     g = math.ceil(k / group_size)
     pad = g * group_size - k
     sq = torch.nn.functional.pad(w.pow(2), (0, pad)).view(n, g, group_size).sum(-1)
-    count = torch.full((g,), float(group_size))
+    count = torch.full((g,), float(group_size), device=w.device)
     count[-1] = group_size - pad
     rms = (sq / count).sqrt()
     return rms.clamp(min=max(float(rms.max()) * 1e-6, 1e-12)).half().float()  # fp16, as stored
 
 
 def _col_scales(scales: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    return scales[:, torch.arange(k) // group_size]
+    return scales[:, torch.arange(k, device=scales.device) // group_size]
 
 
 def kmeans(vectors: torch.Tensor, weights: torch.Tensor, entries: int, iters: int, sample: int,
            gen: torch.Generator) -> torch.Tensor:
     """Codebook ``(entries, d)`` for ``vectors (M, d)`` minimizing the ``weights (M, d)``-weighted squared
-    distance; k-means++ start on a random sample of at most ``sample`` vectors."""
+    distance; k-means++ start on a random sample of at most ``sample`` vectors.
+
+    Runs on the CPU whatever the vectors' device (the sample is small, and ``gen`` is a CPU generator: the
+    draws are the same on every device); the codebook is returned on the vectors' device."""
     m, d = vectors.shape
+    device = vectors.device
     if m > sample:
-        pick = torch.randperm(m, generator=gen)[:sample]
+        pick = torch.randperm(m, generator=gen)[:sample].to(device)
         vectors, weights = vectors[pick], weights[pick]
         m = sample
+    vectors, weights = vectors.cpu(), weights.cpu()
     entries_eff = min(entries, m)
     # k-means++ seeding (weighted distances)
     first = int(torch.randint(m, (1,), generator=gen))
@@ -222,7 +227,7 @@ def kmeans(vectors: torch.Tensor, weights: torch.Tensor, entries: int, iters: in
             book[empty] = vectors[worst[: int(empty.sum())]]
     if entries_eff < entries:  # fewer distinct vectors than entries: pad with copies (never chosen twice)
         book = torch.cat([book, book[:1].expand(entries - entries_eff, d)])
-    return book
+    return book.to(device)
 
 
 def _nearest(vectors: torch.Tensor, weights: torch.Tensor, book: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
@@ -261,7 +266,7 @@ def vq_quantize(r_mat: torch.Tensor, hdiag: torch.Tensor, cand: Candidate, cfg: 
         return VQResult(idx, book, scales, q)
     w = r_mat.clone()
     q = torch.zeros_like(w)
-    idx = torch.zeros(n, k // d, dtype=torch.long)
+    idx = torch.zeros(n, k // d, dtype=torch.long, device=w.device)
     dinv = 1.0 / torch.diag(u).pow(2)  # OBS weight of each column's error
     bs = max(d, 128 // d * d)
     for i1 in range(0, k, bs):
@@ -302,7 +307,7 @@ def decompose(w: torch.Tensor, h: torch.Tensor, cand: Candidate, cfg: ReALLMConf
     if cfg.perm == "act-order":
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
-        perm = torch.arange(k)
+        perm = torch.arange(k, device=w.device)
     hp = h[perm][:, perm]
     u = _inverse_cholesky_upper(hp.double(), cfg.damp)[0].float() if feedback else None
     chol = _cholesky_lower(h, cfg.damp) if cand.rank else None
@@ -323,8 +328,10 @@ def decompose(w: torch.Tensor, h: torch.Tensor, cand: Candidate, cfg: ReALLMConf
             break  # the error grew: stop, as the official LQ-LoRA loop does (keeps the best iterate)
         best = (res, err, lowrank)
     res, err, lowrank = best
-    fmt = VQCodebook.from_indices(res.indices, res.codebook, res.scales, cand.index_bits, cand.group_size,
-                                  perm=None if cfg.perm == "none" else perm, lowrank=lowrank)
+    # the format is assembled on the CPU, wherever the solve ran
+    lowrank = None if lowrank is None else LowRank(lowrank.lora_a.cpu(), lowrank.lora_b.cpu())
+    fmt = VQCodebook.from_indices(res.indices.cpu(), res.codebook.cpu(), res.scales.cpu(), cand.index_bits,
+                                  cand.group_size, perm=None if cfg.perm == "none" else perm.cpu(), lowrank=lowrank)
     return fmt, err
 
 
@@ -397,6 +404,7 @@ class _LowRankStandIn(nn.Module):
 class ReALLM(BlockCheckpoints, Method):
     name = "reallm"
     Config = ReALLMConfig
+    device_ready = True  # search, decompositions and block fine-tuning run on the block's device (k-means on the CPU)
 
     def __init__(self, config):
         super().__init__(config)
@@ -412,7 +420,8 @@ class ReALLM(BlockCheckpoints, Method):
         if not names or c.block_epochs == 0:
             return None
         block, engine = ctx.block, ctx.engine
-        stand = {n: _LowRankStandIn(out[n], getattr(ctx.linears[n], "bias", None)) for n in names}
+        dev = ctx.weight_of(ctx.linears[names[0]]).device  # the block's device (--device cuda)
+        stand = {n: _LowRankStandIn(out[n], getattr(ctx.linears[n], "bias", None)).to(dev) for n in names}
         originals = {n: swap_module(block, n[len(ctx.prefix) + 1:], m) for n, m in stand.items()}
         own = {id(p) for m in stand.values() for p in m.parameters()}
         frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in own]
