@@ -225,7 +225,7 @@ def dequantize_affine(
     n = scales.shape[0]
     step = max(1, (1 << 22) // max(in_features, 1))
     if n > step:
-        out = torch.empty(n, in_features)
+        out = torch.empty(n, in_features, device=scales.device)
         for i in range(0, n, step):
             out[i : i + step] = dequantize_affine(qweight[i : i + step], scales[i : i + step],
                                                   None if zeros is None else zeros[i : i + step], bits, group_size,
@@ -234,7 +234,7 @@ def dequantize_affine(
     g = scales.shape[1]
     codes = unpack_rows(qweight, bits, in_features).float()
     if zeros is None:
-        z = torch.full((n, g), ((1 << bits) - 1) / 2.0)
+        z = torch.full((n, g), ((1 << bits) - 1) / 2.0, device=scales.device)
     else:
         z = unpack_rows(zeros, bits, g).float()
     padded = g * group_size
@@ -586,7 +586,7 @@ def dequantize_vq(codes, codebook, scales, perm, index_bits: int, vec_dim: int, 
     n, k = codes.shape[0], in_features
     idx = unpack_rows(codes, index_bits, k // vec_dim).long()
     wp = codebook.float()[idx].reshape(n, k)  # (N, K/d, d) -> (N, K), stored column order
-    col_group = torch.arange(k) // group_size
+    col_group = torch.arange(k, device=scales.device) // group_size
     wp = wp * scales.float()[:, col_group]
     if perm is None:
         w = wp

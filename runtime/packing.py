@@ -94,10 +94,10 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 8 % bits == 0:
         # Whole codes per byte: look each byte up in a 256-entry table of its codes (fastest on CPU).
         per = 8 // bits
-        codes = _byte_table(bits).index_select(0, packed.reshape(-1).long())
+        codes = _byte_table(bits).to(packed.device).index_select(0, packed.reshape(-1).long())
         return codes.view(rows, nbytes * per)[:, :n]
     p = packed.to(torch.int32)
-    stream = ((p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(rows, nbytes * 8)
+    stream = ((p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1).reshape(rows, nbytes * 8)
     stream = stream[:, : n * bits].reshape(rows, n, bits)
-    codes = (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)
+    codes = (stream << torch.arange(bits, dtype=torch.int32, device=p.device)).sum(-1)
     return codes.to(torch.uint8)

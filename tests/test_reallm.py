@@ -301,3 +301,46 @@ def test_block_finetuning_of_the_low_rank_parts(tiny_setup):
     assert any(not torch.equal(plain.results[n].lowrank.lora_b, tuned.results[n].lowrank.lora_b) for n in plain.results)
     # the objective, measured independently on other windows: block 0's output error (0.0991 -> 0.0871)
     assert block_output_error(model, tuned.results, ids)[0] < 0.95 * block_output_error(model, plain.results, ids)[0]
+
+
+def test_finetune_all_distills_codebooks_scales_and_low_rank(tiny_dir, text_file, tmp_path):
+    """``--train all --distill``: the trainable model computes what the artifact does; training moves every
+    codebook, scale and low-rank factor (never a code or the permutation) and brings the artifact closer to the
+    float model it was compiled from (KL of the next-token distributions on other tokens)."""
+    from conftest import make_text  # tests/ is on the path (rootdir conftest)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.compiler.engine.rebuild import rebuild_model
+    from lowbit.compiler.frontend.cli import finetune_main
+    from lowbit.passes.methods.training import PackedVQLoRALinear, attach, distill_loss
+    from lowbit.runtime.artifact import load
+
+    tiny = tiny_dir("llama")
+    art = tmp_path / "art"
+    assert _compile(tiny, text_file, art, "--bits-budget", "4.2", "--reallm-candidates",
+                    "d2b4g32r0,d2b5g32r4", "--reallm-kmeans-iters", "4", "--reallm-lq-iters", "1") == 0
+    source = load(art)
+    model = rebuild_model(source)
+    trained = attach(model, source.formats, "all")
+    assert len(trained) == len(source.formats) and all(isinstance(m, PackedVQLoRALinear) for m in trained.values())
+    assert any(m.lora_a is None for m in trained.values()) and any(m.train_lora for m in trained.values())
+    ids = torch.tensor(source.tokenizer(make_text(400, seed=7))["input_ids"][:96]).view(2, 48)  # not trained on
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source(ids), rtol=1e-4, atol=1e-4)
+        teacher = AutoModelForCausalLM.from_pretrained(tiny)(input_ids=ids).logits
+
+    out = tmp_path / "ft"
+    assert finetune_main([str(art), "--train", "all", "--distill", "--lr-quant", "1e-4", "--lr", "3e-3",
+                          "--data", str(text_file), "--nsamples", "16", "--seqlen", "32", "--val-samples", "2",
+                          "--batch-size", "2", "--epochs", "3", "-q", "-o", str(out)]) == 0
+    a, b = load_file(str(art / "packed.safetensors")), load_file(str(out / "packed.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        frozen = k.endswith(("__codes", "__perm"))
+        assert torch.equal(a[k], b[k]) == frozen, k
+    report = json.loads((out / "finetune.json").read_text())
+    assert report["options"]["train"] == "all" and report["options"]["distill"] is True
+    with torch.no_grad():
+        kl = {t: float(distill_loss(load(p)(ids), teacher)) for t, p in (("before", art), ("after", out))}
+    assert kl["after"] < 0.92 * kl["before"], kl  # measured 0.0563 -> 0.0485

@@ -498,9 +498,10 @@ def export_main(argv=None) -> int:
 def finetune_main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="lowbit-finetune",
-        description="Train the LoRA branches (--train lora, ApiQ) or the group scales (--train scales, "
-        "EfficientQAT's E2E-QP) of a compiled artifact on text (next-token loss). The packed codes stay frozen and "
-        "packed; a new artifact is written at the end. Checkpoints every --checkpoint-every "
+        description="Train the LoRA branches (--train lora, ApiQ), the group scales (--train scales, "
+        "EfficientQAT's E2E-QP) or every continuous tensor (--train all: scales, VQ codebooks and low-rank factors) "
+        "of a compiled artifact on text (next-token loss, or --distill from the float model). The packed codes stay "
+        "frozen and packed; a new artifact is written at the end. Checkpoints every --checkpoint-every "
         "steps into OUTPUT.ckpt/; --resume continues an interrupted run with the same result.",
         epilog="example:\n  lowbit-finetune out/smollm2-135m-apiq-w2g64-r8-apiq-bw --data c4 --nsamples 256 "
                "-o out/apiq-ft --eval wikitext2 --eval-windows 32",
@@ -508,9 +509,9 @@ def finetune_main(argv=None) -> int:
     )
     p.add_argument("artifact", help="artifact directory (with LoRA branches for --train lora: lowbit-compile "
                    "--method apiq)")
-    p.add_argument("--train", choices=("lora", "scales"), default="lora",
-                   help="what trains: lora (LoRA factors, default) or scales (fp16 group scales; codes and zeros "
-                   "frozen)")
+    p.add_argument("--train", choices=("lora", "scales", "all"), default="lora",
+                   help="what trains: lora (LoRA / low-rank factors, default), scales (fp16 group scales; codes and "
+                   "zeros frozen) or all (group scales, VQ codebooks and low-rank factors; codes frozen)")
     p.add_argument("--data", default="c4", help="c4 (documents 0-999) or a .txt/.jsonl file (default c4)")
     p.add_argument("-o", "--output", default=None, help="new artifact directory (default ARTIFACT-ft)")
     p.add_argument("--nsamples", type=int, default=256, help="training windows (default 256)")
@@ -519,11 +520,18 @@ def finetune_main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1, help="passes over the training windows (default 1)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per optimizer step (default 4)")
     p.add_argument("--lr", type=float, default=None, help="AdamW peak lr, 3%% warm-up then cosine (default: lora "
-                   "3e-4; scales 2e-5 at 2 bits, else 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: lora 0.1, "
+                   "and all 3e-4; scales 2e-5 at 2 bits, else 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: lora and all 0.1, "
                    "scales 0)")
     p.add_argument("--grad-clip", type=float, default=None,
-                   help="max gradient norm (default: lora none, scales 0.3)")
+                   help="max gradient norm (default: lora none, scales and all 0.3)")
+    p.add_argument("--lr-quant", type=float, default=None,
+                   help="--train all: AdamW peak lr of the group scales (default 2e-5 at 2 bits, else 1e-5); --lr "
+                   "is then the low-rank factors' and the codebooks' (neither scales nor codebooks decay)")
+    p.add_argument("--distill", action="store_true",
+                   help="loss: KL divergence to the float model's next-token distribution (the model the artifact "
+                   "was compiled from, loaded again) instead of the next-token cross-entropy")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto: where training runs")
     p.add_argument("--seed", type=int, default=0, help="window draw and order (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=16, help="steps between checkpoints (default 16)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt/ if it exists")
@@ -541,6 +549,7 @@ def finetune_main(argv=None) -> int:
         artifact=args.artifact, train=args.train, output=args.output or args.artifact.rstrip("/") + "-ft", data=args.data,
         nsamples=args.nsamples, seqlen=args.seqlen, val_samples=args.val_samples, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+        lr_quant=args.lr_quant, distill=args.distill, device=args.device,
         checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
         stop_after=args.stop_after, eval=tuple(x for x in args.eval.split(",") if x), eval_windows=args.eval_windows,
         eval_seqlen=args.eval_seqlen, progress=not args.quiet)

@@ -1,12 +1,16 @@
-"""``lowbit-finetune``: train the LoRA branches (or the group scales) of a compiled artifact; the packed codes stay
-frozen and packed.
+"""``lowbit-finetune``: train the LoRA branches, the group scales, or every continuous tensor of a compiled
+artifact; the packed codes stay frozen and packed.
 
 The model is rebuilt from the artifact (``model_config/`` + its float tensors); every compressed uniform linear
 becomes a :class:`PackedTrainLinear` whose base is the ``lowbit::affine_linear`` op on the artifact's packed
 tensors (differentiable with respect to its input and its scales, never densified into a parameter). What
 trains (``--train``): ``lora`` -- the LoRA factors, float32 parameters initialized from the artifact's fp16
 ``lora_a``/``lora_b`` (ApiQ's fine-tuning); ``scales`` -- the fp16 group scales, float32 masters rounded back
-to fp16 when stored, codes and zero points frozen (EfficientQAT's E2E-QP).
+to fp16 when stored, codes and zero points frozen (EfficientQAT's E2E-QP); ``all`` -- every continuous
+tensor the uniform and VQ layers store: group scales, VQ codebooks (ReALLM) and low-rank factors (the scales at
+``--lr-quant``, the codebooks at ``--lr``, neither with weight decay) -- the continuous half of PV-tuning.
+``--distill`` replaces the next-token loss by the KL divergence to the float model's next-token distribution
+(the model the manifest names, loaded again). ``--device cuda`` trains on a GPU; the artifact is the same kind.
 
 Training (:func:`train_loop`, shared with ``--method efficientqat``'s E2E-QP phase): next-token loss on
 windows of ``--data`` (C4 by default: documents 0-999), AdamW, 3% warm-up, cosine decay, a fixed window
@@ -44,7 +48,7 @@ def _log(msg: str) -> None:
 class FinetuneOptions:
     artifact: str
     output: str
-    train: str = "lora"  # lora | scales
+    train: str = "lora"  # lora | scales | all
     data: str = "c4"
     nsamples: int = 256
     seqlen: int = 512
@@ -54,6 +58,9 @@ class FinetuneOptions:
     lr: float | None = None  # None: lora 3e-4 (ApiQ); scales 2e-5 at 2 bits, else 1e-5 (EfficientQAT)
     weight_decay: float | None = None  # None: lora 0.1; scales 0
     grad_clip: float | None = None  # max gradient norm; None: lora none, scales 0.3 (EfficientQAT)
+    lr_quant: float | None = None  # --train all: the group scales' lr (None: 2e-5 at 2 bits, else 1e-5)
+    distill: bool = False  # loss: KL to the float model's next-token distribution instead of cross-entropy
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
     warmup: float = 0.03
     seed: int = 0
     checkpoint_every: int = 16
@@ -68,7 +75,7 @@ class FinetuneOptions:
     def training_key(self) -> dict:
         """What must match for a checkpoint to be resumed (everything that changes the result)."""
         keep = ("train", "data", "nsamples", "seqlen", "val_samples", "epochs", "batch_size", "lr", "weight_decay", "warmup",
-                "seed", "grad_clip")
+                "seed", "grad_clip", "lr_quant", "distill")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -101,15 +108,24 @@ def finetune(opts: FinetuneOptions) -> dict:
         source = art.load(opts.artifact)
     except ArtifactError as e:
         raise LowbitError(str(e)) from e
+    low = min((f.bits for f in source.formats.values() if hasattr(f, "bits")), default=4)
+    scales_lr = 2e-5 if low <= 2 else 1e-5  # EfficientQAT's E2E-QP
     if opts.lr is None:
-        low = min((f.bits for f in source.formats.values() if hasattr(f, "bits")), default=4)
-        opts.lr = 3e-4 if opts.train == "lora" else (2e-5 if low <= 2 else 1e-5)
+        opts.lr = scales_lr if opts.train == "scales" else 3e-4
+    if opts.train == "all" and opts.lr_quant is None:
+        opts.lr_quant = scales_lr
+    if opts.lr_quant is not None and opts.train != "all":
+        raise LowbitError("--lr-quant applies to --train all (the group scales' lr beside the other tensors')")
     if opts.weight_decay is None:
-        opts.weight_decay = 0.1 if opts.train == "lora" else 0.0
-    if opts.grad_clip is None and opts.train == "scales":
+        opts.weight_decay = 0.0 if opts.train == "scales" else 0.1
+    if opts.grad_clip is None and opts.train in ("scales", "all"):
         opts.grad_clip = 0.3
-    if not opts.lr > 0:
-        raise LowbitError(f"--lr must be > 0, got {opts.lr}")
+    for name, v in (("--lr", opts.lr), ("--lr-quant", opts.lr_quant)):
+        if v is not None and not v > 0:
+            raise LowbitError(f"{name} must be > 0, got {v}")
+    from lowbit.compiler.engine.device import resolve_device
+
+    device = resolve_device(opts.device)
     data.load_text(opts.data, "calib")  # refuses evaluation-only text (wikitext2)
 
     t_start = time.perf_counter()
@@ -118,15 +134,24 @@ def finetune(opts: FinetuneOptions) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     modules = attach(model, source.formats, opts.train)
+    teacher = _teacher(source) if opts.distill else None
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
 
     tok = source.tokenizer
     windows, info = data.calibration_windows(tok, opts.data, opts.nsamples + opts.val_samples, opts.seqlen, opts.seed)
     train, val = windows[: opts.nsamples], windows[opts.nsamples:]
     key = {"training": opts.training_key(), "source": _source_key(source.manifest)}
     cfg = LoopSettings(opts.epochs, opts.batch_size, opts.lr, opts.weight_decay, opts.warmup, opts.seed,
-                       opts.checkpoint_every, grad_clip=opts.grad_clip, stop_after=opts.stop_after)
-    say(f"[finetune] training the {opts.train} of {source.path} on {info['source']}")
-    res = train_loop(model, modules, train, val, cfg, ckpt, key, opts.resume, say)
+                       opts.checkpoint_every, grad_clip=opts.grad_clip, stop_after=opts.stop_after,
+                       lr_quant=opts.lr_quant, device=device)
+    what = {"lora": "low-rank factors", "scales": "group scales",
+            "all": "group scales, codebooks and low-rank factors"}[opts.train]
+    say(f"[finetune] training the {what} of {source.path} on {info['source']} ({device}"
+        + (", distilled from the float model)" if teacher is not None else ")"))
+    res = train_loop(model, modules, train, val, cfg, ckpt, key, opts.resume, say, teacher=teacher)
+    del teacher
     train_time = time.perf_counter() - t_start
     if res["stopped"]:
         return {"stopped": True, "step": res["step"], "total_steps": res["steps"], "checkpoint": str(ckpt)}
@@ -158,6 +183,23 @@ def finetune(opts: FinetuneOptions) -> dict:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     say(f"[finetune] wrote {out} ({train_time:.0f}s of training, {time.perf_counter() - t_start:.0f}s in all)")
     return report
+
+
+def _teacher(source):
+    """The float model the artifact was compiled from (its manifest's model id, else its recorded path)."""
+    from lowbit.compiler.engine import models
+
+    m = source.manifest.get("model", {})
+    errors = []
+    for spec in (m.get("id"), m.get("source")):
+        if not spec:
+            continue
+        try:
+            return models.load(spec)[0]
+        except LowbitError as e:
+            errors.append(f"{spec}: {e}")
+    raise LowbitError(f"--distill needs the float model {source.path} was compiled from, and it cannot be loaded ("
+                      + ("; ".join(errors) or "the manifest names no model") + ")")
 
 
 def _write_artifact(source, formats: dict, out: Path, report: dict, overwrite: bool, evaluate) -> None:

@@ -68,10 +68,10 @@ class PackedTrainLinear(nn.Module):
     def trained_format(self):
         new = {}
         if self.train_scales:
-            new["scales"] = self.scales.detach().half().contiguous()
+            new["scales"] = self.scales.detach().cpu().half().contiguous()
         if self.train_lora:
-            new["lora_a"] = self.lora_a.detach().half().contiguous()
-            new["lora_b"] = self.lora_b.detach().half().contiguous()
+            new["lora_a"] = self.lora_a.detach().cpu().half().contiguous()
+            new["lora_b"] = self.lora_b.detach().cpu().half().contiguous()
         return type(self.fmt).from_tensors(self.fmt.meta(), {**self.fmt.tensors(), **new})
 
 
@@ -79,33 +79,72 @@ PackedLoRALinear = PackedTrainLinear  # the name of the LoRA-only version
 
 
 class PackedVQLoRALinear(nn.Module):
-    """``vq_linear(x, packed VQ residual) + (x A^T) B^T`` (ReALLM): the codes, codebook, scales and
-    permutation frozen; the low-rank factors ``A``/``B`` trainable."""
+    """A ReALLM (:class:`~lowbit.runtime.formats.VQCodebook`) linear in training: the codes and the
+    permutation frozen; the low-rank factors ``A``/``B`` trainable (``lora``) and, with ``quant``, the codebook
+    and the fp16 group scales too (float32 masters, stored back as fp16: the continuous half of PV-tuning).
+
+    With ``quant`` off the base is the ``lowbit::vq_linear`` op; with it on the weight is rebuilt from the
+    trainable codebook and scales on every call (the readable dequantization of :func:`dequantize_vq`, written with
+    differentiable indexing), so their gradients flow; the indices are unpacked once and kept as int32."""
 
     train_scales = False
 
-    def __init__(self, fmt, bias: torch.Tensor | None):
+    def __init__(self, fmt, bias: torch.Tensor | None, lora: bool = True, quant: bool = False):
         super().__init__()
-        if fmt.lowrank is None:
+        if lora and fmt.lowrank is None:
             raise ValueError("no low-rank part")
-        self.fmt = fmt
-        for name in ("codes", "codebook", "scales", "perm"):
+        self.fmt, self.train_lora, self.train_quant = fmt, lora, quant
+        self.train_scales = quant
+        for name in ("codes", "perm"):
             self.register_buffer(name, getattr(fmt, name))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
-        self.lora_a = nn.Parameter(fmt.lowrank.lora_a.float().clone())
-        self.lora_b = nn.Parameter(fmt.lowrank.lora_b.float().clone())
+        if quant:
+            self.codebook = nn.Parameter(fmt.codebook.float().clone())
+            self.scales = nn.Parameter(fmt.scales.float().clone())
+            k = fmt.in_features
+            self.register_buffer("index", fmt.indices().to(torch.int32), persistent=False)
+            self.register_buffer("col_group", (torch.arange(k) // fmt.group_size).to(torch.int32), persistent=False)
+            self.register_buffer("inv_perm", None if fmt.perm is None else torch.argsort(fmt.perm.long()).to(torch.int32),
+                                 persistent=False)
+        else:
+            self.register_buffer("codebook", fmt.codebook)
+            self.register_buffer("scales", fmt.scales)
+        lr = fmt.lowrank
+        if lora:
+            self.lora_a = nn.Parameter(lr.lora_a.float().clone())
+            self.lora_b = nn.Parameter(lr.lora_b.float().clone())
+        else:  # a frozen branch, if any, runs beside the base
+            self.register_buffer("lora_a", None if lr is None else lr.lora_a)
+            self.register_buffer("lora_b", None if lr is None else lr.lora_b)
+
+    def _weight(self) -> torch.Tensor:
+        n, k = self.fmt.out_features, self.fmt.in_features
+        wp = self.codebook[self.index].reshape(n, k) * self.scales[:, self.col_group]  # stored column order
+        return wp if self.inv_perm is None else wp[:, self.inv_perm]
 
     def forward(self, x):
         f = self.fmt
-        y = torch.ops.lowbit.vq_linear(x, self.codes, self.codebook, self.scales, self.perm, self.bias, None, None,
-                                       f.index_bits, f.vec_dim, f.group_size, f.in_features)
-        return y + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
+        if self.train_quant:
+            y = nn.functional.linear(x, self._weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        else:
+            y = torch.ops.lowbit.vq_linear(x, self.codes, self.codebook, self.scales, self.perm, self.bias, None, None,
+                                           f.index_bits, f.vec_dim, f.group_size, f.in_features)
+        if self.lora_a is None:
+            return y
+        return y + nn.functional.linear(nn.functional.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
 
     def trainable(self) -> dict:
-        return {"a": self.lora_a, "b": self.lora_b}
+        out = {"codebook": self.codebook, "scales": self.scales} if self.train_quant else {}
+        if self.train_lora:
+            out.update({"a": self.lora_a, "b": self.lora_b})
+        return out
 
     def trained_format(self):
-        new = {"lora_a": self.lora_a.detach().half().contiguous(), "lora_b": self.lora_b.detach().half().contiguous()}
+        new = {k: p.detach().cpu().half().contiguous() for k, p in (("codebook", self.codebook), ("scales", self.scales))
+               if self.train_quant}
+        if self.train_lora:
+            new["lora_a"] = self.lora_a.detach().cpu().half().contiguous()
+            new["lora_b"] = self.lora_b.detach().cpu().half().contiguous()
         return type(self.fmt).from_tensors(self.fmt.meta(), {**self.fmt.tensors(), **new})
 
 
@@ -114,32 +153,40 @@ class PackedVQLoRALinear(nn.Module):
 PackedFrozenLinear = PackedLinear
 
 
+TRAIN_CHOICES = ("lora", "scales", "all")
+
+
 def attach(model: nn.Module, formats: dict, train: str = "lora") -> dict:
     """Swap the trainable compressed linears for :class:`PackedTrainLinear`; returns ``{name: module}``.
 
     ``train="lora"``: the uniform and VQ (ReALLM) linears with a low-rank branch; ``"scales"``: every uniform
-    linear. Every other compressed linear (no low-rank part, BiLLM's binary residual, VQ under ``scales``)
-    becomes a :class:`~lowbit.compiler.engine.packed_model.PackedLinear` running its op: the model must compute what
-    the artifact computes."""
+    linear; ``"all"``: every uniform and VQ linear, each with every continuous tensor it stores (group scales, VQ
+    codebooks, low-rank factors; the codes stay frozen). Every other compressed linear (no low-rank part, BiLLM's
+    binary residual, VQ under ``scales``) becomes a :class:`~lowbit.compiler.engine.packed_model.PackedLinear`
+    running its op: the model must compute what the artifact computes."""
     from lowbit.runtime.formats import AffineIntK, VQCodebook
 
-    if train not in ("lora", "scales"):
-        raise LowbitError(f"--train must be lora or scales, got {train!r}")
+    if train not in TRAIN_CHOICES:
+        raise LowbitError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {train!r}")
     out = {}
     for name, fmt in formats.items():
         if train == "lora" and not isinstance(fmt, (AffineIntK, VQCodebook)):
             raise LowbitError(f"{name}: {fmt.kind} layers cannot be fine-tuned (only uniform or VQ layers "
                               "with a low-rank branch)")
         bias = getattr(model.get_submodule(name), "bias", None)
-        if (train == "lora" and fmt.lowrank is None) or (train == "scales" and not isinstance(fmt, AffineIntK)):
+        if ((train == "lora" and fmt.lowrank is None) or (train == "scales" and not isinstance(fmt, AffineIntK))
+                or (train == "all" and not isinstance(fmt, (AffineIntK, VQCodebook)))):
             swap_module(model, name, PackedLinear(fmt, bias))
             continue
+        lora = fmt.lowrank is not None and train in ("lora", "all")
         if isinstance(fmt, VQCodebook):
-            out[name] = PackedVQLoRALinear(fmt, bias)
+            out[name] = PackedVQLoRALinear(fmt, bias, lora=lora, quant=train == "all")
         else:
-            out[name] = PackedTrainLinear(fmt, bias, lora=train == "lora", scales=train == "scales")
+            out[name] = PackedTrainLinear(fmt, bias, lora=lora, scales=train in ("scales", "all"))
         swap_module(model, name, out[name])
     if not out:
+        if train == "all":
+            raise LowbitError("the artifact has no uniform or VQ layer to train (BiLLM's binary layers cannot be)")
         if train == "lora":
             raise LowbitError("the artifact has no LoRA branch to train: compile it with --method apiq "
                               "(any --lora-init) and --lora-rank > 0, or --method reallm with ranks > 0")
@@ -177,6 +224,8 @@ class LoopSettings:
     grad_clip: float | None = None
     stop_after: int | None = None
     label: str = "finetune"
+    lr_quant: float | None = None  # group scales at this lr, codebooks at lr, neither decayed (None: one group)
+    device: torch.device | None = None  # where the model is (the windows go there)
 
 
 def training_bytes(model: nn.Module, modules: dict, batch: int, seqlen: int) -> int:
@@ -198,30 +247,54 @@ def training_bytes(model: nn.Module, modules: dict, batch: int, seqlen: int) -> 
     return acts + logits + 4 * 2 * biggest + 4 * 3 * trained
 
 
-def check_memory(model: nn.Module, modules: dict, batch: int, seqlen: int, label: str) -> None:
-    """Refuse a training phase that would not fit in the memory available now (rather than swap or be killed)."""
+def check_memory(model: nn.Module, modules: dict, batch: int, seqlen: int, label: str, extra: int = 0) -> None:
+    """Refuse a training phase that would not fit in the memory available now (rather than swap or be killed).
+    ``extra``: bytes a step needs beyond :func:`training_bytes` (a teacher's logits)."""
     from lowbit.runtime import resources
 
-    need, have = training_bytes(model, modules, batch, seqlen), resources.available_bytes()
+    need, have = training_bytes(model, modules, batch, seqlen) + extra, resources.available_bytes()
     if need > have:
         raise LowbitError(f"{label}: one training step needs about {need / 2**30:.1f} GiB beyond the loaded model, "
                           f"{have / 2**30:.1f} GiB is available: lower the batch size or --seqlen (or skip the phase)")
 
 
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` of the next-token distributions, averaged over tokens (temperature 1)."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
 def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.Tensor, cfg: LoopSettings,
-               ckpt: Path | None, key: dict, resume: bool, say) -> dict:
+               ckpt: Path | None, key: dict, resume: bool, say, teacher: nn.Module | None = None) -> dict:
     """Next-token training of the trainable tensors of ``modules`` (``{name: PackedTrainLinear}``).
 
-    AdamW (one group), ``warmup`` fraction of linear warm-up then cosine decay to 0, window order
+    ``teacher``: the loss is :func:`distill_loss` against its logits instead of the next-token cross-entropy
+    (knowledge distillation from the float model); the validation loss stays the student's cross-entropy.
+
+    AdamW (one group; with ``lr_quant``: low-rank factors at ``lr`` with ``weight_decay``, codebooks at ``lr``
+    without, group scales at ``lr_quant`` without), ``warmup`` fraction of linear warm-up then cosine decay to 0, window order
     ``randperm(seed + epoch)``; validation loss on ``val`` at step 0, every ``checkpoint_every`` steps
     and at the end; checkpoint (atomic) every ``checkpoint_every`` steps unless ``ckpt`` is None. Returns ``{"history",
     "steps", "stopped", "step"}``; raises :class:`LowbitError` on a NaN/Inf loss."""
     named = {f"{n}.{k}": p for n, m in modules.items() for k, p in m.trainable().items()}
+    dev = cfg.device or torch.device("cpu")
     params = list(named.values())
-    check_memory(model, modules, min(cfg.batch_size, len(train)), train.shape[1], cfg.label)
+    if cfg.device is None or cfg.device.type == "cpu":
+        check_memory(model, modules, min(cfg.batch_size, len(train)), train.shape[1], cfg.label,
+                     extra=0 if teacher is None else 12 * min(cfg.batch_size, len(train)) * train.shape[1]
+                     * getattr(model.config, "vocab_size", 0))  # the teacher's logits, log-softmax, probabilities
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.lr_quant is None:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:  # group scales are small numbers (a weight's RMS): their own lr; codebook entries are O(1), like factors
+        kind = {k: k.rsplit(".", 1)[-1] for k in named}
+        groups = [{"params": [p for k, p in named.items() if kind[k] not in ("scales", "codebook")]},
+                  {"params": [p for k, p in named.items() if kind[k] == "codebook"], "weight_decay": 0.0},
+                  {"params": [p for k, p in named.items() if kind[k] == "scales"], "lr": cfg.lr_quant,
+                   "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, cfg.warmup))
     key_s = json.dumps(key, sort_keys=True)
     step, history = 0, []
@@ -247,7 +320,8 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
         if not len(val):
             return float("nan")
         with torch.no_grad():
-            return float(sum(model(input_ids=v[None], labels=v[None], use_cache=False).loss for v in val) / len(val))
+            return float(sum(model(input_ids=v[None].to(dev), labels=v[None].to(dev), use_cache=False).loss
+                             for v in val) / len(val))
 
     def checkpoint():
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -271,8 +345,14 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
                 break
             epoch, i = divmod(step, steps_per_epoch)
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            batch = train[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            batch = train[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]].to(dev)
+            if teacher is None:
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            else:
+                with torch.no_grad():
+                    target = teacher(input_ids=batch, use_cache=False).logits
+                loss = distill_loss(model(input_ids=batch, use_cache=False).logits, target)
+                del target
             if not torch.isfinite(loss):
                 raise LowbitError(f"training loss became {float(loss.detach())} at step {step + 1}; no artifact "
                                   f"written (last good checkpoint: {ckpt if ckpt is not None and ckpt.exists() else 'none'})")
