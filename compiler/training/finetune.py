@@ -186,12 +186,13 @@ def finetune(opts: FinetuneOptions) -> dict:
 
 
 def _teacher(source):
-    """The float model the artifact was compiled from (its manifest's model id, else its recorded path)."""
+    """The float model the artifact was compiled from: its manifest's model alias (``smollm2-135m``: the installed
+    package's file, wherever it is on this machine), else the path it recorded."""
     from lowbit.compiler.engine import models
 
     m = source.manifest.get("model", {})
     errors = []
-    for spec in (m.get("id"), m.get("source")):
+    for spec in (m.get("id") if m.get("id") in models.ALIASES else None, m.get("source")):
         if not spec:
             continue
         try:
