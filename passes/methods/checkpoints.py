@@ -57,7 +57,7 @@ class BlockCheckpoints:
             return
         h = hashlib.sha256()
         for x in ctx.quant_inputs or []:
-            h.update(x.detach().float().numpy().tobytes())
+            h.update(x.detach().float().cpu().numpy().tobytes())
         self._ckpt_key = json.dumps({"config": asdict(self.config), "inputs": h.hexdigest()}, sort_keys=True)
         d = Path(self.checkpoint_dir)
         key_file = d / "key.json"
