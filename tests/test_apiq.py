@@ -163,3 +163,15 @@ def test_finetune_refusals(apiq_artifact, tiny_dir, text_file, tmp_path, capsys)
     assert _finetune(apiq_artifact, tmp_path / "w", "--stop-after", "1") == 0
     assert _finetune(apiq_artifact, tmp_path / "w", "--resume", "--lr", "1e-3") == 2
     assert "other training options" in capsys.readouterr().err
+    # --lr-quant belongs to --train all; a GPU that is not there is refused before anything loads
+    assert _finetune(apiq_artifact, tmp_path / "v", "--lr-quant", "1e-4") == 2
+    assert "--lr-quant applies to --train all" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert _finetune(apiq_artifact, tmp_path / "u", "--device", "cuda") == 2
+        assert "--device cuda: " in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "u").exists()
+    # BiLLM's binary layers have nothing continuous to train beyond what --train all lists
+    billm = tmp_path / "billm"
+    assert compile_main([str(tiny_dir("llama")), "--method", "billm", "-q", "-o", str(billm)]) == 0
+    assert _finetune(billm, tmp_path / "t", "--train", "all") == 2
+    assert "no uniform or VQ layer to train" in capsys.readouterr().err

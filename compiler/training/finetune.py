@@ -104,6 +104,9 @@ def finetune(opts: FinetuneOptions) -> dict:
                     ("--checkpoint-every", opts.checkpoint_every)):
         if v < 1:
             raise LowbitError(f"{name} must be >= 1, got {v}")
+    from lowbit.compiler.engine.device import resolve_device
+
+    device = resolve_device(opts.device)  # a GPU that is not there is refused before anything loads
     try:
         source = art.load(opts.artifact)
     except ArtifactError as e:
@@ -123,9 +126,7 @@ def finetune(opts: FinetuneOptions) -> dict:
     for name, v in (("--lr", opts.lr), ("--lr-quant", opts.lr_quant)):
         if v is not None and not v > 0:
             raise LowbitError(f"{name} must be > 0, got {v}")
-    from lowbit.compiler.engine.device import resolve_device
 
-    device = resolve_device(opts.device)
     data.load_text(opts.data, "calib")  # refuses evaluation-only text (wikitext2)
 
     t_start = time.perf_counter()
