@@ -9,6 +9,7 @@ graph the way ONNX Runtime's own model builder (onnxruntime-genai) does, about 1
 * ``com.microsoft::GroupQueryAttention`` with rotary embedding (``do_rotary``, cos/sin caches from
   ``rope_theta``) and the key/value cache in ``(batch, kv_heads, past, head_dim)``;
 * every linear as the lowering of its packed format (:mod:`lowbit.compiler.lowering.ort_linears`);
+* the MLP's SiLU as ``com.microsoft::QuickGelu`` with ``alpha`` 1 (one node instead of ``Sigmoid`` and ``Mul``);
 * the head as ``MatMulNBits`` when the artifact's ``lm_head`` is compressed, and then (tied embeddings) the
   embedding as ``com.microsoft::GatherBlockQuantized`` over the same codes; a float tied head is stored
   once, transposed, and the embedding gathers its columns.
@@ -235,7 +236,8 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         gate = linear(x, f"{p}.mlp.gate_proj")
         up = linear(x, f"{p}.mlp.up_proj")
         merged([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj")
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"layers.{i}.mlp.sigmoid")], name=f"layers.{i}.mlp.silu")
+        # SiLU as one node: com.microsoft::QuickGelu computes x * sigmoid(alpha * x), with alpha 1 exactly SiLU
+        act = g.op("QuickGelu", [gate], domain=MSFT, name=f"layers.{i}.mlp.silu", alpha=1.0)
         down = linear(g.op("Mul", [act, up], name=f"layers.{i}.mlp.gated"), f"{p}.mlp.down_proj")
         last = i == L - 1
         nname = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
