@@ -56,14 +56,9 @@ def test_bfloat16_compute_keeps_gptq_quality(tiny_dir, text_file, tmp_path):
     assert err["bf16"] < 1.15 * err["f32"], err  # as close to the float model as the float32 calibration
 
 
-def test_billm_solves_where_its_block_is(tiny_dir, text_file, tmp_path):
-    """BiLLM is device-ready (its whole solve runs on the block's device, the format comes back on the CPU): with
-    bfloat16 compute it gets the bfloat16 weight and still binarizes as well as the float32 run."""
-    from lowbit.passes.methods.billm import BiLLMConfig, billm_quantize
-
-    model = tiny_dir("llama")
-    assert _compile(model, text_file, tmp_path / "f32", "--method", "billm") == 0
-    assert _compile(model, text_file, tmp_path / "bf16", "--method", "billm", "--compute-dtype", "bfloat16") == 0
+def _bfloat16_as_close_as_float32(model, tmp_path) -> None:
+    """The artifacts in tmp_path/f32 and tmp_path/bf16 (compiled with bfloat16 compute): the second as close to the
+    float model's logits as the first (within 15%)."""
     a, b = load(tmp_path / "f32"), load(tmp_path / "bf16")
     assert b.manifest["calibration_run"]["compute_dtype"] == "bfloat16"
     from transformers import AutoModelForCausalLM
@@ -73,6 +68,17 @@ def test_billm_solves_where_its_block_is(tiny_dir, text_file, tmp_path):
         ref = AutoModelForCausalLM.from_pretrained(model)(input_ids=ids).logits
     err = {t: float((m(ids) - ref).norm() / ref.norm()) for t, m in (("f32", a), ("bf16", b))}
     assert err["bf16"] < 1.15 * err["f32"], err
+
+
+def test_billm_solves_where_its_block_is(tiny_dir, text_file, tmp_path):
+    """BiLLM is device-ready (its whole solve runs on the block's device, the format comes back on the CPU): with
+    bfloat16 compute it gets the bfloat16 weight and still binarizes as well as the float32 run."""
+    from lowbit.passes.methods.billm import BiLLMConfig, billm_quantize
+
+    model = tiny_dir("llama")
+    assert _compile(model, text_file, tmp_path / "f32", "--method", "billm") == 0
+    assert _compile(model, text_file, tmp_path / "bf16", "--method", "billm", "--compute-dtype", "bfloat16") == 0
+    _bfloat16_as_close_as_float32(model, tmp_path)
     # the solve itself: a bfloat16 weight in, the same binarization as its float32 copy, every plane on the CPU
     w = torch.randn(48, 96).bfloat16()
     x = torch.randn(256, 96)
@@ -93,15 +99,7 @@ def test_reallm_solves_where_its_block_is(tiny_dir, text_file, tmp_path):
             "--reallm-block-epochs", "1"]
     assert _compile(model, text_file, tmp_path / "f32", *args) == 0
     assert _compile(model, text_file, tmp_path / "bf16", *args, "--compute-dtype", "bfloat16") == 0
-    a, b = load(tmp_path / "f32"), load(tmp_path / "bf16")
-    assert b.manifest["calibration_run"]["compute_dtype"] == "bfloat16"
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.randint(0, 200, (1, 32))
-    with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(model)(input_ids=ids).logits
-    err = {t: float((m(ids) - ref).norm() / ref.norm()) for t, m in (("f32", a), ("bf16", b))}
-    assert err["bf16"] < 1.15 * err["f32"], err
+    _bfloat16_as_close_as_float32(model, tmp_path)
     w = torch.randn(48, 96).bfloat16()
     x = torch.randn(256, 96)
     cand, cfg = Candidate(2, 5, 32, 4), ReALLMConfig()

@@ -26,6 +26,17 @@ from lowbit.runtime.checkpoint_io import CheckpointError, load_checkpoint
 from lowbit.runtime.modules import PackedLinear, swap_module
 
 
+def _low_rank_tensors(module: nn.Module, lowrank, train: bool) -> None:
+    """``module.lora_a`` / ``lora_b``: float32 parameters initialized from the format's fp16 factors when they
+    train; else the stored factors as buffers (None without a branch), a frozen branch the forward still applies."""
+    if train:
+        module.lora_a = nn.Parameter(lowrank.lora_a.float().clone())
+        module.lora_b = nn.Parameter(lowrank.lora_b.float().clone())
+    else:
+        module.register_buffer("lora_a", None if lowrank is None else lowrank.lora_a)
+        module.register_buffer("lora_b", None if lowrank is None else lowrank.lora_b)
+
+
 class PackedTrainLinear(nn.Module):
     """``affine_linear(x, packed base) (+ (x A^T) B^T)``: the codes frozen; ``A``/``B`` and/or the scales trainable."""
 
@@ -42,13 +53,7 @@ class PackedTrainLinear(nn.Module):
             self.scales = nn.Parameter(fmt.scales.float().clone())
         else:
             self.register_buffer("scales", fmt.scales)
-        lr = fmt.lowrank
-        if lora:
-            self.lora_a = nn.Parameter(lr.lora_a.float().clone())
-            self.lora_b = nn.Parameter(lr.lora_b.float().clone())
-        else:  # a frozen branch, if any, runs inside the op
-            self.register_buffer("lora_a", None if lr is None else lr.lora_a)
-            self.register_buffer("lora_b", None if lr is None else lr.lora_b)
+        _low_rank_tensors(self, fmt.lowrank, lora)
 
     def forward(self, x):
         f = self.fmt
@@ -109,13 +114,7 @@ class PackedVQLoRALinear(nn.Module):
         else:
             self.register_buffer("codebook", fmt.codebook)
             self.register_buffer("scales", fmt.scales)
-        lr = fmt.lowrank
-        if lora:
-            self.lora_a = nn.Parameter(lr.lora_a.float().clone())
-            self.lora_b = nn.Parameter(lr.lora_b.float().clone())
-        else:  # a frozen branch, if any, runs beside the base
-            self.register_buffer("lora_a", None if lr is None else lr.lora_a)
-            self.register_buffer("lora_b", None if lr is None else lr.lora_b)
+        _low_rank_tensors(self, fmt.lowrank, lora)
 
     def _weight(self) -> torch.Tensor:
         n, k = self.fmt.out_features, self.fmt.in_features
