@@ -92,15 +92,13 @@ class PackedVQLoRALinear(nn.Module):
     trainable codebook and scales on every call (the readable dequantization of :func:`dequantize_vq`, written with
     differentiable indexing), so their gradients flow; the indices are unpacked once and kept as int32."""
 
-    train_scales = False
-
     def __init__(self, fmt, bias: torch.Tensor | None, lora: bool = True, quant: bool = False):
         super().__init__()
         if lora and fmt.lowrank is None:
             raise ValueError("no low-rank part")
         self.fmt, self.train_lora, self.train_quant = fmt, lora, quant
         self.train_scales = quant
-        for name in ("codes", "perm"):
+        for name in ("perm",) if quant else ("codes", "perm"):  # trained: the unpacked index replaces the codes
             self.register_buffer(name, getattr(fmt, name))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         if quant:
