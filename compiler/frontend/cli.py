@@ -406,6 +406,11 @@ def export_main(argv=None) -> int:
                         "artifacts in ORT vs torch, WikiText-2 4 x 2048: budget 3.0 +0.40%%, budget 2.5 +1.96%%) "
                         "or 4 (ORT's fastest kernel, ~1.4x the speed and ~0.6x the weights in memory, but +99.5%% "
                         "and +133%% on the same artifacts; README)")
+    p.add_argument("--ort-kernels", default="stock", choices=["stock", "lowbit"],
+                   help="direct decoder: stock = only ONNX Runtime's own ops (default; runs anywhere ORT runs); "
+                        "lowbit = VQ (ReALLM) layers as lowbit.ort::VQMatMul, which reads the packed codes (exact, "
+                        "the packed bytes resident) from lowbit's ONNX Runtime library; build it first with "
+                        "./scripts/build-ort-kernels")
     p.add_argument("--genai", action="store_true",
                    help="--onnx: also write genai_config.json and the tokenizer, so onnxruntime-genai loads DIR/onnx")
     p.add_argument("--outlier-data", default="c4",
@@ -468,7 +473,7 @@ def export_main(argv=None) -> int:
         s = export_artifact(args.artifact, accuracy_level=args.accuracy_level, matmulnbits=not args.no_matmulnbits,
                             kv_cache=not args.no_kv_cache, overwrite=args.overwrite, outlier_data=args.outlier_data,
                             decoder=args.decoder, genai=args.genai, binary=args.billm_lowering,
-                            vq_lowrank=args.vq_lowrank, grid_bits=args.value_grid_bits,
+                            vq_lowrank=args.vq_lowrank, grid_bits=args.value_grid_bits, kernels=args.ort_kernels,
                             progress=lambda m: print(m, file=sys.stderr))
     except (LowbitError, ArtifactError) as e:
         print(f"lowbit-export: error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ from lowbit.errors import LowbitError
 def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = True, kv_cache: bool = True,
                     overwrite: bool = False, check: bool = True, outlier_data: str | None = "c4",
                     decoder: str = "auto", genai: bool = False, binary: str = "grid", vq_lowrank: str = "fold",
-                    grid_bits: int = 8, progress=print) -> dict:
+                    grid_bits: int = 8, kernels: str = "stock", progress=print) -> dict:
     """Export an artifact directory to ONNX under ``DIR/onnx``; returns the export summary.
 
     ``decoder``: ``direct`` builds the key/value-cache decoder from the packed formats with ONNX Runtime's fused
@@ -39,7 +39,8 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
     ``vq_lowrank``: a VQ format's low-rank term in the direct decoder, ``exact`` (float MatMul pair) or ``fold``
     (added to the weight before its grid: fewer nodes, error recorded). ``grid_bits``: the grid (8 or 4 bits) that
     BiLLM's levels and VQ values x scales are rounded onto in the direct decoder (4: ORT's fastest kernel, ~17x
-    the grid error of 8)."""
+    the grid error of 8). ``kernels``: ``lowbit`` runs VQ layers of the direct decoder as ``lowbit.ort::VQMatMul``
+    (exact; needs lowbit's ONNX Runtime library, :mod:`lowbit.kernels.ort_ops`, built), ``stock`` only ORT's ops."""
     from lowbit.runtime.artifact import load, staging_dir
 
     if decoder not in ("auto", "direct", "traced"):
@@ -57,6 +58,20 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
     if grid_bits not in VALUE_GRID_BITS:
         raise LowbitError(f"--value-grid-bits must be 4 or 8, got {grid_bits}")
 
+    from lowbit.compiler.lowering.ort_linears import ORT_KERNELS
+
+    if kernels not in ORT_KERNELS:
+        raise LowbitError(f"--ort-kernels must be one of {', '.join(ORT_KERNELS)}, got {kernels!r}")
+    if kernels == "lowbit":
+        from lowbit.kernels import ort_ops
+
+        if genai:
+            raise LowbitError("--genai with --ort-kernels lowbit is not supported: onnxruntime-genai would have to load "
+                              "lowbit's native library named by the folder; export the genai folder with stock kernels")
+        if decoder == "traced" or not kv_cache or not matmulnbits:
+            raise LowbitError("--ort-kernels lowbit applies to the direct decoder (not with --decoder traced, "
+                              "--no-kv-cache or --no-matmulnbits)")
+        ort_ops.require()  # built, or an error that says how to build it
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise LowbitError(f"--accuracy-level must be 0-4, got {accuracy_level}")
     artifact_dir = Path(artifact_dir)
@@ -85,7 +100,7 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
                    "pass": None if rep is None else rep.to_json(), "graphs": {"prefill": MODEL_FILE}}
         if kv_cache:
             dec = _export_decoder(art, tmp, decoder, accuracy_level, matmulnbits, f16, outliers, max_block, binary,
-                                  vq_lowrank, grid_bits, progress)
+                                  vq_lowrank, grid_bits, kernels, progress)
             files += [dec["file"], dec["file"] + ".data"]
             summary["graphs"]["decoder"] = dec["file"]
             summary["cache"] = dec["cache"]
@@ -124,7 +139,8 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
 
 
 def _export_decoder(art, out_dir: Path, decoder: str, accuracy_level: int, matmulnbits: bool, f16: bool,
-                    outliers: dict, max_block, binary: str, vq_lowrank: str, grid_bits: int, progress) -> dict:
+                    outliers: dict, max_block, binary: str, vq_lowrank: str, grid_bits: int, kernels: str,
+                    progress) -> dict:
     from lowbit.compiler.lowering.onnx_decoder import export_decoder
     from lowbit.compiler.lowering.onnx_llama import DECODER_FILE, build_decoder, unsupported_reason
 
@@ -143,8 +159,14 @@ def _export_decoder(art, out_dir: Path, decoder: str, accuracy_level: int, matmu
     # blocks gave the same ORT perplexity at accuracy_level 4 (38.493 vs 38.489; torch 38.353) for 26 MB more
     # resident memory, and the fused graph needs no activation-outlier split (38.52 with it).
     info = build_decoder(art, out_dir / DECODER_FILE, accuracy_level, max_block=None, binary=binary,
-                         vq_lowrank=vq_lowrank, grid_bits=grid_bits)
+                         vq_lowrank=vq_lowrank, grid_bits=grid_bits, kernels=kernels)
     info["value_grid_bits"] = grid_bits
+    info["ort_kernels"] = kernels
+    if kernels == "lowbit":
+        from lowbit.kernels.ort_ops import DOMAIN, VERSION
+
+        info["custom_ops"] = {"domain": DOMAIN, "library_version": VERSION,
+                              "build": "./scripts/build-ort-kernels (python -m lowbit.kernels.ort_ops build)"}
     lowerings = {}
     for rec in info["layers"].values():
         lowerings[rec["lowering"]] = lowerings.get(rec["lowering"], 0) + 1

@@ -9,6 +9,8 @@ graph the way ONNX Runtime's own model builder (onnxruntime-genai) does, about 1
 * ``com.microsoft::GroupQueryAttention`` with rotary embedding (``do_rotary``, cos/sin caches from
   ``rope_theta``) and the key/value cache in ``(batch, kv_heads, past, head_dim)``;
 * every linear as the lowering of its packed format (:mod:`lowbit.compiler.lowering.ort_linears`);
+* with ``kernels="lowbit"``, VQ (ReALLM) linears as ``lowbit.ort::VQMatMul`` (lowbit's ONNX Runtime library,
+  :mod:`lowbit.kernels.ort_ops`; the model then imports the ``lowbit.ort`` domain);
 * the MLP's SiLU as ``com.microsoft::QuickGelu`` with ``alpha`` 1 (one node instead of ``Sigmoid`` and ``Mul``);
 * the head as ``MatMulNBits`` when the artifact's ``lm_head`` is compressed, and then (tied embeddings) the
   embedding as ``com.microsoft::GatherBlockQuantized`` over the same codes; a float tied head is stored
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lowbit.kernels.ort_ops import DOMAIN as ORT_OPS_DOMAIN
 
 from .onnx_fuse import drop_split, fuse_matmulnbits, merge_side_terms
 from .onnx_graph import MSFT, GraphBuilder, save_deduplicated
@@ -89,19 +93,20 @@ class _Tensors:
 
 def build_decoder(art, path: Path, accuracy_level: int = 4, max_block: int | None = 32, vq_block: int = 32,
                   max_positions: int | None = None, outliers: dict | None = None, binary: str = "grid",
-                  fuse: bool = True, vq_lowrank: str = "fold", grid_bits: int = GRID_BITS) -> dict:
+                  fuse: bool = True, vq_lowrank: str = "fold", grid_bits: int = GRID_BITS,
+                  kernels: str = "stock") -> dict:
     """Write ``path`` (+ ``.data``) for an artifact and return ``{"cache", "layers": {name: record}, "head", ...}``.
 
     ``outliers``: ``{module name: LongTensor of input channels}`` taken out of ``MatMulNBits``' int8 activation
     path at ``accuracy_level`` 4 (measured on SmolLM2 with 32-column blocks: not needed, so off by default).
     ``fuse``: q/k/v and gate/up, where their lowerings are sibling ``MatMulNBits`` nodes, run as one node each
     (:mod:`~lowbit.compiler.lowering.onnx_fuse`; exact, fewer kernel calls per token). ``vq_lowrank``,
-    ``grid_bits``: see :func:`~lowbit.compiler.lowering.ort_linears.lower_linear`."""
+    ``grid_bits``, ``kernels``: see :func:`~lowbit.compiler.lowering.ort_linears.lower_linear`."""
     why = unsupported_reason(art)
     if why:
         raise ValueError(why)
     return _build(_config(art), _Tensors(art), art.formats, path, accuracy_level, max_block, vq_block,
-                  max_positions, outliers, binary, fuse, vq_lowrank, grid_bits)
+                  max_positions, outliers, binary, fuse, vq_lowrank, grid_bits, kernels)
 
 
 def build_float_decoder(model, path: Path, max_positions: int | None = None, fuse: bool = True) -> dict:
@@ -114,7 +119,7 @@ def build_float_decoder(model, path: Path, max_positions: int | None = None, fus
 
 
 def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_positions, outliers, binary,
-           fuse, vq_lowrank: str = "fold", grid_bits: int = GRID_BITS) -> dict:
+           fuse, vq_lowrank: str = "fold", grid_bits: int = GRID_BITS, kernels: str = "stock") -> dict:
     from onnx import TensorProto, helper
 
     L = int(cfg["num_hidden_layers"])
@@ -159,7 +164,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
             xin, xo = splits[key]
         y, rec = lower_linear(g, xin, fmt, mod, weight=w, bias=tens.get(f"{mod}.bias"),
                               accuracy_level=accuracy_level, max_block=max_block, vq_block=vq_block, binary=binary,
-                              vq_lowrank=vq_lowrank, grid_bits=grid_bits)
+                              vq_lowrank=vq_lowrank, grid_bits=grid_bits, kernels=kernels)
         if xin is not x:  # the dequantized columns (low-rank part included) in float: x[..., idx] @ W[:, idx].T
             cols = _np(fmt.dequantize()[:, idx].t().contiguous())
             t = g.op("MatMul", [xo, g.init(f"{mod}.act_cols_t", cols)], name=f"{mod}.act_cols")
@@ -264,8 +269,10 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
                                                         ["batch", kvh, "past", hd]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, ["batch", kvh, "total", hd]))
     graph = helper.make_graph(g.nodes, "lowbit_decoder", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MSFT, 1)],
-                              producer_name="lowbit")
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(MSFT, 1)]
+    if any(n.domain == ORT_OPS_DOMAIN for n in g.nodes):  # lowbit's ONNX Runtime library must be registered
+        opsets.append(helper.make_opsetid(ORT_OPS_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="lowbit")
     model.ir_version = 10
     saved = save_deduplicated(model, path)
     return {"file": Path(path).name, "builder": "direct (fused ORT ops)", "nodes": len(g.nodes),

@@ -25,6 +25,9 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   ``MatMulNBits`` after a ``Gather`` of ``x`` by the column permutation; the relative weight error is measured and
   recorded. Its low-rank term is folded into the weight before the grid by default (``vq_lowrank="fold"``: no
   ``MatMul`` pair; at SmolLM2's shapes the mean grid error moved from 0.095 to 0.096), or kept exact.
+  With ``kernels="lowbit"`` it is instead one ``lowbit.ort::VQMatMul`` node that reads the packed codes, codebook,
+  scales, permutation and low-rank factors as stored (exact; lowbit's own ONNX Runtime library,
+  :mod:`lowbit.kernels.ort_ops`, must be registered to run it).
 * ``LowRank`` (affine formats: ApiQ) -> two thin float ``MatMul`` nodes added to the output.
 * no format (a linear kept float) -> ``MatMul`` with the transposed float weight.
 """
@@ -48,6 +51,8 @@ VALUE_GRID_BITS = (4, 8)
 # ORT 1.32's 2-bit MatMulNBits is ~10x slower at 16-column blocks than at 32 (measured: BiLLM's salient node)
 SALIENT_BLOCK = 32
 BINARY_LOWERINGS = ("grid", "exact")
+# "stock": only ONNX Runtime's own ops; "lowbit": formats stock ORT has no kernel for run in lowbit's library
+ORT_KERNELS = ("stock", "lowbit")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -266,15 +271,36 @@ def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block, fold_lowrank: boo
     return y, nb + perm_bytes, how, err
 
 
+def _vq_kernel(g, x, fmt: VQCodebook, name):
+    """One ``lowbit.ort::VQMatMul`` node over the format's own tensors (see kernels/ort/lowbit_ort_ops.cc)."""
+    from lowbit.kernels.ort_ops import DOMAIN
+
+    t = {"codes": fmt.codes, "codebook": fmt.codebook, "scales": fmt.scales}
+    if fmt.perm is not None:
+        t["perm"] = fmt.perm.to(torch.int32)  # int16 on disk; the op reads int32 (K * 4 bytes)
+    if fmt.lowrank is not None:
+        t["lora_a"], t["lora_b"] = fmt.lowrank.lora_a, fmt.lowrank.lora_b
+    ins = [x] + [g.init(f"{name}.{k}", _np(t[k].contiguous())) if k in t else ""
+                 for k in ("codes", "codebook", "scales", "perm", "lora_a", "lora_b")]
+    while ins[-1] == "":
+        ins.pop()
+    y = g.op("VQMatMul", ins, domain=DOMAIN, name=name, index_bits=fmt.index_bits, vec_dim=fmt.vec_dim,
+             group_size=fmt.group_size)
+    nb = sum(v.numel() * v.element_size() for v in t.values())
+    how = "VQ codes read by lowbit.ort::VQMatMul (exact" + (", low-rank term included)" if fmt.lowrank else ")")
+    return y, nb, how, 0.0
+
+
 def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, accuracy_level: int = 4, max_block: int | None = 32,
                  vq_block: int = 32, binary: str = "grid", vq_lowrank: str = "fold",
-                 grid_bits: int = GRID_BITS) -> tuple[str, dict]:
+                 grid_bits: int = GRID_BITS, kernels: str = "stock") -> tuple[str, dict]:
     """Emit one linear; ``fmt`` is the artifact's format, or ``None`` with the float ``weight``. ``binary``:
     ``grid`` (BiLLM on a ``grid_bits`` grid: one node, ~1.7x the format's bytes at 4 bits) or ``exact``
     (ternary planes). ``vq_lowrank``: a VQ format's low-rank term as an exact float ``MatMul`` pair (``exact``) or
     added to the weight before its grid (``fold``: three nodes fewer per input, error recorded). ``grid_bits``
-    (4 or 8): the grid of the values that are on no uniform grid (BiLLM's levels, VQ values x scales)."""
+    (4 or 8): the grid of the values that are on no uniform grid (BiLLM's levels, VQ values x scales).
+    ``kernels``: ``lowbit`` runs VQ formats in lowbit's ONNX Runtime library (exact, packed bytes resident)."""
     if grid_bits not in VALUE_GRID_BITS:
         raise ValueError(f"{name}: the value grid must have 4 or 8 bits, got {grid_bits}")
     if fmt is None:
@@ -285,13 +311,15 @@ def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor |
             y, nb, how, err = _affine(g, x, fmt, name, accuracy_level, max_block)
         elif isinstance(fmt, BinaryResidual):
             y, nb, how, err = _binary(g, x, fmt, name, accuracy_level, vq_block, binary, grid_bits)
+        elif isinstance(fmt, VQCodebook) and kernels == "lowbit":
+            y, nb, how, err = _vq_kernel(g, x, fmt, name)
         elif isinstance(fmt, VQCodebook):
             fold = vq_lowrank == "fold" and fmt.lowrank is not None
             y, nb, how, err = _vq(g, x, fmt, name, accuracy_level, vq_block, fold, grid_bits)
         else:
             raise TypeError(f"{name}: no ONNX Runtime lowering for format {type(fmt).__name__}")
         lr = getattr(fmt, "lowrank", None)
-        if lr is not None and not (isinstance(fmt, VQCodebook) and vq_lowrank == "fold"):
+        if lr is not None and not (isinstance(fmt, VQCodebook) and (vq_lowrank == "fold" or kernels == "lowbit")):
             y, lb = _lowrank(g, x, y, lr, name)
             nb += lb
             how += " + low-rank MatMul pair"

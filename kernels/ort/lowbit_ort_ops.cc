@@ -1,0 +1,465 @@
+// lowbit's ONNX Runtime kernels: formats that stock ONNX Runtime has no kernel for, read packed at run time.
+//
+// Domain "lowbit.ort", version 1, CPU:
+//
+//   VQMatMul(x, codes, codebook, scales, perm?, lora_a?, lora_b?, bias?) -> y
+//     lowbit's VQCodebook format (ReALLM), exactly as runtime/formats.py defines it:
+//       x        float   (..., K)            input, original column order
+//       codes    uint8   (N, ceil(K/d*b/8))  codebook indices, b bits each, packed per row LSB first
+//       codebook float16 (2^b, d)
+//       scales   float16 (N, ceil(K/g))      one scale per row and group of g stored columns
+//       perm     int32   (K,)  optional      stored column j is original column perm[j]
+//       lora_a   float16 (r, K), lora_b float16 (N, r)  optional low-rank term B @ A (original order)
+//       bias     float   (N,)  optional
+//     attributes index_bits (b), vec_dim (d), group_size (g).
+//     y = x @ W.T (+ bias), W[n, perm[j]] = scales[n, j/g] * codebook[code(n, j/d), j%d] (+ B @ A).
+//
+// The weights stay the artifact's packed bytes: nothing is expanded at load. Decode (a few rows of x) runs as a
+// lookup-table GEMV: per input row, the dot product of every d-column slice of x with every codebook entry is
+// computed once (K/d x 2^b floats, a few hundred KB at most), then each weight vector costs one table lookup
+// (AVX2 gather of 8 at a time) and each group one multiply by its scale. More rows (a prompt, a perplexity
+// window) dequantize 16 weight rows at a time into a float tile and multiply it with the rows of x. Both are
+// exact up to float summation order. A scalar path covers shapes the vector path does not (d*8 not dividing the
+// group, odd K); it is the readable reference of the format in this file.
+//
+// Built against the C API headers of Debian's libonnxruntime-dev (ORT_API_VERSION 21) by
+// lowbit/kernels/ort_ops.py; the C API is versioned, so newer ONNX Runtime releases load it.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+const OrtApi* g_api = nullptr;
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// code i (b bits) of a packed row: stream bits [i*b, (i+1)*b), LSB first (runtime/packing.py)
+inline uint32_t code_at(const uint8_t* row, int64_t i, int b) {
+  int64_t bit = i * b;
+  const uint8_t* p = row + (bit >> 3);
+  uint32_t v = p[0];
+  if ((bit & 7) + b > 8) v |= uint32_t(p[1]) << 8;
+  return (v >> (bit & 7)) & ((1u << b) - 1);
+}
+
+// codes j..j+7 (j a multiple of 8: they fill exactly B bytes) as int32 lanes in the order 0,4,1,5,2,6,3,7; reads 8
+// bytes from the group's first (one 64-bit load: narrower copies stall store-forwarding), so the caller keeps 8
+// readable bytes after every row it passes
+template <int B>
+inline __m256i codes8(const uint8_t* row, int64_t j) {
+  const uint8_t* p = row + (j >> 3) * B;
+  if (B == 8)
+    return _mm256_permutevar8x32_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m256i vv = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i lo = _mm256_srlv_epi64(vv, _mm256_setr_epi64x(0, B, 2 * B, 3 * B));
+  const __m256i hi = _mm256_srlv_epi64(vv, _mm256_setr_epi64x(4 * B, 5 * B, 6 * B, 7 * B));
+  const __m256i both = _mm256_blend_epi32(lo, _mm256_slli_epi64(hi, 32), 0xAA);
+  return _mm256_and_si256(both, _mm256_set1_epi32((1 << B) - 1));
+}
+
+// 8 table entries; the zero source operand breaks the dependency of each gather on the previous one's register
+inline __m256 gather8(const float* lut, __m256i idx) {
+  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), lut, idx, _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
+}
+
+constexpr int64_t ROWS_PER_TASK = 64;
+
+struct VQShape {
+  int64_t M, N, K, b, d, g, E, nv, G, rb, r;
+};
+
+struct VQWork {
+  VQShape s;
+  const float* xp;        // (M, K) stored column order
+  const uint8_t* codes;   // (N, rb)
+  const uint16_t* scales; // (N, G) fp16
+  const float* cb;        // (E, d)
+  const float* lut;       // (nv, E) for the current row of x (GEMV)
+  const float* lr_t;      // (M, r): A @ x, or null
+  const uint16_t* lora_b; // (N, r) fp16, or null
+  const float* bias;      // (N,), or null
+  float* y;               // (M, N)
+  int64_t m;              // GEMV: the row of x
+  bool fast;
+  int64_t chunk_v;        // vectors per table chunk (fast path)
+  const uint8_t* last_row; // the last row of codes followed by 8 zero bytes (fast path)
+};
+
+// GEMV output rows [n0, n1) for x row w.m: per chunk of vectors (a slice of one scale group whose part of the
+// table fits the L1 cache), every row's lookups, then the group scale; one vector accumulator per row
+template <int B>
+void vq_rows_fast(const VQWork& w, int64_t n0, int64_t n1, float* out) {
+  const VQShape& s = w.s;
+  const int64_t vg = s.g / s.d;  // vectors per group; chunk_v divides it and is a multiple of 8
+  __m256 acc[ROWS_PER_TASK];
+  for (int64_t i = 0; i < n1 - n0; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i order = _mm256_mullo_epi32(_mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+                                           _mm256_set1_epi32(static_cast<int>(s.E)));
+  const __m256i step = _mm256_set1_epi32(static_cast<int>(8 * s.E));
+  for (int64_t v0 = 0; v0 < s.nv; v0 += w.chunk_v) {
+    const int64_t v1 = std::min(s.nv, v0 + w.chunk_v), gi = v0 / vg;
+    const __m256i base0 = _mm256_add_epi32(order, _mm256_set1_epi32(static_cast<int>(v0 * s.E)));
+    for (int64_t n = n0; n < n1; ++n) {
+      // the last row is read from a padded copy: codes8 reads up to 7 bytes past a group
+      const uint8_t* row = n == s.N - 1 ? w.last_row : w.codes + n * s.rb;
+      __m256i base = base0;
+      __m256 a = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t j = v0;
+      for (; j + 16 <= v1; j += 16) {  // two gathers in flight
+        a = _mm256_add_ps(a, gather8(w.lut, _mm256_add_epi32(codes8<B>(row, j), base)));
+        base = _mm256_add_epi32(base, step);
+        a1 = _mm256_add_ps(a1, gather8(w.lut, _mm256_add_epi32(codes8<B>(row, j + 8), base)));
+        base = _mm256_add_epi32(base, step);
+      }
+      if (j < v1) a = _mm256_add_ps(a, gather8(w.lut, _mm256_add_epi32(codes8<B>(row, j), base)));
+      a = _mm256_add_ps(a, a1);
+      acc[n - n0] = _mm256_fmadd_ps(a, _mm256_set1_ps(h2f(w.scales[n * s.G + gi])), acc[n - n0]);
+    }
+  }
+  for (int64_t n = n0; n < n1; ++n) out[n - n0] = hsum(acc[n - n0]);
+}
+
+// the readable reference: every stored column's weight from its code, codebook entry and group scale
+void vq_dequant_row(const VQShape& s, const uint8_t* codes, const uint16_t* scales, const float* cb, int64_t n,
+                    float* out) {
+  const uint8_t* row = codes + n * s.rb;
+  const uint16_t* sc = scales + n * s.G;
+  for (int64_t v = 0; v < s.nv; ++v) {
+    const float* e = cb + code_at(row, v, static_cast<int>(s.b)) * s.d;
+    for (int64_t t = 0; t < s.d; ++t) {
+      const int64_t c = v * s.d + t;
+      out[c] = e[t] * h2f(sc[c / s.g]);
+    }
+  }
+}
+
+float lowrank_add(const VQWork& w, int64_t m, int64_t n) {
+  if (!w.lr_t) return 0.0f;
+  float acc = 0.0f;
+  for (int64_t q = 0; q < w.s.r; ++q) acc += h2f(w.lora_b[n * w.s.r + q]) * w.lr_t[m * w.s.r + q];
+  return acc;
+}
+
+void gemv_task(void* p, size_t task) {
+  const VQWork& w = *static_cast<const VQWork*>(p);
+  const VQShape& s = w.s;
+  const int64_t n0 = static_cast<int64_t>(task) * ROWS_PER_TASK, n1 = std::min(s.N, n0 + ROWS_PER_TASK);
+  const float* x = w.xp + w.m * s.K;
+  std::vector<float> tmp;
+  float fast_out[ROWS_PER_TASK];
+  if (w.fast) {
+    switch (s.b) {
+      case 1: vq_rows_fast<1>(w, n0, n1, fast_out); break;
+      case 2: vq_rows_fast<2>(w, n0, n1, fast_out); break;
+      case 3: vq_rows_fast<3>(w, n0, n1, fast_out); break;
+      case 4: vq_rows_fast<4>(w, n0, n1, fast_out); break;
+      case 5: vq_rows_fast<5>(w, n0, n1, fast_out); break;
+      case 6: vq_rows_fast<6>(w, n0, n1, fast_out); break;
+      case 7: vq_rows_fast<7>(w, n0, n1, fast_out); break;
+      default: vq_rows_fast<8>(w, n0, n1, fast_out); break;
+    }
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    float acc;
+    if (w.fast) {
+      acc = fast_out[n - n0];
+    } else {
+      tmp.resize(s.K);
+      vq_dequant_row(s, w.codes, w.scales, w.cb, n, tmp.data());
+      acc = 0.0f;
+      for (int64_t c = 0; c < s.K; ++c) acc += tmp[c] * x[c];
+    }
+    acc += lowrank_add(w, w.m, n);
+    if (w.bias) acc += w.bias[n];
+    w.y[w.m * s.N + n] = acc;
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t k) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= k; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
+  float t = hsum(acc);
+  for (; c < k; ++c) t += a[c] * b[c];
+  return t;
+}
+
+// rows of x times one dequantized tile of ROWS_PER_TASK weight rows (prompts, perplexity windows)
+void gemm_task(void* p, size_t task) {
+  const VQWork& w = *static_cast<const VQWork*>(p);
+  const VQShape& s = w.s;
+  const int64_t n0 = static_cast<int64_t>(task) * ROWS_PER_TASK, n1 = std::min(s.N, n0 + ROWS_PER_TASK);
+  const int64_t tn = n1 - n0, K = s.K;
+  std::vector<float> tile(tn * K);
+  for (int64_t i = 0; i < tn; ++i) vq_dequant_row(s, w.codes, w.scales, w.cb, n0 + i, tile.data() + i * K);
+  int64_t m = 0;
+  for (; m + 4 <= s.M; m += 4) {  // 4 rows of x x 2 weight rows: 8 accumulators, each x vector used twice
+    const float* x0 = w.xp + m * K;
+    int64_t i = 0;
+    for (; i + 2 <= tn; i += 2) {
+      const float* w0 = tile.data() + i * K;
+      const float* w1 = w0 + K;
+      __m256 acc[8];
+      for (auto& a : acc) a = _mm256_setzero_ps();
+      int64_t c = 0;
+      for (; c + 8 <= K; c += 8) {
+        const __m256 b0 = _mm256_loadu_ps(w0 + c), b1 = _mm256_loadu_ps(w1 + c);
+        for (int q = 0; q < 4; ++q) {
+          const __m256 a = _mm256_loadu_ps(x0 + q * K + c);
+          acc[2 * q] = _mm256_fmadd_ps(a, b0, acc[2 * q]);
+          acc[2 * q + 1] = _mm256_fmadd_ps(a, b1, acc[2 * q + 1]);
+        }
+      }
+      for (int q = 0; q < 4; ++q) {
+        float t0 = hsum(acc[2 * q]), t1 = hsum(acc[2 * q + 1]);
+        for (int64_t cc = c; cc < K; ++cc) {
+          t0 += x0[q * K + cc] * w0[cc];
+          t1 += x0[q * K + cc] * w1[cc];
+        }
+        w.y[(m + q) * s.N + n0 + i] = t0;
+        w.y[(m + q) * s.N + n0 + i + 1] = t1;
+      }
+    }
+    for (; i < tn; ++i)
+      for (int q = 0; q < 4; ++q) w.y[(m + q) * s.N + n0 + i] = dot(x0 + q * K, tile.data() + i * K, K);
+  }
+  for (; m < s.M; ++m)
+    for (int64_t i = 0; i < tn; ++i) w.y[m * s.N + n0 + i] = dot(w.xp + m * K, tile.data() + i * K, K);
+  for (int64_t mm = 0; mm < s.M; ++mm)
+    for (int64_t n = n0; n < n1; ++n) {
+      float& o = w.y[mm * s.N + n];
+      o += lowrank_add(w, mm, n);
+      if (w.bias) o += w.bias[n];
+    }
+}
+
+// at most this many rows of x run as lookup-table GEMVs; more as dequantized tiles
+constexpr int64_t GEMV_MAX_ROWS = 4;
+
+struct VQKernel {
+  int64_t b, d, g;
+  std::once_flag once;
+  std::vector<float> cb, cbt;  // the codebook in float, (E, d) and transposed (d, E): a few KB
+
+  VQKernel(const OrtApi& api, const OrtKernelInfo* info) {
+    (void)api;
+    Ort::ConstKernelInfo ki(info);
+    b = ki.GetAttribute<int64_t>("index_bits");
+    d = ki.GetAttribute<int64_t>("vec_dim");
+    g = ki.GetAttribute<int64_t>("group_size");
+    if (b < 1 || b > 8 || d < 1 || g < 1)
+      throw Error("VQMatMul " + ki.GetNodeName() + ": index_bits must be 1..8, vec_dim and group_size >= 1");
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Compute(context);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::VQMatMul: ") + e.what()).c_str());
+    }
+  }
+
+  static std::vector<int64_t> shape(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const size_t nin = ctx.GetInputCount();
+    auto in = [&](size_t i) -> Ort::ConstValue { return i < nin ? ctx.GetInput(i) : Ort::ConstValue(nullptr); };
+    Ort::ConstValue X = in(0), C = in(1), CB = in(2), S = in(3), P = in(4), LA = in(5), LB = in(6), BI = in(7);
+    const auto xs = shape(X), cs = shape(C), cbs = shape(CB), ss = shape(S);
+    if (xs.empty()) throw Error("x must have at least one dimension");
+    VQShape s{};
+    s.K = xs.back();
+    s.M = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i) s.M *= xs[i];
+    s.b = b, s.d = d, s.g = g, s.E = int64_t(1) << b;
+    if (cs.size() != 2) throw Error("codes must be 2-D (N, row bytes)");
+    s.N = cs[0];
+    s.rb = cs[1];
+    if (s.K % d) throw Error("vec_dim " + std::to_string(d) + " does not divide K=" + std::to_string(s.K));
+    s.nv = s.K / d;
+    s.G = (s.K + g - 1) / g;
+    if (s.rb != (s.nv * b + 7) / 8)
+      throw Error("codes has " + std::to_string(s.rb) + " bytes per row, expected " +
+                  std::to_string((s.nv * b + 7) / 8) + " for K=" + std::to_string(s.K) + ", d=" +
+                  std::to_string(d) + ", " + std::to_string(b) + "-bit indices");
+    if (cbs.size() != 2 || cbs[0] != s.E || cbs[1] != d)
+      throw Error("codebook must be float16 (" + std::to_string(s.E) + ", " + std::to_string(d) + ")");
+    if (ss.size() != 2 || ss[0] != s.N || ss[1] != s.G)
+      throw Error("scales must be float16 (" + std::to_string(s.N) + ", " + std::to_string(s.G) + ")");
+    const bool has_perm = P && P.IsTensor() && P.GetTensorTypeAndShapeInfo().GetElementCount() > 0;
+    if (has_perm && (shape(P).size() != 1 || shape(P)[0] != s.K))
+      throw Error("perm must be int32 (" + std::to_string(s.K) + ",)");
+    const bool has_lr = LA && LB && LA.GetTensorTypeAndShapeInfo().GetElementCount() > 0;
+    if (has_lr) {
+      const auto as = shape(LA), bs = shape(LB);
+      if (as.size() != 2 || bs.size() != 2 || as[1] != s.K || bs[0] != s.N || bs[1] != as[0])
+        throw Error("lora_a must be (r, K) and lora_b (N, r)");
+      s.r = as[0];
+    }
+    if (BI && BI.GetTensorTypeAndShapeInfo().GetElementCount() > 0 &&
+        BI.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(s.N))
+      throw Error("bias must have N=" + std::to_string(s.N) + " elements");
+
+    std::call_once(once, [&] {  // the codebook is a constant initializer: converted once
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(CB.GetTensorRawData());
+      cb.resize(s.E * d);
+      cbt.resize(s.E * d);
+      for (int64_t e = 0; e < s.E; ++e)
+        for (int64_t t = 0; t < d; ++t) cbt[t * s.E + e] = cb[e * d + t] = h2f(h[e * d + t]);
+    });
+
+    std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
+    ys.push_back(s.N);
+    float* y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
+    if (s.M == 0 || s.N == 0) return;
+    const float* x = X.GetTensorData<float>();
+
+    std::vector<float> xp_buf;  // x in stored column order
+    const float* xp = x;
+    if (has_perm) {
+      const int32_t* perm = P.GetTensorData<int32_t>();
+      for (int64_t j = 0; j < s.K; ++j)
+        if (perm[j] < 0 || perm[j] >= s.K) throw Error("perm holds an index outside 0..K-1");
+      xp_buf.resize(s.M * s.K);
+      for (int64_t m = 0; m < s.M; ++m)
+        for (int64_t j = 0; j < s.K; ++j) xp_buf[m * s.K + j] = x[m * s.K + perm[j]];
+      xp = xp_buf.data();
+    }
+    std::vector<float> lr_t;
+    if (has_lr) {  // A @ x per row of x (original order): r numbers each
+      const uint16_t* a = reinterpret_cast<const uint16_t*>(LA.GetTensorRawData());
+      lr_t.assign(s.M * s.r, 0.0f);
+      std::vector<float> arow(s.K);
+      for (int64_t q = 0; q < s.r; ++q) {
+        for (int64_t k = 0; k < s.K; ++k) arow[k] = h2f(a[q * s.K + k]);
+        for (int64_t m = 0; m < s.M; ++m) lr_t[m * s.r + q] = dot(arow.data(), x + m * s.K, s.K);
+      }
+    }
+    VQWork w{};
+    w.s = s;
+    w.xp = xp;
+    w.codes = C.GetTensorData<uint8_t>();
+    w.scales = reinterpret_cast<const uint16_t*>(S.GetTensorRawData());
+    w.cb = cb.data();
+    w.lr_t = has_lr ? lr_t.data() : nullptr;
+    w.lora_b = has_lr ? reinterpret_cast<const uint16_t*>(LB.GetTensorRawData()) : nullptr;
+    w.bias = (BI && BI.GetTensorTypeAndShapeInfo().GetElementCount() > 0) ? BI.GetTensorData<float>() : nullptr;
+    w.y = y;
+    const size_t tasks = static_cast<size_t>((s.N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+    if (s.M > GEMV_MAX_ROWS) {
+      ctx.ParallelFor(gemm_task, tasks, 0, &w);
+      return;
+    }
+    w.fast = g % d == 0 && (g / d) % 8 == 0 && s.nv % 8 == 0;
+    if (w.fast) {  // the largest multiple of 8 dividing the group's vectors whose table part fits 16 KB
+      const int64_t vg = g / d;
+      w.chunk_v = 8;
+      for (int64_t c = 8; c <= vg; c += 8)
+        if (vg % c == 0 && c * s.E <= 4096) w.chunk_v = c;
+    }
+    std::vector<float> lut(w.fast ? s.nv * s.E : 0);
+    std::vector<uint8_t> last_row;
+    if (w.fast) {
+      last_row.assign(s.rb + 8, 0);
+      std::memcpy(last_row.data(), w.codes + (s.N - 1) * s.rb, s.rb);
+      w.last_row = last_row.data();
+    }
+    for (int64_t m = 0; m < s.M; ++m) {
+      w.m = m;
+      if (w.fast) {  // lut[v, e] = <x slice v, codebook entry e>
+        const float* xr = xp + m * s.K;
+        for (int64_t v = 0; v < s.nv; ++v) {
+          float* out = lut.data() + v * s.E;
+          int64_t e = 0;
+          for (; e + 8 <= s.E; e += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t t = 0; t < d; ++t)
+              acc = _mm256_fmadd_ps(_mm256_loadu_ps(cbt.data() + t * s.E + e), _mm256_set1_ps(xr[v * d + t]), acc);
+            _mm256_storeu_ps(out + e, acc);
+          }
+          for (; e < s.E; ++e) {
+            float acc = 0.0f;
+            for (int64_t t = 0; t < d; ++t) acc += cb[e * d + t] * xr[v * d + t];
+            out[e] = acc;
+          }
+        }
+        w.lut = lut.data();
+      }
+      ctx.ParallelFor(gemv_task, tasks, 0, &w);
+    }
+  }
+};
+
+struct VQMatMulOp : Ort::CustomOpBase<VQMatMulOp, VQKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new VQKernel(api, info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::VQMatMul: ") + e.what()).c_str());
+    }
+  }
+  const char* GetName() const { return "VQMatMul"; }
+  size_t GetInputTypeCount() const { return 8; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 4: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      case 7: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < 4 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+VQMatMulOp g_vq_op;
+
+}  // namespace
+
+extern "C" {
+
+// the entry point ONNX Runtime calls (SessionOptions.register_custom_ops_library)
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                 const OrtApiBase* api_base) {
+  g_api = api_base->GetApi(ORT_API_VERSION);
+  if (!g_api) return nullptr;  // cannot even report: an ONNX Runtime older than these headers
+  Ort::InitApi(g_api);
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* st = g_api->CreateCustomOpDomain("lowbit.ort", &domain)) return st;
+  if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_vq_op)) return st;
+  return g_api->AddCustomOpDomain(options, domain);
+}
+
+// the library's format version, checked by lowbit before it registers the library
+__attribute__((visibility("default"))) int lowbit_ort_ops_version() { return 1; }
+}

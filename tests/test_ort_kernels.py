@@ -1,0 +1,151 @@
+"""lowbit's ONNX Runtime library (``lowbit.ort`` domain): ``VQMatMul`` equals the VQ format's reference for every
+shape it accepts (vector and scalar paths, one row and many), a decoder exported with ``--ort-kernels lowbit``
+matches the torch program exactly and holds the packed bytes, and what cannot run says so.
+
+The library is built on first use (``lowbit.kernels.ort_ops.build``: Debian's ONNX Runtime headers, g++); where it
+cannot be built (no compiler, no access to Debian's archive, a CPU without AVX2) these tests are skipped."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lowbit.compiler.lowering.onnx_graph import GraphBuilder
+from lowbit.compiler.lowering.ort_linears import lower_linear
+from lowbit.errors import LowbitError
+from lowbit.kernels import ort_ops
+from lowbit.runtime.formats import LowRank, VQCodebook
+
+
+@pytest.fixture(scope="module")
+def lib():
+    try:
+        return ort_ops.build(progress=lambda m: None)
+    except LowbitError as e:
+        pytest.skip(f"lowbit's ONNX Runtime library cannot be built here: {e}")
+
+
+def _vq(n, k, bits, d, g, perm=True, rank=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lr = LowRank(torch.randn(rank, k, generator=gen) * 0.1, torch.randn(n, rank, generator=gen) * 0.1) if rank else None
+    return VQCodebook.from_indices(torch.randint(0, 1 << bits, (n, k // d), generator=gen),
+                                   torch.randn(1 << bits, d, generator=gen), torch.rand(n, -(-k // g), generator=gen) + 0.5,
+                                   bits, g, perm=torch.randperm(k, generator=gen) if perm else None, lowrank=lr)
+
+
+def _session(fmt, bias=None):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = GraphBuilder()
+    b = None if bias is None else torch.from_numpy(bias)
+    y, rec = lower_linear(g, "x", fmt, "lin", bias=b, kernels="lowbit")
+    g.nodes[-1].output[0] = "y"
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                          [None, None, fmt.in_features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
+    m.ir_version = 10
+    opts = ort.SessionOptions()
+    ort_ops.register(opts)
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]), rec
+
+
+@pytest.mark.parametrize("n,k,bits,d,g,perm,rank,rows", [
+    (64, 256, 8, 4, 128, True, 0, 1),    # ReALLM d4b8g128: the vector path, 8-bit codes
+    (70, 256, 6, 2, 128, True, 8, 1),    # d2b6 + low rank; N not a multiple of the 64-row tasks
+    (65, 512, 7, 2, 64, False, 0, 3),    # 7-bit codes straddling bytes; a few rows: lookup-table GEMV per row
+    (33, 90, 3, 3, 10, True, 2, 1),      # d=3, groups of 10: the scalar path
+    (24, 64, 1, 1, 16, False, 0, 2),     # 1-bit indices, d=1
+    (40, 96, 5, 2, 32, True, 4, 9),      # 9 rows: the dequantized-tile path
+    (17, 120, 4, 4, 40, True, 0, 20),    # odd everything, tile path with a partial 4-row block
+])
+def test_vq_matmul_equals_the_format_reference(lib, n, k, bits, d, g, perm, rank, rows):
+    fmt = _vq(n, k, bits, d, g, perm, rank)
+    bias = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    sess, rec = _session(fmt, bias)
+    assert rec["rel_err"] == 0.0 and "VQMatMul" in rec["lowering"]
+    assert rec["ort_bytes"] <= fmt.nbytes() + 2 * k  # the packed tensors themselves (perm widened to int32)
+    x = np.random.default_rng(1).standard_normal((2, rows, k)).astype(np.float32)
+    got = sess.run(None, {"x": x})[0]
+    ref = (torch.from_numpy(x) @ fmt.dequantize().t() + torch.from_numpy(bias)).numpy()
+    assert got.shape == (2, rows, n)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_vq_matmul_rejects_inconsistent_inputs(lib):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    fmt = _vq(32, 64, 4, 2, 32, perm=False)
+    inits = [numpy_helper.from_array(fmt.codes.numpy()[:, :-1].copy(), "codes"),  # one byte short per row
+             numpy_helper.from_array(fmt.codebook.numpy(), "cb"), numpy_helper.from_array(fmt.scales.numpy(), "sc")]
+    node = helper.make_node("VQMatMul", ["x", "codes", "cb", "sc"], ["y"], domain=ort_ops.DOMAIN, name="bad",
+                            index_bits=4, vec_dim=2, group_size=32)
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
+    m.ir_version = 10
+    opts = ort.SessionOptions()
+    ort_ops.register(opts)
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="codes has 15 bytes per row, expected 16"):
+        sess.run(None, {"x": np.zeros((1, 64), np.float32)})
+
+
+def test_decoder_with_lowbit_kernels_is_exact_and_holds_packed_bytes(lib, tiny_dir, text_file, tmp_path):
+    from lowbit.compiler.frontend.cli import compile_main
+    from lowbit.compiler.lowering.onnx_artifact import export_artifact
+    from lowbit.runtime.artifact import load
+    from lowbit.runtime.onnx_runtime import OrtDecoder
+
+    d = tmp_path / "reallm"
+    assert compile_main([str(tiny_dir("llama")), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64", "-q",
+                         "--float-dtype", "float32", "-o", str(d), "--method", "reallm", "--bits-budget", "3.4",
+                         "--reallm-candidates", "d2b4g32r0,d2b5g32r4", "--reallm-kmeans-iters", "4"]) == 0
+    s = export_artifact(d, accuracy_level=0, kernels="lowbit", progress=lambda m: None)
+    dec_info = s["decoder"]
+    assert dec_info["ort_kernels"] == "lowbit" and dec_info["custom_ops"]["domain"] == ort_ops.DOMAIN
+    vq = {k: r for k, r in dec_info["layers"].items() if "VQMatMul" in r["lowering"]}
+    assert vq and all(r["rel_err"] == 0.0 for r in vq.values())
+    # resident = the packed tensors (the int16 permutation read as int32): not a grid's 1.6-3.5x
+    assert sum(r["ort_bytes"] for r in vq.values()) <= 1.1 * sum(r["packed_bytes"] for r in vq.values())
+    m = onnx.load(str(d / "onnx" / "decoder.onnx"), load_external_data=False)
+    assert ort_ops.uses_lowbit_ops(m)
+    assert s["check"]["decoder_max_rel_err_vs_torch"] < 1e-4, s["check"]
+    art = load(d)
+    ids = torch.randint(0, 100, (1, 10))
+    ref = art(ids).float()
+    dec = OrtDecoder(d / "onnx")
+    logits, cache = dec.step(ids[:, :6].numpy(), dec.empty_cache())  # 6 rows: tile path; then 1-row GEMVs
+    steps = [logits]
+    for t in range(6, 10):
+        logits, cache = dec.step(ids[:, t:t + 1].numpy(), cache)
+        steps.append(logits)
+    full = torch.from_numpy(np.concatenate(steps, 1))
+    assert float((full - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_without_the_library_a_lowbit_kernel_model_is_refused_clearly(lib, tmp_path, monkeypatch):
+    from lowbit.compiler.lowering.onnx_artifact import export_artifact
+    from lowbit.runtime.onnx_runtime import OnnxModelError, session
+
+    sess, _ = _session(_vq(16, 32, 4, 2, 16))
+    g = GraphBuilder()
+    y, _ = lower_linear(g, "x", _vq(16, 32, 4, 2, 16), "lin", kernels="lowbit")
+    from onnx import TensorProto, helper
+
+    g.nodes[-1].output[0] = "y"
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
+    onnx.save(m, str(tmp_path / "model.onnx"))
+    assert session(tmp_path, "model.onnx") is not None
+    monkeypatch.setattr(ort_ops, "available", lambda: False)
+    with pytest.raises(OnnxModelError, match="model.onnx: .*lowbit.ort.*build-ort-kernels"):
+        session(tmp_path, "model.onnx")
+    with pytest.raises(LowbitError, match="build-ort-kernels"):
+        export_artifact(tmp_path / "no-artifact", kernels="lowbit", progress=lambda m: None)
+    monkeypatch.undo()
+    with pytest.raises(LowbitError, match="--genai with --ort-kernels lowbit"):
+        export_artifact(tmp_path / "no-artifact", kernels="lowbit", genai=True, progress=lambda m: None)
