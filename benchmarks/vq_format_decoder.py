@@ -12,6 +12,8 @@ act-order from the input's Hessian is) and a rank-R SVD of the residual. It writ
 
 ``--format w2g64r8``: RTN codes plus a rank-R SVD of the residual (ApiQ's storage; ApiQ's calibration takes hours).
 
+``--ort-kernels lowbit``: VQ layers as ``lowbit.ort::VQMatMul`` (lowbit's ONNX Runtime library, built first).
+
 Usage: python benchmarks/vq_format_decoder.py --format d4b8g128r8 --head 4 -o out/speed/vq-d4b8g128r8-h4
        python benchmarks/vq_format_decoder.py --format w2g64r8 --head 4 -o out/speed/apiq-w2g64r8-h4
 """
@@ -55,6 +57,8 @@ def main() -> int:
     ap.add_argument("--head", choices=["float", "4"], default="4", help="head (and tied embedding): RTN 4-bit g32")
     ap.add_argument("--vq-lowrank", choices=["exact", "fold"], default="fold",
                     help="the low-rank term as a float MatMul pair or folded into the 4-bit grid (lowbit-export's flag)")
+    ap.add_argument("--ort-kernels", choices=["stock", "lowbit"], default="stock",
+                    help="VQ layers on MatMulNBits grids (stock) or as lowbit.ort::VQMatMul (lowbit-export's flag)")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
     m = re.fullmatch(r"d(\d+)b(\d+)g(\d+)r(\d+)", a.format)
@@ -83,7 +87,7 @@ def main() -> int:
     out = Path(a.output) / "onnx"
     out.mkdir(parents=True, exist_ok=True)
     info = _build(model.config.to_dict(), tens, formats, out / "decoder.onnx", 4, None, 32, None, None, "grid",
-                  True, vq_lowrank=a.vq_lowrank)
+                  True, vq_lowrank=a.vq_lowrank, kernels=a.ort_kernels)
     (out / "export.json").write_text(json.dumps({"graphs": {"decoder": "decoder.onnx"}, "cache": info["cache"],
                                                  "decoder": {k: v for k, v in info.items() if k != "layers"},
                                                  "synthetic_vq": a.format}, indent=1))

@@ -64,28 +64,9 @@ inline uint32_t code_at(const uint8_t* row, int64_t i, int b) {
   return (v >> (bit & 7)) & ((1u << b) - 1);
 }
 
-// codes j..j+7 (j a multiple of 8: they fill exactly B bytes) as int32 lanes in the order 0,4,1,5,2,6,3,7; reads 8
-// bytes from the group's first (one 64-bit load: narrower copies stall store-forwarding), so the caller keeps 8
-// readable bytes after every row it passes
-template <int B>
-inline __m256i codes8(const uint8_t* row, int64_t j) {
-  const uint8_t* p = row + (j >> 3) * B;
-  if (B == 8)
-    return _mm256_permutevar8x32_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
-                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  const __m256i vv = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i lo = _mm256_srlv_epi64(vv, _mm256_setr_epi64x(0, B, 2 * B, 3 * B));
-  const __m256i hi = _mm256_srlv_epi64(vv, _mm256_setr_epi64x(4 * B, 5 * B, 6 * B, 7 * B));
-  const __m256i both = _mm256_blend_epi32(lo, _mm256_slli_epi64(hi, 32), 0xAA);
-  return _mm256_and_si256(both, _mm256_set1_epi32((1 << B) - 1));
-}
-
-// 8 table entries; the zero source operand breaks the dependency of each gather on the previous one's register
-inline __m256 gather8(const float* lut, __m256i idx) {
-  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), lut, idx, _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
-}
-
-constexpr int64_t ROWS_PER_TASK = 64;
+constexpr int64_t ROWS_PER_TASK = 32;  // small tasks balance two threads on 192-row matrices
+// at most this many rows of x run through the GEMV (codes decoded once for all of them); more as dequantized tiles
+constexpr int64_t GEMV_MAX_ROWS = 4;
 
 struct VQShape {
   int64_t M, N, K, b, d, g, E, nv, G, rb, r;
@@ -97,49 +78,86 @@ struct VQWork {
   const uint8_t* codes;   // (N, rb)
   const uint16_t* scales; // (N, G) fp16
   const float* cb;        // (E, d)
-  const float* lut;       // (nv, E) for the current row of x (GEMV)
   const float* lr_t;      // (M, r): A @ x, or null
   const uint16_t* lora_b; // (N, r) fp16, or null
   const float* bias;      // (N,), or null
   float* y;               // (M, N)
-  int64_t m;              // GEMV: the row of x
   bool fast;
-  int64_t chunk_v;        // vectors per table chunk (fast path)
   const uint8_t* last_row; // the last row of codes followed by 8 zero bytes (fast path)
 };
 
-// GEMV output rows [n0, n1) for x row w.m: per chunk of vectors (a slice of one scale group whose part of the
-// table fits the L1 cache), every row's lookups, then the group scale; one vector accumulator per row
-template <int B>
+// GEMV output rows [n0, n1) for all (<= GEMV_MAX_ROWS) rows of x: each block of 8 codes is decoded once (codebook
+// entries loaded by index, d = 1, 2, 4 or 8 floats each) and multiplied with every row of x; per group, the sum
+// is scaled once. The codebook (2^b x d floats, <= 8 KB) stays in L1.
+template <int B, int D, int M>  // M: rows of x, a template argument so that the accumulators stay in registers
 void vq_rows_fast(const VQWork& w, int64_t n0, int64_t n1, float* out) {
   const VQShape& s = w.s;
-  const int64_t vg = s.g / s.d;  // vectors per group; chunk_v divides it and is a multiple of 8
-  __m256 acc[ROWS_PER_TASK];
-  for (int64_t i = 0; i < n1 - n0; ++i) acc[i] = _mm256_setzero_ps();
-  const __m256i order = _mm256_mullo_epi32(_mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
-                                           _mm256_set1_epi32(static_cast<int>(s.E)));
-  const __m256i step = _mm256_set1_epi32(static_cast<int>(8 * s.E));
-  for (int64_t v0 = 0; v0 < s.nv; v0 += w.chunk_v) {
-    const int64_t v1 = std::min(s.nv, v0 + w.chunk_v), gi = v0 / vg;
-    const __m256i base0 = _mm256_add_epi32(order, _mm256_set1_epi32(static_cast<int>(v0 * s.E)));
-    for (int64_t n = n0; n < n1; ++n) {
-      // the last row is read from a padded copy: codes8 reads up to 7 bytes past a group
-      const uint8_t* row = n == s.N - 1 ? w.last_row : w.codes + n * s.rb;
-      __m256i base = base0;
-      __m256 a = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      int64_t j = v0;
-      for (; j + 16 <= v1; j += 16) {  // two gathers in flight
-        a = _mm256_add_ps(a, gather8(w.lut, _mm256_add_epi32(codes8<B>(row, j), base)));
-        base = _mm256_add_epi32(base, step);
-        a1 = _mm256_add_ps(a1, gather8(w.lut, _mm256_add_epi32(codes8<B>(row, j + 8), base)));
-        base = _mm256_add_epi32(base, step);
+  const int64_t K = s.K;
+  const char* cb = reinterpret_cast<const char*>(w.cb);
+  constexpr int kShift = D == 1 ? 2 : D == 2 ? 3 : D == 4 ? 4 : 5;  // byte offset of an entry: code * D * 4
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = n == s.N - 1 ? w.last_row : w.codes + n * s.rb;  // 8-byte loads may pass a row's end
+    __m256 tot[M];
+    for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < s.G; ++gi) {
+      const int64_t c1 = std::min(K, (gi + 1) * s.g);
+      __m256 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t c = gi * s.g; c < c1; c += 8 * D) {  // 8 codes: 8 * D columns
+        // the 8 codes fill B bytes: one 64-bit load, then each code's byte offset in the codebook by shift and mask
+        // (scalar: a vector of offsets stored and reloaded would stall store-to-load forwarding)
+        uint64_t v;
+        std::memcpy(&v, row + (c / D / 8) * B, 8);
+        auto entry = [&](int i) -> const float* {
+          constexpr uint64_t kMask = (uint64_t(1) << B) - 1;
+          return reinterpret_cast<const float*>(cb + (((v >> (i * B)) & kMask) << kShift));
+        };
+        for (int q = 0; q < D; ++q) {  // 8 columns at a time: 8 / D entries
+          __m256 wv;
+          if (D == 1) {
+            wv = _mm256_setr_ps(*entry(0), *entry(1), *entry(2), *entry(3), *entry(4), *entry(5), *entry(6),
+                                *entry(7));
+          } else if (D == 2) {
+            const int i = 4 * q;
+            __m128 lo = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(entry(i)));
+            lo = _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(entry(i + 1)));
+            __m128 hi = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(entry(i + 2)));
+            hi = _mm_loadh_pi(hi, reinterpret_cast<const __m64*>(entry(i + 3)));
+            wv = _mm256_set_m128(hi, lo);
+          } else if (D == 4) {
+            wv = _mm256_loadu2_m128(entry(2 * q + 1), entry(2 * q));
+          } else {
+            wv = _mm256_loadu_ps(entry(q));
+          }
+          const float* xc = w.xp + c + 8 * q;
+          for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xc + m * K), acc[m]);
+        }
       }
-      if (j < v1) a = _mm256_add_ps(a, gather8(w.lut, _mm256_add_epi32(codes8<B>(row, j), base)));
-      a = _mm256_add_ps(a, a1);
-      acc[n - n0] = _mm256_fmadd_ps(a, _mm256_set1_ps(h2f(w.scales[n * s.G + gi])), acc[n - n0]);
+      const __m256 sc = _mm256_set1_ps(h2f(w.scales[n * s.G + gi]));
+      for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(acc[m], sc, tot[m]);
     }
+    for (int m = 0; m < M; ++m) out[m * ROWS_PER_TASK + (n - n0)] = hsum(tot[m]);
   }
-  for (int64_t n = n0; n < n1; ++n) out[n - n0] = hsum(acc[n - n0]);
+}
+
+template <int B, int D>
+void vq_rows_fast_m(const VQWork& w, int64_t n0, int64_t n1, float* out) {
+  switch (w.s.M) {
+    case 1: vq_rows_fast<B, D, 1>(w, n0, n1, out); break;
+    case 2: vq_rows_fast<B, D, 2>(w, n0, n1, out); break;
+    case 3: vq_rows_fast<B, D, 3>(w, n0, n1, out); break;
+    default: vq_rows_fast<B, D, 4>(w, n0, n1, out); break;
+  }
+}
+
+template <int B>
+void vq_rows_fast_b(const VQWork& w, int64_t n0, int64_t n1, float* out) {
+  switch (w.s.d) {
+    case 1: vq_rows_fast_m<B, 1>(w, n0, n1, out); break;
+    case 2: vq_rows_fast_m<B, 2>(w, n0, n1, out); break;
+    case 4: vq_rows_fast_m<B, 4>(w, n0, n1, out); break;
+    default: vq_rows_fast_m<B, 8>(w, n0, n1, out); break;
+  }
 }
 
 // the readable reference: every stored column's weight from its code, codebook entry and group scale
@@ -156,10 +174,22 @@ void vq_dequant_row(const VQShape& s, const uint8_t* codes, const uint16_t* scal
   }
 }
 
+// fp16 -> float, 8 at a time (F16C)
+inline void h2f_n(const uint16_t* h, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = h2f(h[i]);
+}
+
 float lowrank_add(const VQWork& w, int64_t m, int64_t n) {
   if (!w.lr_t) return 0.0f;
-  float acc = 0.0f;
-  for (int64_t q = 0; q < w.s.r; ++q) acc += h2f(w.lora_b[n * w.s.r + q]) * w.lr_t[m * w.s.r + q];
+  float b[64], acc = 0.0f;
+  for (int64_t q0 = 0; q0 < w.s.r; q0 += 64) {
+    const int64_t len = std::min<int64_t>(64, w.s.r - q0);
+    h2f_n(w.lora_b + n * w.s.r + q0, b, len);
+    for (int64_t q = 0; q < len; ++q) acc += b[q] * w.lr_t[m * w.s.r + q0 + q];
+  }
   return acc;
 }
 
@@ -167,35 +197,35 @@ void gemv_task(void* p, size_t task) {
   const VQWork& w = *static_cast<const VQWork*>(p);
   const VQShape& s = w.s;
   const int64_t n0 = static_cast<int64_t>(task) * ROWS_PER_TASK, n1 = std::min(s.N, n0 + ROWS_PER_TASK);
-  const float* x = w.xp + w.m * s.K;
-  std::vector<float> tmp;
-  float fast_out[ROWS_PER_TASK];
+  float out[GEMV_MAX_ROWS * ROWS_PER_TASK];
   if (w.fast) {
     switch (s.b) {
-      case 1: vq_rows_fast<1>(w, n0, n1, fast_out); break;
-      case 2: vq_rows_fast<2>(w, n0, n1, fast_out); break;
-      case 3: vq_rows_fast<3>(w, n0, n1, fast_out); break;
-      case 4: vq_rows_fast<4>(w, n0, n1, fast_out); break;
-      case 5: vq_rows_fast<5>(w, n0, n1, fast_out); break;
-      case 6: vq_rows_fast<6>(w, n0, n1, fast_out); break;
-      case 7: vq_rows_fast<7>(w, n0, n1, fast_out); break;
-      default: vq_rows_fast<8>(w, n0, n1, fast_out); break;
+      case 1: vq_rows_fast_b<1>(w, n0, n1, out); break;
+      case 2: vq_rows_fast_b<2>(w, n0, n1, out); break;
+      case 3: vq_rows_fast_b<3>(w, n0, n1, out); break;
+      case 4: vq_rows_fast_b<4>(w, n0, n1, out); break;
+      case 5: vq_rows_fast_b<5>(w, n0, n1, out); break;
+      case 6: vq_rows_fast_b<6>(w, n0, n1, out); break;
+      case 7: vq_rows_fast_b<7>(w, n0, n1, out); break;
+      default: vq_rows_fast_b<8>(w, n0, n1, out); break;
     }
-  }
-  for (int64_t n = n0; n < n1; ++n) {
-    float acc;
-    if (w.fast) {
-      acc = fast_out[n - n0];
-    } else {
-      tmp.resize(s.K);
+  } else {  // the reference: each row dequantized, then its dot product with every row of x
+    std::vector<float> tmp(s.K);
+    for (int64_t n = n0; n < n1; ++n) {
       vq_dequant_row(s, w.codes, w.scales, w.cb, n, tmp.data());
-      acc = 0.0f;
-      for (int64_t c = 0; c < s.K; ++c) acc += tmp[c] * x[c];
+      for (int64_t m = 0; m < s.M; ++m) {
+        float acc = 0.0f;
+        for (int64_t c = 0; c < s.K; ++c) acc += tmp[c] * w.xp[m * s.K + c];
+        out[m * ROWS_PER_TASK + (n - n0)] = acc;
+      }
     }
-    acc += lowrank_add(w, w.m, n);
-    if (w.bias) acc += w.bias[n];
-    w.y[w.m * s.N + n] = acc;
   }
+  for (int64_t m = 0; m < s.M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      float acc = out[m * ROWS_PER_TASK + (n - n0)] + lowrank_add(w, m, n);
+      if (w.bias) acc += w.bias[n];
+      w.y[m * s.N + n] = acc;
+    }
 }
 
 inline float dot(const float* a, const float* b, int64_t k) {
@@ -256,13 +286,11 @@ void gemm_task(void* p, size_t task) {
     }
 }
 
-// at most this many rows of x run as lookup-table GEMVs; more as dequantized tiles
-constexpr int64_t GEMV_MAX_ROWS = 4;
 
 struct VQKernel {
   int64_t b, d, g;
   std::once_flag once;
-  std::vector<float> cb, cbt;  // the codebook in float, (E, d) and transposed (d, E): a few KB
+  std::vector<float> cb;  // the codebook in float, (E, d): at most 8 KB
 
   VQKernel(const OrtApi& api, const OrtKernelInfo* info) {
     (void)api;
@@ -328,9 +356,8 @@ struct VQKernel {
     std::call_once(once, [&] {  // the codebook is a constant initializer: converted once
       const uint16_t* h = reinterpret_cast<const uint16_t*>(CB.GetTensorRawData());
       cb.resize(s.E * d);
-      cbt.resize(s.E * d);
       for (int64_t e = 0; e < s.E; ++e)
-        for (int64_t t = 0; t < d; ++t) cbt[t * s.E + e] = cb[e * d + t] = h2f(h[e * d + t]);
+        for (int64_t t = 0; t < d; ++t) cb[e * d + t] = h2f(h[e * d + t]);
     });
 
     std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
@@ -356,7 +383,7 @@ struct VQKernel {
       lr_t.assign(s.M * s.r, 0.0f);
       std::vector<float> arow(s.K);
       for (int64_t q = 0; q < s.r; ++q) {
-        for (int64_t k = 0; k < s.K; ++k) arow[k] = h2f(a[q * s.K + k]);
+        h2f_n(a + q * s.K, arow.data(), s.K);
         for (int64_t m = 0; m < s.M; ++m) lr_t[m * s.r + q] = dot(arow.data(), x + m * s.K, s.K);
       }
     }
@@ -375,43 +402,15 @@ struct VQKernel {
       ctx.ParallelFor(gemm_task, tasks, 0, &w);
       return;
     }
-    w.fast = g % d == 0 && (g / d) % 8 == 0 && s.nv % 8 == 0;
-    if (w.fast) {  // the largest multiple of 8 dividing the group's vectors whose table part fits 16 KB
-      const int64_t vg = g / d;
-      w.chunk_v = 8;
-      for (int64_t c = 8; c <= vg; c += 8)
-        if (vg % c == 0 && c * s.E <= 4096) w.chunk_v = c;
-    }
-    std::vector<float> lut(w.fast ? s.nv * s.E : 0);
+    // the vector path: d of 1, 2, 4 or 8 and groups (and K) made of whole 8-code blocks
+    w.fast = (d == 1 || d == 2 || d == 4 || d == 8) && g % (8 * d) == 0 && s.K % (8 * d) == 0;
     std::vector<uint8_t> last_row;
     if (w.fast) {
       last_row.assign(s.rb + 8, 0);
       std::memcpy(last_row.data(), w.codes + (s.N - 1) * s.rb, s.rb);
       w.last_row = last_row.data();
     }
-    for (int64_t m = 0; m < s.M; ++m) {
-      w.m = m;
-      if (w.fast) {  // lut[v, e] = <x slice v, codebook entry e>
-        const float* xr = xp + m * s.K;
-        for (int64_t v = 0; v < s.nv; ++v) {
-          float* out = lut.data() + v * s.E;
-          int64_t e = 0;
-          for (; e + 8 <= s.E; e += 8) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t t = 0; t < d; ++t)
-              acc = _mm256_fmadd_ps(_mm256_loadu_ps(cbt.data() + t * s.E + e), _mm256_set1_ps(xr[v * d + t]), acc);
-            _mm256_storeu_ps(out + e, acc);
-          }
-          for (; e < s.E; ++e) {
-            float acc = 0.0f;
-            for (int64_t t = 0; t < d; ++t) acc += cb[e * d + t] * xr[v * d + t];
-            out[e] = acc;
-          }
-        }
-        w.lut = lut.data();
-      }
-      ctx.ParallelFor(gemv_task, tasks, 0, &w);
-    }
+    ctx.ParallelFor(gemv_task, tasks, 0, &w);
   }
 };
 
