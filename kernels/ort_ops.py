@@ -101,7 +101,11 @@ def _fetch_headers(progress=print) -> Path:
                     (tmp / Path(m.name).name).write_bytes(tf.extractfile(m).read())
         if not (tmp / "onnxruntime_c_api.h").is_file():
             raise LowbitError(f"{url}: {name} holds no onnxruntime_c_api.h")
-        tmp.rename(HEADERS_DIR)
+        try:
+            tmp.rename(HEADERS_DIR)
+        except OSError:  # another process (a parallel test worker) put them there first
+            if not (HEADERS_DIR / "onnxruntime_c_api.h").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return HEADERS_DIR

@@ -67,6 +67,9 @@ inline uint32_t code_at(const uint8_t* row, int64_t i, int b) {
 constexpr int64_t ROWS_PER_TASK = 32;  // small tasks balance two threads on 192-row matrices
 // at most this many rows of x run through the GEMV (codes decoded once for all of them); more as dequantized tiles
 constexpr int64_t GEMV_MAX_ROWS = 4;
+// GEMVs of fewer weights run on the calling thread: at SmolLM2's 192 x 576 (k/v) one thread took 23 us per call and
+// two 27 us (the pool's wake-up); from 576 x 576 (q/o: 46 us on one thread) two threads pay
+constexpr int64_t SERIAL_GEMV_WEIGHTS = 1 << 17;
 
 struct VQShape {
   int64_t M, N, K, b, d, g, E, nv, G, rb, r;
@@ -89,52 +92,63 @@ struct VQWork {
 // GEMV output rows [n0, n1) for all (<= GEMV_MAX_ROWS) rows of x: each block of 8 codes is decoded once (codebook
 // entries loaded by index, d = 1, 2, 4 or 8 floats each) and multiplied with every row of x; per group, the sum
 // is scaled once. The codebook (2^b x d floats, <= 8 KB) stays in L1.
+// 8 columns of weights (8 / D codebook entries) of the 8-code block at column c, q-th 8 columns of it. The block's
+// codes fill B bytes: one 64-bit load, then each code's byte offset by shift and mask. Scalar on purpose: a vector
+// of offsets stored and reloaded would stall store-to-load forwarding.
+template <int B, int D>
+inline __m256 vq_weights8(const uint8_t* row, const char* cb, int64_t c, int q) {
+  constexpr int kShift = D == 1 ? 2 : D == 2 ? 3 : D == 4 ? 4 : 5;  // byte offset of an entry: code * D * 4
+  constexpr uint64_t kMask = (uint64_t(1) << B) - 1;
+  uint64_t v;
+  std::memcpy(&v, row + (c / D / 8) * B, 8);
+  auto entry = [cb, v](int i) -> const float* {
+    return reinterpret_cast<const float*>(cb + (((v >> (i * B)) & kMask) << kShift));
+  };
+  if (D == 1)
+    return _mm256_setr_ps(*entry(0), *entry(1), *entry(2), *entry(3), *entry(4), *entry(5), *entry(6), *entry(7));
+  if (D == 2) {
+    const int i = 4 * q;
+    __m128 lo = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(entry(i)));
+    lo = _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(entry(i + 1)));
+    __m128 hi = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(entry(i + 2)));
+    hi = _mm_loadh_pi(hi, reinterpret_cast<const __m64*>(entry(i + 3)));
+    return _mm256_set_m128(hi, lo);
+  }
+  if (D == 4) return _mm256_loadu2_m128(entry(2 * q + 1), entry(2 * q));
+  return _mm256_loadu_ps(entry(q));
+}
+
 template <int B, int D, int M>  // M: rows of x, a template argument so that the accumulators stay in registers
 void vq_rows_fast(const VQWork& w, int64_t n0, int64_t n1, float* out) {
   const VQShape& s = w.s;
   const int64_t K = s.K;
   const char* cb = reinterpret_cast<const char*>(w.cb);
-  constexpr int kShift = D == 1 ? 2 : D == 2 ? 3 : D == 4 ? 4 : 5;  // byte offset of an entry: code * D * 4
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = n == s.N - 1 ? w.last_row : w.codes + n * s.rb;  // 8-byte loads may pass a row's end
     __m256 tot[M];
     for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps();
     for (int64_t gi = 0; gi < s.G; ++gi) {
       const int64_t c1 = std::min(K, (gi + 1) * s.g);
-      __m256 acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+      // two accumulators per row of x, alternating by 8 columns: the FMA latency is not one chain
+      __m256 a0[M], a1[M];
+      for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
       for (int64_t c = gi * s.g; c < c1; c += 8 * D) {  // 8 codes: 8 * D columns
-        // the 8 codes fill B bytes: one 64-bit load, then each code's byte offset in the codebook by shift and mask
-        // (scalar: a vector of offsets stored and reloaded would stall store-to-load forwarding)
-        uint64_t v;
-        std::memcpy(&v, row + (c / D / 8) * B, 8);
-        auto entry = [&](int i) -> const float* {
-          constexpr uint64_t kMask = (uint64_t(1) << B) - 1;
-          return reinterpret_cast<const float*>(cb + (((v >> (i * B)) & kMask) << kShift));
-        };
-        for (int q = 0; q < D; ++q) {  // 8 columns at a time: 8 / D entries
-          __m256 wv;
-          if (D == 1) {
-            wv = _mm256_setr_ps(*entry(0), *entry(1), *entry(2), *entry(3), *entry(4), *entry(5), *entry(6),
-                                *entry(7));
-          } else if (D == 2) {
-            const int i = 4 * q;
-            __m128 lo = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(entry(i)));
-            lo = _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(entry(i + 1)));
-            __m128 hi = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(entry(i + 2)));
-            hi = _mm_loadh_pi(hi, reinterpret_cast<const __m64*>(entry(i + 3)));
-            wv = _mm256_set_m128(hi, lo);
-          } else if (D == 4) {
-            wv = _mm256_loadu2_m128(entry(2 * q + 1), entry(2 * q));
-          } else {
-            wv = _mm256_loadu_ps(entry(q));
-          }
+        for (int q = 0; q < D; q += 2) {
+          const __m256 w0 = vq_weights8<B, D>(row, cb, c, q);
           const float* xc = w.xp + c + 8 * q;
-          for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xc + m * K), acc[m]);
+          if (D == 1) {
+            for (int m = 0; m < M; ++m) a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xc + m * K), a0[m]);
+          } else {
+            const __m256 w1 = vq_weights8<B, D>(row, cb, c, q + 1);
+            for (int m = 0; m < M; ++m) {
+              a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xc + m * K), a0[m]);
+              a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xc + 8 + m * K), a1[m]);
+            }
+          }
         }
       }
       const __m256 sc = _mm256_set1_ps(h2f(w.scales[n * s.G + gi]));
-      for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(acc[m], sc, tot[m]);
+      for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(a0[m], a1[m]), sc, tot[m]);
     }
     for (int m = 0; m < M; ++m) out[m * ROWS_PER_TASK + (n - n0)] = hsum(tot[m]);
   }
@@ -184,6 +198,13 @@ inline void h2f_n(const uint16_t* h, float* out, int64_t n) {
 
 float lowrank_add(const VQWork& w, int64_t m, int64_t n) {
   if (!w.lr_t) return 0.0f;
+  if (w.s.r % 8 == 0) {  // 8 ranks per step: one F16C conversion and one FMA
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t q = 0; q < w.s.r; q += 8)
+      acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lora_b + n * w.s.r + q))),
+                            _mm256_loadu_ps(w.lr_t + m * w.s.r + q), acc);
+    return hsum(acc);
+  }
   float b[64], acc = 0.0f;
   for (int64_t q0 = 0; q0 < w.s.r; q0 += 64) {
     const int64_t len = std::min<int64_t>(64, w.s.r - q0);
@@ -410,7 +431,11 @@ struct VQKernel {
       std::memcpy(last_row.data(), w.codes + (s.N - 1) * s.rb, s.rb);
       w.last_row = last_row.data();
     }
-    ctx.ParallelFor(gemv_task, tasks, 0, &w);
+    if (s.N * s.K < SERIAL_GEMV_WEIGHTS) {  // waking the thread pool costs more than it saves on a small matrix
+      for (size_t t = 0; t < tasks; ++t) gemv_task(&w, t);
+    } else {
+      ctx.ParallelFor(gemv_task, tasks, 0, &w);
+    }
   }
 };
 
