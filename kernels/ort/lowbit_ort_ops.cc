@@ -14,13 +14,14 @@
 //     attributes index_bits (b), vec_dim (d), group_size (g).
 //     y = x @ W.T (+ bias), W[n, perm[j]] = scales[n, j/g] * codebook[code(n, j/d), j%d] (+ B @ A).
 //
-// The weights stay the artifact's packed bytes: nothing is expanded at load. Decode (a few rows of x) runs as a
-// lookup-table GEMV: per input row, the dot product of every d-column slice of x with every codebook entry is
-// computed once (K/d x 2^b floats, a few hundred KB at most), then each weight vector costs one table lookup
-// (AVX2 gather of 8 at a time) and each group one multiply by its scale. More rows (a prompt, a perplexity
-// window) dequantize 16 weight rows at a time into a float tile and multiply it with the rows of x. Both are
-// exact up to float summation order. A scalar path covers shapes the vector path does not (d*8 not dividing the
-// group, odd K); it is the readable reference of the format in this file.
+// The weights stay the artifact's packed bytes: nothing is expanded at load. Decode (at most 4 rows of x) is a
+// GEMV that decodes each block of 8 codes once (a 64-bit load, shifts and masks, the codebook entries loaded by
+// index from the codebook in float, which stays in L1) and multiplies it with every row of x; each group's sum is
+// scaled once. More rows (a prompt, a perplexity window) dequantize 32 weight rows at a time into a float tile and
+// multiply it with the rows of x. Both are exact up to float summation order. A scalar path covers shapes the
+// vector path does not (d not 1/2/4/8, groups not made of whole 8-code blocks); it is the readable reference of
+// the format in this file. Tried and dropped: a per-row lookup table of <x slice, codebook entry> read with AVX2
+// gathers (2x slower on AMD Zen 3 at SmolLM2's shapes: building the table costs as much as the lookups).
 //
 // Built against the C API headers of Debian's libonnxruntime-dev (ORT_API_VERSION 21) by
 // lowbit/kernels/ort_ops.py; the C API is versioned, so newer ONNX Runtime releases load it.
@@ -154,6 +155,29 @@ void vq_rows_fast(const VQWork& w, int64_t n0, int64_t n1, float* out) {
   }
 }
 
+// one weight row in float, stored column order (the vector path's shapes): tiles for many rows of x
+template <int B, int D>
+void vq_dequant_row_fast(const VQWork& w, int64_t n, float* out) {
+  const VQShape& s = w.s;
+  const uint8_t* row = n == s.N - 1 ? w.last_row : w.codes + n * s.rb;
+  const char* cb = reinterpret_cast<const char*>(w.cb);
+  for (int64_t gi = 0; gi < s.G; ++gi) {
+    const __m256 sc = _mm256_set1_ps(h2f(w.scales[n * s.G + gi]));
+    for (int64_t c = gi * s.g, c1 = std::min(s.K, (gi + 1) * s.g); c < c1; c += 8 * D)
+      for (int q = 0; q < D; ++q) _mm256_storeu_ps(out + c + 8 * q, _mm256_mul_ps(vq_weights8<B, D>(row, cb, c, q), sc));
+  }
+}
+
+template <int B>
+void vq_dequant_row_fast_b(const VQWork& w, int64_t n, float* out) {
+  switch (w.s.d) {
+    case 1: vq_dequant_row_fast<B, 1>(w, n, out); break;
+    case 2: vq_dequant_row_fast<B, 2>(w, n, out); break;
+    case 4: vq_dequant_row_fast<B, 4>(w, n, out); break;
+    default: vq_dequant_row_fast<B, 8>(w, n, out); break;
+  }
+}
+
 template <int B, int D>
 void vq_rows_fast_m(const VQWork& w, int64_t n0, int64_t n1, float* out) {
   switch (w.s.M) {
@@ -265,7 +289,23 @@ void gemm_task(void* p, size_t task) {
   const int64_t n0 = static_cast<int64_t>(task) * ROWS_PER_TASK, n1 = std::min(s.N, n0 + ROWS_PER_TASK);
   const int64_t tn = n1 - n0, K = s.K;
   std::vector<float> tile(tn * K);
-  for (int64_t i = 0; i < tn; ++i) vq_dequant_row(s, w.codes, w.scales, w.cb, n0 + i, tile.data() + i * K);
+  for (int64_t i = 0; i < tn; ++i) {
+    float* t = tile.data() + i * K;
+    if (!w.fast) {
+      vq_dequant_row(s, w.codes, w.scales, w.cb, n0 + i, t);
+      continue;
+    }
+    switch (s.b) {
+      case 1: vq_dequant_row_fast_b<1>(w, n0 + i, t); break;
+      case 2: vq_dequant_row_fast_b<2>(w, n0 + i, t); break;
+      case 3: vq_dequant_row_fast_b<3>(w, n0 + i, t); break;
+      case 4: vq_dequant_row_fast_b<4>(w, n0 + i, t); break;
+      case 5: vq_dequant_row_fast_b<5>(w, n0 + i, t); break;
+      case 6: vq_dequant_row_fast_b<6>(w, n0 + i, t); break;
+      case 7: vq_dequant_row_fast_b<7>(w, n0 + i, t); break;
+      default: vq_dequant_row_fast_b<8>(w, n0 + i, t); break;
+    }
+  }
   int64_t m = 0;
   for (; m + 4 <= s.M; m += 4) {  // 4 rows of x x 2 weight rows: 8 accumulators, each x vector used twice
     const float* x0 = w.xp + m * K;
@@ -419,10 +459,6 @@ struct VQKernel {
     w.bias = (BI && BI.GetTensorTypeAndShapeInfo().GetElementCount() > 0) ? BI.GetTensorData<float>() : nullptr;
     w.y = y;
     const size_t tasks = static_cast<size_t>((s.N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
-    if (s.M > GEMV_MAX_ROWS) {
-      ctx.ParallelFor(gemm_task, tasks, 0, &w);
-      return;
-    }
     // the vector path: d of 1, 2, 4 or 8 and groups (and K) made of whole 8-code blocks
     w.fast = (d == 1 || d == 2 || d == 4 || d == 8) && g % (8 * d) == 0 && s.K % (8 * d) == 0;
     std::vector<uint8_t> last_row;
@@ -430,6 +466,10 @@ struct VQKernel {
       last_row.assign(s.rb + 8, 0);
       std::memcpy(last_row.data(), w.codes + (s.N - 1) * s.rb, s.rb);
       w.last_row = last_row.data();
+    }
+    if (s.M > GEMV_MAX_ROWS) {
+      ctx.ParallelFor(gemm_task, tasks, 0, &w);
+      return;
     }
     if (s.N * s.K < SERIAL_GEMV_WEIGHTS) {  // waking the thread pool costs more than it saves on a small matrix
       for (size_t t = 0; t < tasks; ++t) gemv_task(&w, t);
