@@ -76,7 +76,7 @@ def session(onnx_dir, file: str = "model.onnx", threads: int | None = None, veri
         raise OnnxModelError(f"{path}: not a readable ONNX model: {type(e).__name__}: {e}") from e
     _check_graph(model, path)
     opts = ort.SessionOptions()
-    from lowbit.kernels import ort_ops
+    from lowbit.runtime import ort_ops
 
     if ort_ops.uses_lowbit_ops(model):  # lowbit's own built library, never one named by the export folder
         from lowbit.errors import LowbitError

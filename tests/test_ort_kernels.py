@@ -2,7 +2,7 @@
 shape it accepts (vector and scalar paths, one row and many), a decoder exported with ``--ort-kernels lowbit``
 matches the torch program exactly and holds the packed bytes, and what cannot run says so.
 
-The library is built on first use (``lowbit.kernels.ort_ops.build``: Debian's ONNX Runtime headers, g++); where it
+The library is built on first use (``lowbit.runtime.ort_ops.build``: Debian's ONNX Runtime headers, g++); where it
 cannot be built (no compiler, no access to Debian's archive, a CPU without AVX2) these tests are skipped."""
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 from lowbit.compiler.lowering.onnx_graph import GraphBuilder
 from lowbit.compiler.lowering.ort_linears import lower_linear
 from lowbit.errors import LowbitError
-from lowbit.kernels import ort_ops
+from lowbit.runtime import ort_ops
 from lowbit.runtime.formats import LowRank, VQCodebook
 
 

@@ -40,7 +40,7 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
     (added to the weight before its grid: fewer nodes, error recorded). ``grid_bits``: the grid (8 or 4 bits) that
     BiLLM's levels and VQ values x scales are rounded onto in the direct decoder (4: ORT's fastest kernel, ~17x
     the grid error of 8). ``kernels``: ``lowbit`` runs VQ layers of the direct decoder as ``lowbit.ort::VQMatMul``
-    (exact; needs lowbit's ONNX Runtime library, :mod:`lowbit.kernels.ort_ops`, built), ``stock`` only ORT's ops."""
+    (exact; needs lowbit's ONNX Runtime library, :mod:`lowbit.runtime.ort_ops`, built), ``stock`` only ORT's ops."""
     from lowbit.runtime.artifact import load, staging_dir
 
     if decoder not in ("auto", "direct", "traced"):
@@ -63,7 +63,7 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
     if kernels not in ORT_KERNELS:
         raise LowbitError(f"--ort-kernels must be one of {', '.join(ORT_KERNELS)}, got {kernels!r}")
     if kernels == "lowbit":
-        from lowbit.kernels import ort_ops
+        from lowbit.runtime import ort_ops
 
         if genai:
             raise LowbitError("--genai with --ort-kernels lowbit is not supported: onnxruntime-genai would have to load "
@@ -163,10 +163,10 @@ def _export_decoder(art, out_dir: Path, decoder: str, accuracy_level: int, matmu
     info["value_grid_bits"] = grid_bits
     info["ort_kernels"] = kernels
     if kernels == "lowbit":
-        from lowbit.kernels.ort_ops import DOMAIN, VERSION
+        from lowbit.runtime.ort_ops import DOMAIN, VERSION
 
         info["custom_ops"] = {"domain": DOMAIN, "library_version": VERSION,
-                              "build": "./scripts/build-ort-kernels (python -m lowbit.kernels.ort_ops build)"}
+                              "build": "./scripts/build-ort-kernels (python -m lowbit.runtime.ort_ops build)"}
     lowerings = {}
     for rec in info["layers"].values():
         lowerings[rec["lowering"]] = lowerings.get(rec["lowering"], 0) + 1

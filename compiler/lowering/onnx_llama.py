@@ -10,7 +10,7 @@ graph the way ONNX Runtime's own model builder (onnxruntime-genai) does, about 1
   ``rope_theta``) and the key/value cache in ``(batch, kv_heads, past, head_dim)``;
 * every linear as the lowering of its packed format (:mod:`lowbit.compiler.lowering.ort_linears`);
 * with ``kernels="lowbit"``, VQ (ReALLM) linears as ``lowbit.ort::VQMatMul`` (lowbit's ONNX Runtime library,
-  :mod:`lowbit.kernels.ort_ops`; the model then imports the ``lowbit.ort`` domain);
+  :mod:`lowbit.runtime.ort_ops`; the model then imports the ``lowbit.ort`` domain);
 * the MLP's SiLU as ``com.microsoft::QuickGelu`` with ``alpha`` 1 (one node instead of ``Sigmoid`` and ``Mul``);
 * the head as ``MatMulNBits`` when the artifact's ``lm_head`` is compressed, and then (tied embeddings) the
   embedding as ``com.microsoft::GatherBlockQuantized`` over the same codes; a float tied head is stored
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.kernels.ort_ops import DOMAIN as ORT_OPS_DOMAIN
+from lowbit.runtime.ort_ops import DOMAIN as ORT_OPS_DOMAIN
 
 from .onnx_fuse import drop_split, fuse_matmulnbits, merge_side_terms
 from .onnx_graph import MSFT, GraphBuilder, save_deduplicated

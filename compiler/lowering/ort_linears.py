@@ -27,7 +27,7 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   ``MatMul`` pair; at SmolLM2's shapes the mean grid error moved from 0.095 to 0.096), or kept exact.
   With ``kernels="lowbit"`` it is instead one ``lowbit.ort::VQMatMul`` node that reads the packed codes, codebook,
   scales, permutation and low-rank factors as stored (exact; lowbit's own ONNX Runtime library,
-  :mod:`lowbit.kernels.ort_ops`, must be registered to run it).
+  :mod:`lowbit.runtime.ort_ops`, must be registered to run it).
 * ``LowRank`` (affine formats: ApiQ) -> two thin float ``MatMul`` nodes added to the output.
 * no format (a linear kept float) -> ``MatMul`` with the transposed float weight.
 """
@@ -272,8 +272,8 @@ def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block, fold_lowrank: boo
 
 
 def _vq_kernel(g, x, fmt: VQCodebook, name):
-    """One ``lowbit.ort::VQMatMul`` node over the format's own tensors (see kernels/ort/lowbit_ort_ops.cc)."""
-    from lowbit.kernels.ort_ops import DOMAIN
+    """One ``lowbit.ort::VQMatMul`` node over the format's own tensors (see runtime/ort_kernels/lowbit_ort_ops.cc)."""
+    from lowbit.runtime.ort_ops import DOMAIN
 
     t = {"codes": fmt.codes, "codebook": fmt.codebook, "scales": fmt.scales}
     if fmt.perm is not None:

@@ -2,7 +2,7 @@
 
 Stock ONNX Runtime has no kernel for lowbit's VQ format (ReALLM): its values lie on no uniform grid, so the stock
 decoder rounds them onto an 8-bit ``MatMulNBits`` grid (3-3.5x the packed bytes in memory) or a 4-bit one (twice
-the perplexity). ``kernels/ort/lowbit_ort_ops.cc`` reads the packed codes themselves (``lowbit.ort::VQMatMul``,
+the perplexity). ``runtime/ort_kernels/lowbit_ort_ops.cc`` reads the packed codes themselves (``lowbit.ort::VQMatMul``,
 exact); ``lowbit-export DIR --onnx --ort-kernels lowbit`` writes decoders that use it.
 
 The library is optional: nothing else in lowbit needs it. It is compiled here, from this repository's source, with
@@ -11,7 +11,7 @@ the headers are used; the C API is versioned, so a library built against version
 releases). ONNX Runtime loads a custom-op library as native code, so lowbit registers only the library it built
 itself, from its own package directory: never one named by an export folder or a model file.
 
-    python -m lowbit.kernels.ort_ops build     # or ./scripts/build-ort-kernels
+    python -m lowbit.runtime.ort_ops build     # or ./scripts/build-ort-kernels
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 
 DOMAIN = "lowbit.ort"
-VERSION = 1  # lowbit_ort_ops_version() of the source; bumped when an op's contract changes
-SOURCE = Path(__file__).resolve().parent / "ort" / "lowbit_ort_ops.cc"
+VERSION = 1  # the ops' contract (lowbit_ort_ops_version() in the source); bumped when an op's inputs change
+SOURCE = Path(__file__).resolve().parent / "ort_kernels" / "lowbit_ort_ops.cc"
 BUILD_DIR = SOURCE.parent / "build"
 HEADERS_DEB = ("https://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
@@ -142,7 +142,7 @@ def require() -> Path:
     if not available():
         why = "this CPU lacks AVX2/FMA/F16C" if not cpu_supported() else f"{library_path().name} is not built"
         raise LowbitError(f"this ONNX model uses lowbit's ONNX Runtime kernels (domain {DOMAIN}), but {why}: "
-                          "run ./scripts/build-ort-kernels (python -m lowbit.kernels.ort_ops build), or export "
+                          "run ./scripts/build-ort-kernels (python -m lowbit.runtime.ort_ops build), or export "
                           "without --ort-kernels lowbit")
     return library_path()
 
@@ -160,7 +160,7 @@ def uses_lowbit_ops(model) -> bool:
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] != ["build"]:
-        print("usage: python -m lowbit.kernels.ort_ops build [--force]", file=sys.stderr)
+        print("usage: python -m lowbit.runtime.ort_ops build [--force]", file=sys.stderr)
         return 2
     try:
         path = build(force="--force" in args)

@@ -24,7 +24,7 @@
 // gathers (2x slower on AMD Zen 3 at SmolLM2's shapes: building the table costs as much as the lookups).
 //
 // Built against the C API headers of Debian's libonnxruntime-dev (ORT_API_VERSION 21) by
-// lowbit/kernels/ort_ops.py; the C API is versioned, so newer ONNX Runtime releases load it.
+// lowbit/runtime/ort_ops.py; the C API is versioned, so newer ONNX Runtime releases load it.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -524,6 +524,6 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   return g_api->AddCustomOpDomain(options, domain);
 }
 
-// the library's format version, checked by lowbit before it registers the library
+// the ops' contract version (lowbit.runtime.ort_ops.VERSION, recorded in export.json)
 __attribute__((visibility("default"))) int lowbit_ort_ops_version() { return 1; }
 }
