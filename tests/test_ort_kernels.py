@@ -53,11 +53,12 @@ def _session(fmt, bias=None):
 
 @pytest.mark.parametrize("n,k,bits,d,g,perm,rank,rows", [
     (64, 256, 8, 4, 128, True, 0, 1),    # ReALLM d4b8g128: the vector path, 8-bit codes
-    (70, 256, 6, 2, 128, True, 8, 1),    # d2b6 + low rank; N not a multiple of the 64-row tasks
-    (65, 512, 7, 2, 64, False, 0, 3),    # 7-bit codes straddling bytes; a few rows: lookup-table GEMV per row
+    (48, 512, 8, 8, 64, True, 0, 2),     # d8 (1 bit per weight before scales), two rows of x
+    (70, 256, 6, 2, 128, True, 8, 1),    # d2b6 (read in pairs) + low rank; N not a multiple of the 32-row tasks
+    (65, 512, 7, 2, 64, False, 0, 3),    # 7-bit codes straddling bytes; 3 rows of x in one GEMV
     (33, 90, 3, 3, 10, True, 2, 1),      # d=3, groups of 10: the scalar path
     (24, 64, 1, 1, 16, False, 0, 2),     # 1-bit indices, d=1
-    (40, 96, 5, 2, 32, True, 4, 9),      # 9 rows: the dequantized-tile path
+    (40, 96, 5, 2, 32, True, 4, 9),      # 9 rows: the dequantized-tile path (d2b5 pairs)
     (17, 120, 4, 4, 40, True, 0, 20),    # odd everything, tile path with a partial 4-row block
 ])
 def test_vq_matmul_equals_the_format_reference(lib, n, k, bits, d, g, perm, rank, rows):
@@ -127,14 +128,13 @@ def test_decoder_with_lowbit_kernels_is_exact_and_holds_packed_bytes(lib, tiny_d
 
 
 def test_without_the_library_a_lowbit_kernel_model_is_refused_clearly(lib, tmp_path, monkeypatch):
+    from onnx import TensorProto, helper
+
     from lowbit.compiler.lowering.onnx_artifact import export_artifact
     from lowbit.runtime.onnx_runtime import OnnxModelError, session
 
-    sess, _ = _session(_vq(16, 32, 4, 2, 16))
     g = GraphBuilder()
-    y, _ = lower_linear(g, "x", _vq(16, 32, 4, 2, 16), "lin", kernels="lowbit")
-    from onnx import TensorProto, helper
-
+    lower_linear(g, "x", _vq(16, 32, 4, 2, 16), "lin", kernels="lowbit")
     g.nodes[-1].output[0] = "y"
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
