@@ -11,6 +11,8 @@ act-order from the input's Hessian is) and a rank-R SVD of the residual. It writ
 ``benchmarks/onnx_decode.py``. Its perplexity means nothing (not a calibrated model); use it for speed and bytes.
 
 ``--format w2g64r8``: RTN codes plus a rank-R SVD of the residual (ApiQ's storage; ApiQ's calibration takes hours).
+``--format billm-b128``: BiLLM's binary-residual planes (4 salient columns per 128-column block, the largest 15% of
+the other weights in the sparse group, alphas from the parts' mean magnitudes; BiLLM's calibration takes ~30 minutes).
 
 ``--ort-kernels lowbit``: VQ layers as ``lowbit.ort::VQMatMul`` (lowbit's ONNX Runtime library, built first).
 
@@ -58,14 +60,18 @@ def main() -> int:
     ap.add_argument("--vq-lowrank", choices=["exact", "fold"], default="fold",
                     help="the low-rank term as a float MatMul pair or folded into the 4-bit grid (lowbit-export's flag)")
     ap.add_argument("--ort-kernels", choices=["stock", "lowbit"], default="stock",
-                    help="VQ layers on MatMulNBits grids (stock) or as lowbit.ort::VQMatMul (lowbit-export's flag)")
+                    help="VQ/BiLLM layers on MatMulNBits grids (stock) or as lowbit.ort ops (lowbit-export's flag)")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
     m = re.fullmatch(r"d(\d+)b(\d+)g(\d+)r(\d+)", a.format)
     ma = re.fullmatch(r"w(\d+)g(\d+)r(\d+)", a.format)  # ApiQ's format: uniform codes + a low-rank pair
-    if not (m or ma):
+    mb = re.fullmatch(r"billm-b(\d+)", a.format)  # BiLLM's binary-residual planes
+    if mb:
+        m, ma, d, b, g, r = None, None, 0, 1, int(mb.group(1)), 0
+    elif not (m or ma):
         sys.exit(f"--format must look like d4b8g128r8 (VQ) or w2g64r8 (affine + low rank), got {a.format!r}")
-    d, b, g, r = map(int, m.groups()) if m else (0, *map(int, ma.groups()))
+    if not mb:
+        d, b, g, r = map(int, m.groups()) if m else (0, *map(int, ma.groups()))
     from lowbit.compiler.engine import models
     from lowbit.compiler.lowering.onnx_llama import _build, _Tensors
 
@@ -79,7 +85,8 @@ def main() -> int:
             if key not in perms:
                 perms[key] = torch.randperm(mod.in_features, generator=gen)
             w = mod.weight.detach().float()
-            formats[name] = fit_vq(w, d, b, g, r, gen, perms[key]) if m else _affine_lowrank(w, b, g, r)
+            formats[name] = (fit_vq(w, d, b, g, r, gen, perms[key]) if m else _billm(w, g, gen) if mb
+                             else _affine_lowrank(w, b, g, r))
     if a.head == "4":
         formats["lm_head"] = _rtn(model.get_output_embeddings().weight.detach().float(), 4, 32)
     tens = _Tensors(None)
@@ -98,6 +105,22 @@ def main() -> int:
           f"weights {info['ort_weight_bytes'] / 2**20:.1f} MiB for {info['packed_bytes'] / 2**20:.1f} MiB packed, "
           f"grid error worst {worst:.3f}, mean {sum(r['rel_err'] for r in info['layers'].values()) / len(info['layers']):.3f}")
     return 0
+
+
+def _billm(w: torch.Tensor, block: int, gen: torch.Generator):
+    from lowbit.runtime.formats import BinaryResidual
+
+    n, k = w.shape
+    nb = -(-k // block)
+    sal = torch.zeros(k, dtype=torch.bool)
+    for b0 in range(0, k, block):  # 4 salient columns per block: the largest column norms
+        cols = w[:, b0:b0 + block].norm(dim=0).topk(min(4, w[:, b0:b0 + block].shape[1])).indices + b0
+        sal[cols] = True
+    sparse = w.abs() > w.abs().quantile(0.85, dim=1, keepdim=True)
+    alphas = torch.stack([w.abs()[:, b0:b0 + block].mean(1).expand(4, n).t() for b0 in range(0, k, block)], 1)
+    alphas = alphas * torch.tensor([1.0, 0.3, 0.8, 2.0])
+    res = w[:, sal] - alphas[:, torch.nonzero(sal).flatten() // block, 0] * w[:, sal].sign()
+    return BinaryResidual.from_planes(w > 0, res > 0, sal, sparse, alphas, None, block)
 
 
 def _affine_lowrank(w: torch.Tensor, bits: int, group: int, r: int):

@@ -1,5 +1,5 @@
-"""lowbit's ONNX Runtime library (``lowbit.ort`` domain): ``VQMatMul`` equals the VQ format's reference for every
-shape it accepts (vector and scalar paths, one row and many), a decoder exported with ``--ort-kernels lowbit``
+"""lowbit's ONNX Runtime library (``lowbit.ort`` domain): ``VQMatMul`` and ``BinaryMatMul`` equal the VQ and BiLLM
+formats' references for every shape they accept (vector and scalar paths, one row and many), a decoder exported with ``--ort-kernels lowbit``
 matches the torch program exactly and holds the packed bytes, and what cannot run says so.
 
 The library is built on first use (``lowbit.runtime.ort_ops.build``: Debian's ONNX Runtime headers, g++); where it
@@ -33,7 +33,7 @@ def _vq(n, k, bits, d, g, perm=True, rank=0, seed=0):
                                    bits, g, perm=torch.randperm(k, generator=gen) if perm else None, lowrank=lr)
 
 
-def _session(fmt, bias=None):
+def _session(fmt, bias=None):  # one linear lowered with kernels="lowbit", in ONNX Runtime with the library
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -74,6 +74,42 @@ def test_vq_matmul_equals_the_format_reference(lib, n, k, bits, d, g, perm, rank
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def _billm(n, k, block, salient, outliers, mean_shift, seed=0):
+    from lowbit.runtime.formats import BinaryResidual
+
+    gen = torch.Generator().manual_seed(seed)
+    sal = torch.zeros(k, dtype=torch.bool)
+    sal[torch.randperm(k, generator=gen)[:salient]] = True
+    out = torch.zeros(k, dtype=torch.bool)
+    if outliers:
+        out[torch.nonzero(~sal).flatten()[torch.randperm(int((~sal).sum()), generator=gen)[:outliers]]] = True
+    nb = -(-k // block)
+    return BinaryResidual.from_planes(
+        torch.rand(n, k, generator=gen) > 0.5, torch.rand(n, salient, generator=gen) > 0.5, sal,
+        torch.rand(n, k, generator=gen) > 0.7, torch.rand(n, nb, 4, generator=gen) + 0.1,
+        torch.randn(n, nb, 4, generator=gen) * 0.1 if mean_shift else None, block,
+        out if outliers else None, torch.randn(n, outliers, generator=gen) if outliers else None)
+
+
+@pytest.mark.parametrize("n,k,block,salient,outliers,mean_shift,rows", [
+    (64, 256, 128, 6, 2, False, 1),    # BiLLM b128 with salient and fp16 outlier columns: the vector path
+    (70, 512, 64, 10, 0, True, 3),     # mean-shifted, 3 rows of x
+    (33, 100, 32, 3, 1, False, 1),     # K not a multiple of 8: the scalar path
+    (40, 128, 128, 0, 0, True, 9),     # no salient columns; 9 rows: the dequantized-tile path
+])
+def test_binary_matmul_equals_the_format_reference(lib, n, k, block, salient, outliers, mean_shift, rows):
+    fmt = _billm(n, k, block, salient, outliers, mean_shift)
+    bias = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    sess, rec = _session(fmt, bias)
+    assert rec["rel_err"] == 0.0 and "BinaryMatMul" in rec["lowering"]
+    assert rec["ort_bytes"] <= fmt.nbytes() + n * (salient // 8 + 2)  # the group plane spread over all K columns
+    x = np.random.default_rng(1).standard_normal((2, rows, k)).astype(np.float32)
+    got = sess.run(None, {"x": x})[0]
+    ref = (torch.from_numpy(x) @ fmt.dequantize().t() + torch.from_numpy(bias)).numpy()
+    assert got.shape == (2, rows, n)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_vq_matmul_rejects_inconsistent_inputs(lib):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -94,23 +130,29 @@ def test_vq_matmul_rejects_inconsistent_inputs(lib):
         sess.run(None, {"x": np.zeros((1, 64), np.float32)})
 
 
-def test_decoder_with_lowbit_kernels_is_exact_and_holds_packed_bytes(lib, tiny_dir, text_file, tmp_path):
+@pytest.mark.parametrize("name,method,op", [
+    ("reallm", ["--method", "reallm", "--bits-budget", "3.4", "--reallm-candidates", "d2b4g32r0,d2b5g32r4",
+                "--reallm-kmeans-iters", "4"], "VQMatMul"),
+    ("billm", ["--method", "billm", "--billm-block-size", "32", "--billm-outlier-ratio", "2"], "BinaryMatMul"),
+])
+def test_decoder_with_lowbit_kernels_is_exact_and_holds_packed_bytes(lib, tiny_dir, text_file, tmp_path, name, method,
+                                                                      op):
     from lowbit.compiler.frontend.cli import compile_main
     from lowbit.compiler.lowering.onnx_artifact import export_artifact
     from lowbit.runtime.artifact import load
     from lowbit.runtime.onnx_runtime import OrtDecoder
 
-    d = tmp_path / "reallm"
+    d = tmp_path / name
     assert compile_main([str(tiny_dir("llama")), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64", "-q",
-                         "--float-dtype", "float32", "-o", str(d), "--method", "reallm", "--bits-budget", "3.4",
-                         "--reallm-candidates", "d2b4g32r0,d2b5g32r4", "--reallm-kmeans-iters", "4"]) == 0
+                         "--float-dtype", "float32", "-o", str(d), *method]) == 0
     s = export_artifact(d, accuracy_level=0, kernels="lowbit", progress=lambda m: None)
     dec_info = s["decoder"]
     assert dec_info["ort_kernels"] == "lowbit" and dec_info["custom_ops"]["domain"] == ort_ops.DOMAIN
-    vq = {k: r for k, r in dec_info["layers"].items() if "VQMatMul" in r["lowering"]}
-    assert vq and all(r["rel_err"] == 0.0 for r in vq.values())
-    # resident = the packed tensors (the int16 permutation read as int32): not a grid's 1.6-3.5x
-    assert sum(r["ort_bytes"] for r in vq.values()) <= 1.1 * sum(r["packed_bytes"] for r in vq.values())
+    mine = {k: r for k, r in dec_info["layers"].items() if op in r["lowering"]}
+    assert len(mine) == len(dec_info["layers"]) and all(r["rel_err"] == 0.0 for r in mine.values())
+    # resident = the packed tensors (VQ's int16 permutation read as int32, BiLLM's group plane over all columns): not a
+    # grid's 1.6-3.5x
+    assert sum(r["ort_bytes"] for r in mine.values()) <= 1.1 * sum(r["packed_bytes"] for r in mine.values())
     m = onnx.load(str(d / "onnx" / "decoder.onnx"), load_external_data=False)
     assert ort_ops.uses_lowbit_ops(m)
     assert s["check"]["decoder_max_rel_err_vs_torch"] < 1e-4, s["check"]

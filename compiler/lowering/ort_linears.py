@@ -27,7 +27,8 @@ lowering against the format's own dequantization (``rel_err``: 0 where exact).
   ``MatMul`` pair; at SmolLM2's shapes the mean grid error moved from 0.095 to 0.096), or kept exact.
   With ``kernels="lowbit"`` it is instead one ``lowbit.ort::VQMatMul`` node that reads the packed codes, codebook,
   scales, permutation and low-rank factors as stored (exact; lowbit's own ONNX Runtime library,
-  :mod:`lowbit.runtime.ort_ops`, must be registered to run it).
+  :mod:`lowbit.runtime.ort_ops`, must be registered to run it); BiLLM likewise one ``lowbit.ort::BinaryMatMul``
+  over its planes (the group plane spread over all columns), exact.
 * ``LowRank`` (affine formats: ApiQ) -> two thin float ``MatMul`` nodes added to the output.
 * no format (a linear kept float) -> ``MatMul`` with the transposed float weight.
 """
@@ -291,6 +292,32 @@ def _vq_kernel(g, x, fmt: VQCodebook, name):
     return y, nb, how, 0.0
 
 
+def _binary_kernel(g, x, fmt: BinaryResidual, name):
+    """One ``lowbit.ort::BinaryMatMul`` node over the format's planes (see runtime/ort_kernels/lowbit_ort_ops.cc);
+    the group plane, stored over the non-salient columns, is spread over all K columns (bit = sparse part)."""
+    from lowbit.runtime.ort_ops import DOMAIN
+
+    n, k = fmt.out_features, fmt.in_features
+    non_sal = torch.ones(k, dtype=torch.bool)
+    non_sal[fmt.salient_cols.long()] = False
+    group = torch.zeros(n, k, dtype=torch.uint8)
+    group[:, non_sal] = unpack_rows(fmt.group, 1, k - fmt.num_salient)
+    t = {"signs": fmt.signs, "group": pack_rows(group, 1), "alphas": fmt.alphas}
+    if fmt.mus is not None:
+        t["mus"] = fmt.mus
+    if fmt.num_salient:
+        t["salient_cols"], t["residual_signs"] = fmt.salient_cols.to(torch.int32), fmt.residual_signs
+    if fmt.num_outliers:
+        t["outlier_cols"], t["outlier_vals"] = fmt.outlier_cols.to(torch.int32), fmt.outlier_vals
+    order = ("signs", "group", "alphas", "mus", "salient_cols", "residual_signs", "outlier_cols", "outlier_vals")
+    ins = [x] + [g.init(f"{name}.{key}", _np(t[key].contiguous())) if key in t else "" for key in order]
+    while ins[-1] == "":
+        ins.pop()
+    y = g.op("BinaryMatMul", ins, domain=DOMAIN, name=name, block_size=fmt.block_size)
+    nb = sum(v.numel() * v.element_size() for v in t.values())
+    return y, nb, "BiLLM planes read by lowbit.ort::BinaryMatMul (exact)", 0.0
+
+
 def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, accuracy_level: int = 4, max_block: int | None = 32,
                  vq_block: int = 32, binary: str = "grid", vq_lowrank: str = "fold",
@@ -300,7 +327,8 @@ def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor |
     (ternary planes). ``vq_lowrank``: a VQ format's low-rank term as an exact float ``MatMul`` pair (``exact``) or
     added to the weight before its grid (``fold``: three nodes fewer per input, error recorded). ``grid_bits``
     (4 or 8): the grid of the values that are on no uniform grid (BiLLM's levels, VQ values x scales).
-    ``kernels``: ``lowbit`` runs VQ formats in lowbit's ONNX Runtime library (exact, packed bytes resident)."""
+    ``kernels``: ``lowbit`` runs VQ and BiLLM formats in lowbit's ONNX Runtime library (exact, packed bytes
+    resident)."""
     if grid_bits not in VALUE_GRID_BITS:
         raise ValueError(f"{name}: the value grid must have 4 or 8 bits, got {grid_bits}")
     if fmt is None:
@@ -309,6 +337,8 @@ def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor |
     else:
         if isinstance(fmt, AffineIntK):
             y, nb, how, err = _affine(g, x, fmt, name, accuracy_level, max_block)
+        elif isinstance(fmt, BinaryResidual) and kernels == "lowbit":
+            y, nb, how, err = _binary_kernel(g, x, fmt, name)
         elif isinstance(fmt, BinaryResidual):
             y, nb, how, err = _binary(g, x, fmt, name, accuracy_level, vq_block, binary, grid_bits)
         elif isinstance(fmt, VQCodebook) and kernels == "lowbit":

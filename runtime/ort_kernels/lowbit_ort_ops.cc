@@ -14,6 +14,17 @@
 //     attributes index_bits (b), vec_dim (d), group_size (g).
 //     y = x @ W.T (+ bias), W[n, perm[j]] = scales[n, j/g] * codebook[code(n, j/d), j%d] (+ B @ A).
 //
+//   BinaryMatMul(x, signs, group, alphas, mus?, salient_cols?, residual_signs?, outlier_cols?, outlier_vals?, bias?)
+//     lowbit's BinaryResidual format (BiLLM), its planes as stored except the group plane, which the lowering
+//     spreads over all K columns (one bit per column, so a column's signs and group bits share a byte index):
+//       signs uint8 (N, ceil(K/8)) sign of every weight (bit 1 = +1); group uint8 (N, ceil(K/8)) bit 1 = sparse part
+//       (salient and outlier columns: ignored); alphas float16 (N, nb, 4) [salient 1, salient 2, concentrated,
+//       sparse] per row and block of block_size columns; mus float16 (N, nb, 4) optional (means);
+//       salient_cols int32 (S,), residual_signs uint8 (N, ceil(S/8)); outlier_cols int32 (R,), outlier_vals
+//       float16 (N, R) (columns kept in fp16); bias float (N,).
+//     attribute block_size. W = alpha[part] * s + mu[part]; salient: alpha0 * s + alpha1 * r (+ mu0 + mu1);
+//     outlier columns: their values.
+//
 // The weights stay the artifact's packed bytes: nothing is expanded at load. Decode (at most 4 rows of x) is a
 // GEMV that decodes each block of 8 codes once (a 64-bit load, shifts and masks, the codebook entries loaded by
 // index from the codebook in float, which stays in L1) and multiplies it with every row of x; each group's sum is
@@ -296,6 +307,44 @@ inline float dot(const float* a, const float* b, int64_t k) {
 }
 
 // rows of x times one dequantized tile of ROWS_PER_TASK weight rows (prompts, perplexity windows)
+// y[m, n0 + i] = <x row m, tile row i> for all M rows of x and tn rows of a dequantized weight tile
+void tile_times_x(const float* xp, int64_t M, int64_t K, const float* tile, int64_t tn, float* y, int64_t N,
+                  int64_t n0) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {  // 4 rows of x x 2 weight rows: 8 accumulators, each x vector used twice
+    const float* x0 = xp + m * K;
+    int64_t i = 0;
+    for (; i + 2 <= tn; i += 2) {
+      const float* w0 = tile + i * K;
+      const float* w1 = w0 + K;
+      __m256 acc[8];
+      for (auto& a : acc) a = _mm256_setzero_ps();
+      int64_t c = 0;
+      for (; c + 8 <= K; c += 8) {
+        const __m256 b0 = _mm256_loadu_ps(w0 + c), b1 = _mm256_loadu_ps(w1 + c);
+        for (int q = 0; q < 4; ++q) {
+          const __m256 a = _mm256_loadu_ps(x0 + q * K + c);
+          acc[2 * q] = _mm256_fmadd_ps(a, b0, acc[2 * q]);
+          acc[2 * q + 1] = _mm256_fmadd_ps(a, b1, acc[2 * q + 1]);
+        }
+      }
+      for (int q = 0; q < 4; ++q) {
+        float t0 = hsum(acc[2 * q]), t1 = hsum(acc[2 * q + 1]);
+        for (int64_t cc = c; cc < K; ++cc) {
+          t0 += x0[q * K + cc] * w0[cc];
+          t1 += x0[q * K + cc] * w1[cc];
+        }
+        y[(m + q) * N + n0 + i] = t0;
+        y[(m + q) * N + n0 + i + 1] = t1;
+      }
+    }
+    for (; i < tn; ++i)
+      for (int q = 0; q < 4; ++q) y[(m + q) * N + n0 + i] = dot(x0 + q * K, tile + i * K, K);
+  }
+  for (; m < M; ++m)
+    for (int64_t i = 0; i < tn; ++i) y[m * N + n0 + i] = dot(xp + m * K, tile + i * K, K);
+}
+
 void gemm_task(void* p, size_t task) {
   const VQWork& w = *static_cast<const VQWork*>(p);
   const VQShape& s = w.s;
@@ -321,39 +370,7 @@ void gemm_task(void* p, size_t task) {
       default: vq_dequant_row_fast_b<8>(w, n0 + i, t); break;
     }
   }
-  int64_t m = 0;
-  for (; m + 4 <= s.M; m += 4) {  // 4 rows of x x 2 weight rows: 8 accumulators, each x vector used twice
-    const float* x0 = w.xp + m * K;
-    int64_t i = 0;
-    for (; i + 2 <= tn; i += 2) {
-      const float* w0 = tile.data() + i * K;
-      const float* w1 = w0 + K;
-      __m256 acc[8];
-      for (auto& a : acc) a = _mm256_setzero_ps();
-      int64_t c = 0;
-      for (; c + 8 <= K; c += 8) {
-        const __m256 b0 = _mm256_loadu_ps(w0 + c), b1 = _mm256_loadu_ps(w1 + c);
-        for (int q = 0; q < 4; ++q) {
-          const __m256 a = _mm256_loadu_ps(x0 + q * K + c);
-          acc[2 * q] = _mm256_fmadd_ps(a, b0, acc[2 * q]);
-          acc[2 * q + 1] = _mm256_fmadd_ps(a, b1, acc[2 * q + 1]);
-        }
-      }
-      for (int q = 0; q < 4; ++q) {
-        float t0 = hsum(acc[2 * q]), t1 = hsum(acc[2 * q + 1]);
-        for (int64_t cc = c; cc < K; ++cc) {
-          t0 += x0[q * K + cc] * w0[cc];
-          t1 += x0[q * K + cc] * w1[cc];
-        }
-        w.y[(m + q) * s.N + n0 + i] = t0;
-        w.y[(m + q) * s.N + n0 + i + 1] = t1;
-      }
-    }
-    for (; i < tn; ++i)
-      for (int q = 0; q < 4; ++q) w.y[(m + q) * s.N + n0 + i] = dot(x0 + q * K, tile.data() + i * K, K);
-  }
-  for (; m < s.M; ++m)
-    for (int64_t i = 0; i < tn; ++i) w.y[m * s.N + n0 + i] = dot(w.xp + m * K, tile.data() + i * K, K);
+  tile_times_x(w.xp, s.M, K, tile.data(), tn, w.y, s.N, n0);
   for (int64_t mm = 0; mm < s.M; ++mm)
     for (int64_t n = n0; n < n1; ++n) {
       float& o = w.y[mm * s.N + n];
@@ -537,6 +554,288 @@ struct VQMatMulOp : Ort::CustomOpBase<VQMatMulOp, VQKernel, true> {
 
 VQMatMulOp g_vq_op;
 
+// ---------------------------------------------------------------------------------------------------------------
+// BinaryMatMul: BiLLM's binary-residual format (runtime/formats.py BinaryResidual), exactly.
+
+// sign byte -> its 8 signs as floats (bit 1 = +1, LSB = first column); group byte -> 8 lane masks (bit 1 = sparse)
+struct BitTables {
+  alignas(32) float sign[256][8];
+  alignas(32) uint32_t mask[256][8];
+  BitTables() {
+    for (int v = 0; v < 256; ++v)
+      for (int i = 0; i < 8; ++i) {
+        sign[v][i] = (v >> i) & 1 ? 1.0f : -1.0f;
+        mask[v][i] = (v >> i) & 1 ? 0xFFFFFFFFu : 0u;
+      }
+  }
+};
+const BitTables kBits;
+
+inline bool bit_at(const uint8_t* row, int64_t i) { return (row[i >> 3] >> (i & 7)) & 1; }
+
+struct BinShape {
+  int64_t M, N, K, bs, nb, rowb, S, sb, R;
+};
+
+struct BinWork {
+  BinShape s;
+  const float* x;           // (M, K)
+  const float* xr;          // (M, K): x with salient and outlier columns zeroed
+  const uint8_t* signs;     // (N, rowb)
+  const uint8_t* group;     // (N, rowb): sparse-part bit of every column
+  const uint16_t* alphas;   // (N, nb, 4)
+  const uint16_t* mus;      // (N, nb, 4) or null
+  const int32_t* sal;       // (S,)
+  const uint8_t* res;       // (N, sb)
+  const int32_t* out_cols;  // (R,)
+  const uint16_t* out_vals; // (N, R)
+  const float* bias;
+  float* y;
+  bool fast;
+};
+
+// the readable reference: one weight row of the format in float
+void bin_dequant_row(const BinWork& w, int64_t n, float* out) {
+  const BinShape& s = w.s;
+  const uint8_t* sg = w.signs + n * s.rowb;
+  const uint8_t* gr = w.group + n * s.rowb;
+  const uint16_t* a = w.alphas + n * s.nb * 4;
+  const uint16_t* mu = w.mus ? w.mus + n * s.nb * 4 : nullptr;
+  for (int64_t k = 0; k < s.K; ++k) {
+    const int64_t b = k / s.bs, part = bit_at(gr, k) ? 3 : 2;
+    out[k] = h2f(a[b * 4 + part]) * (bit_at(sg, k) ? 1.0f : -1.0f) + (mu ? h2f(mu[b * 4 + part]) : 0.0f);
+  }
+  for (int64_t j = 0; j < s.S; ++j) {
+    const int64_t k = w.sal[j], b = k / s.bs;
+    float v = h2f(a[b * 4]) * (bit_at(sg, k) ? 1.0f : -1.0f) +
+              h2f(a[b * 4 + 1]) * (bit_at(w.res + n * s.sb, j) ? 1.0f : -1.0f);
+    if (mu) v += h2f(mu[b * 4]) + h2f(mu[b * 4 + 1]);
+    out[k] = v;
+  }
+  for (int64_t j = 0; j < s.R; ++j) out[w.out_cols[j]] = h2f(w.out_vals[n * s.R + j]);
+}
+
+// GEMV rows [n0, n1), all M (<= 4) rows of x. Regular columns, 8 at a time: x (its salient and outlier columns
+// zeroed) times the 8 signs from a table, split by the group mask into the concentrated and sparse sums of the block,
+// which its alphas (and means) then scale; salient and outlier columns are added one by one (a few per block).
+template <int M>
+void bin_rows(const BinWork& w, int64_t n0, int64_t n1, float* out) {
+  const BinShape& s = w.s;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* sg = w.signs + n * s.rowb;
+    const uint8_t* gr = w.group + n * s.rowb;
+    const uint16_t* a = w.alphas + n * s.nb * 4;
+    const uint16_t* mu = w.mus ? w.mus + n * s.nb * 4 : nullptr;
+    __m256 tot[M];
+    for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < s.nb; ++b) {
+      __m256 sc[M], ss[M], xc[M], xs[M];
+      for (int m = 0; m < M; ++m) sc[m] = ss[m] = xc[m] = xs[m] = _mm256_setzero_ps();
+      for (int64_t c = b * s.bs, c1 = std::min(s.K, (b + 1) * s.bs); c < c1; c += 8) {
+        const __m256 sv = _mm256_load_ps(kBits.sign[sg[c >> 3]]);
+        const __m256 gm = _mm256_load_ps(reinterpret_cast<const float*>(kBits.mask[gr[c >> 3]]));
+        for (int m = 0; m < M; ++m) {
+          const __m256 xv = _mm256_loadu_ps(w.xr + m * s.K + c);
+          const __m256 t = _mm256_mul_ps(xv, sv);
+          ss[m] = _mm256_add_ps(ss[m], _mm256_and_ps(gm, t));
+          sc[m] = _mm256_add_ps(sc[m], _mm256_andnot_ps(gm, t));
+          if (mu) {
+            xs[m] = _mm256_add_ps(xs[m], _mm256_and_ps(gm, xv));
+            xc[m] = _mm256_add_ps(xc[m], _mm256_andnot_ps(gm, xv));
+          }
+        }
+      }
+      const __m256 ac = _mm256_set1_ps(h2f(a[b * 4 + 2])), as = _mm256_set1_ps(h2f(a[b * 4 + 3]));
+      for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(ac, sc[m], _mm256_fmadd_ps(as, ss[m], tot[m]));
+      if (mu) {
+        const __m256 mc = _mm256_set1_ps(h2f(mu[b * 4 + 2])), ms = _mm256_set1_ps(h2f(mu[b * 4 + 3]));
+        for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(mc, xc[m], _mm256_fmadd_ps(ms, xs[m], tot[m]));
+      }
+    }
+    float t[M];
+    for (int m = 0; m < M; ++m) t[m] = hsum(tot[m]);
+    for (int64_t j = 0; j < s.S; ++j) {
+      const int64_t k = w.sal[j], b = k / s.bs;
+      float v = h2f(a[b * 4]) * (bit_at(sg, k) ? 1.0f : -1.0f) +
+                h2f(a[b * 4 + 1]) * (bit_at(w.res + n * s.sb, j) ? 1.0f : -1.0f);
+      if (mu) v += h2f(mu[b * 4]) + h2f(mu[b * 4 + 1]);
+      for (int m = 0; m < M; ++m) t[m] += v * w.x[m * s.K + k];
+    }
+    for (int64_t j = 0; j < s.R; ++j) {
+      const float v = h2f(w.out_vals[n * s.R + j]);
+      for (int m = 0; m < M; ++m) t[m] += v * w.x[m * s.K + w.out_cols[j]];
+    }
+    for (int m = 0; m < M; ++m) out[m * ROWS_PER_TASK + (n - n0)] = t[m];
+  }
+}
+
+void bin_gemv_task(void* p, size_t task) {
+  const BinWork& w = *static_cast<const BinWork*>(p);
+  const BinShape& s = w.s;
+  const int64_t n0 = static_cast<int64_t>(task) * ROWS_PER_TASK, n1 = std::min(s.N, n0 + ROWS_PER_TASK);
+  float out[GEMV_MAX_ROWS * ROWS_PER_TASK];
+  if (w.fast) {
+    switch (s.M) {
+      case 1: bin_rows<1>(w, n0, n1, out); break;
+      case 2: bin_rows<2>(w, n0, n1, out); break;
+      case 3: bin_rows<3>(w, n0, n1, out); break;
+      default: bin_rows<4>(w, n0, n1, out); break;
+    }
+  } else {
+    std::vector<float> row(s.K);
+    for (int64_t n = n0; n < n1; ++n) {
+      bin_dequant_row(w, n, row.data());
+      for (int64_t m = 0; m < s.M; ++m) out[m * ROWS_PER_TASK + (n - n0)] = dot(row.data(), w.x + m * s.K, s.K);
+    }
+  }
+  for (int64_t m = 0; m < s.M; ++m)
+    for (int64_t n = n0; n < n1; ++n) w.y[m * s.N + n] = out[m * ROWS_PER_TASK + (n - n0)] + (w.bias ? w.bias[n] : 0.0f);
+}
+
+void bin_gemm_task(void* p, size_t task) {
+  const BinWork& w = *static_cast<const BinWork*>(p);
+  const BinShape& s = w.s;
+  const int64_t n0 = static_cast<int64_t>(task) * ROWS_PER_TASK, n1 = std::min(s.N, n0 + ROWS_PER_TASK);
+  std::vector<float> tile((n1 - n0) * s.K);
+  for (int64_t n = n0; n < n1; ++n) bin_dequant_row(w, n, tile.data() + (n - n0) * s.K);
+  tile_times_x(w.x, s.M, s.K, tile.data(), n1 - n0, w.y, s.N, n0);
+  if (w.bias)
+    for (int64_t m = 0; m < s.M; ++m)
+      for (int64_t n = n0; n < n1; ++n) w.y[m * s.N + n] += w.bias[n];
+}
+
+struct BinKernel {
+  int64_t bs;
+
+  BinKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    bs = ki.GetAttribute<int64_t>("block_size");
+    if (bs < 1) throw Error("BinaryMatMul " + ki.GetNodeName() + ": block_size must be >= 1");
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Compute(context);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::BinaryMatMul: ") + e.what()).c_str());
+    }
+  }
+
+  static std::vector<int64_t> shape(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
+  static bool present(const Ort::ConstValue& v) {
+    return v && v.IsTensor() && v.GetTensorTypeAndShapeInfo().GetElementCount() > 0;
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const size_t nin = ctx.GetInputCount();
+    auto in = [&](size_t i) -> Ort::ConstValue { return i < nin ? ctx.GetInput(i) : Ort::ConstValue(nullptr); };
+    Ort::ConstValue X = in(0), SG = in(1), GR = in(2), AL = in(3), MU = in(4), SA = in(5), RS = in(6), OC = in(7),
+                    OV = in(8), BI = in(9);
+    const auto xs = shape(X), sgs = shape(SG), grs = shape(GR), als = shape(AL);
+    if (xs.empty()) throw Error("x must have at least one dimension");
+    BinShape s{};
+    s.K = xs.back();
+    s.M = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i) s.M *= xs[i];
+    s.bs = bs;
+    s.nb = (s.K + bs - 1) / bs;
+    s.rowb = (s.K + 7) / 8;
+    if (sgs.size() != 2 || sgs[1] != s.rowb)
+      throw Error("signs must be uint8 (N, " + std::to_string(s.rowb) + ") for K=" + std::to_string(s.K));
+    s.N = sgs[0];
+    if (grs != sgs) throw Error("group must have the shape of signs (one bit per column)");
+    if (als.size() != 3 || als[0] != s.N || als[1] != s.nb || als[2] != 4)
+      throw Error("alphas must be float16 (" + std::to_string(s.N) + ", " + std::to_string(s.nb) + ", 4)");
+    if (present(MU) && shape(MU) != als) throw Error("mus must have the shape of alphas");
+    if (present(SA)) {
+      s.S = shape(SA)[0];
+      s.sb = (s.S + 7) / 8;
+      if (!present(RS) || shape(RS) != std::vector<int64_t>{s.N, s.sb})
+        throw Error("residual_signs must be uint8 (N, " + std::to_string(s.sb) + ") for " + std::to_string(s.S) +
+                    " salient columns");
+    }
+    if (present(OC)) {
+      s.R = shape(OC)[0];
+      if (!present(OV) || shape(OV) != std::vector<int64_t>{s.N, s.R})
+        throw Error("outlier_vals must be float16 (N, " + std::to_string(s.R) + ")");
+    }
+    if (present(BI) && BI.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(s.N))
+      throw Error("bias must have N=" + std::to_string(s.N) + " elements");
+
+    std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
+    ys.push_back(s.N);
+    float* y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
+    if (s.M == 0 || s.N == 0) return;
+    BinWork w{};
+    w.s = s;
+    w.x = X.GetTensorData<float>();
+    w.signs = SG.GetTensorData<uint8_t>();
+    w.group = GR.GetTensorData<uint8_t>();
+    w.alphas = reinterpret_cast<const uint16_t*>(AL.GetTensorRawData());
+    w.mus = present(MU) ? reinterpret_cast<const uint16_t*>(MU.GetTensorRawData()) : nullptr;
+    w.sal = s.S ? SA.GetTensorData<int32_t>() : nullptr;
+    w.res = s.S ? RS.GetTensorData<uint8_t>() : nullptr;
+    w.out_cols = s.R ? OC.GetTensorData<int32_t>() : nullptr;
+    w.out_vals = s.R ? reinterpret_cast<const uint16_t*>(OV.GetTensorRawData()) : nullptr;
+    w.bias = present(BI) ? BI.GetTensorData<float>() : nullptr;
+    w.y = y;
+    for (int64_t j = 0; j < s.S; ++j)
+      if (w.sal[j] < 0 || w.sal[j] >= s.K) throw Error("salient_cols holds a column outside 0..K-1");
+    for (int64_t j = 0; j < s.R; ++j)
+      if (w.out_cols[j] < 0 || w.out_cols[j] >= s.K) throw Error("outlier_cols holds a column outside 0..K-1");
+    const size_t tasks = static_cast<size_t>((s.N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+    if (s.M > GEMV_MAX_ROWS) {
+      ctx.ParallelFor(bin_gemm_task, tasks, 0, &w);
+      return;
+    }
+    w.fast = bs % 8 == 0 && s.K % 8 == 0;
+    std::vector<float> xr;
+    if (w.fast) {  // the regular columns' view of x: salient and outlier columns zeroed (added one by one)
+      xr.assign(w.x, w.x + s.M * s.K);
+      for (int64_t m = 0; m < s.M; ++m) {
+        for (int64_t j = 0; j < s.S; ++j) xr[m * s.K + w.sal[j]] = 0.0f;
+        for (int64_t j = 0; j < s.R; ++j) xr[m * s.K + w.out_cols[j]] = 0.0f;
+      }
+      w.xr = xr.data();
+    }
+    if (s.N * s.K < SERIAL_GEMV_WEIGHTS) {
+      for (size_t t = 0; t < tasks; ++t) bin_gemv_task(&w, t);
+    } else {
+      ctx.ParallelFor(bin_gemv_task, tasks, 0, &w);
+    }
+  }
+};
+
+struct BinaryMatMulOp : Ort::CustomOpBase<BinaryMatMulOp, BinKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new BinKernel(api, info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::BinaryMatMul: ") + e.what()).c_str());
+    }
+  }
+  const char* GetName() const { return "BinaryMatMul"; }
+  size_t GetInputTypeCount() const { return 10; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case 0: case 9: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      case 1: case 2: case 6: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 5: case 7: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < 4 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+BinaryMatMulOp g_bin_op;
+
 }  // namespace
 
 extern "C" {
@@ -550,6 +849,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = g_api->CreateCustomOpDomain("lowbit.ort", &domain)) return st;
   if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_vq_op)) return st;
+  if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_bin_op)) return st;
   return g_api->AddCustomOpDomain(options, domain);
 }
 
