@@ -39,6 +39,11 @@ HEADERS_DIR = BUILD_DIR / "onnxruntime-1.21-headers"
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fvisibility=hidden"]
 
 
+class Unavailable(LowbitError):
+    """This machine cannot build the library (no compiler, no access to Debian's archive, no AVX2); a compile error
+    of the source is a plain :class:`LowbitError`."""
+
+
 def _tag() -> str:
     """The build's identity: the source and flags (a changed source never loads an old build)."""
     h = hashlib.sha256(SOURCE.read_bytes())
@@ -87,7 +92,7 @@ def _fetch_headers(progress=print) -> Path:
         with urllib.request.urlopen(url, timeout=60) as r:
             data = r.read()
     except OSError as e:
-        raise LowbitError(f"cannot download {url} ({e}); the lowbit ORT kernels need ONNX Runtime's C API headers "
+        raise Unavailable(f"cannot download {url} ({e}); the lowbit ORT kernels need ONNX Runtime's C API headers "
                           "from Debian's libonnxruntime-dev package") from e
     if hashlib.sha256(data).hexdigest() != sha:
         raise LowbitError(f"{url}: sha256 differs from the pinned {sha} (refusing to use it)")
@@ -117,12 +122,12 @@ def build(progress=print, force: bool = False) -> Path:
     if out.is_file() and not force:
         return out
     if not cpu_supported():
-        raise LowbitError("the lowbit ORT kernels need an x86-64 CPU with AVX2, FMA and F16C")
+        raise Unavailable("the lowbit ORT kernels need an x86-64 CPU with AVX2, FMA and F16C")
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     headers = _fetch_headers(progress)
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
-        raise LowbitError(f"no C++ compiler ({cxx!r}) to build the lowbit ORT kernels")
+        raise Unavailable(f"no C++ compiler ({cxx!r}) to build the lowbit ORT kernels")
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     cmd = [cxx, *FLAGS, "-I", str(headers), str(SOURCE), "-o", str(tmp)]
     progress(f"[ort-kernels] {' '.join(cmd)}")

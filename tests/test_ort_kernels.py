@@ -3,7 +3,8 @@ formats' references for every shape they accept (vector and scalar paths, one ro
 matches the torch program exactly and holds the packed bytes, and what cannot run says so.
 
 The library is built on first use (``lowbit.runtime.ort_ops.build``: Debian's ONNX Runtime headers, g++); where it
-cannot be built (no compiler, no access to Debian's archive, a CPU without AVX2) these tests are skipped."""
+cannot be built (no compiler, no access to Debian's archive, a CPU without AVX2) these tests are skipped; a source
+that does not compile fails them."""
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ from lowbit.runtime.formats import LowRank, VQCodebook
 def lib():
     try:
         return ort_ops.build(progress=lambda m: None)
-    except LowbitError as e:
+    except ort_ops.Unavailable as e:  # a compile error of the source fails the tests instead
         pytest.skip(f"lowbit's ONNX Runtime library cannot be built here: {e}")
 
 
@@ -150,9 +151,10 @@ def test_decoder_with_lowbit_kernels_is_exact_and_holds_packed_bytes(lib, tiny_d
     assert dec_info["ort_kernels"] == "lowbit" and dec_info["custom_ops"]["domain"] == ort_ops.DOMAIN
     mine = {k: r for k, r in dec_info["layers"].items() if op in r["lowering"]}
     assert len(mine) == len(dec_info["layers"]) and all(r["rel_err"] == 0.0 for r in mine.values())
-    # resident = the packed tensors (VQ's int16 permutation read as int32, BiLLM's group plane over all columns): not a
+    # resident = the packed tensors (VQ's int16 permutation read as int32; BiLLM's group plane over all columns and
+    # its salient columns' signs copied compact: 1.18x on this tiny model, where salient columns are many): not a
     # grid's 1.6-3.5x
-    assert sum(r["ort_bytes"] for r in mine.values()) <= 1.1 * sum(r["packed_bytes"] for r in mine.values())
+    assert sum(r["ort_bytes"] for r in mine.values()) <= 1.25 * sum(r["packed_bytes"] for r in mine.values())
     m = onnx.load(str(d / "onnx" / "decoder.onnx"), load_external_data=False)
     assert ort_ops.uses_lowbit_ops(m)
     assert s["check"]["decoder_max_rel_err_vs_torch"] < 1e-4, s["check"]

@@ -294,7 +294,8 @@ def _vq_kernel(g, x, fmt: VQCodebook, name):
 
 def _binary_kernel(g, x, fmt: BinaryResidual, name):
     """One ``lowbit.ort::BinaryMatMul`` node over the format's planes (see runtime/ort_kernels/lowbit_ort_ops.cc);
-    the group plane, stored over the non-salient columns, is spread over all K columns (bit = sparse part)."""
+    the group plane, stored over the non-salient columns, is spread over all K columns (bit = sparse part), and the
+    salient columns' sign bits are copied into a compact plane like the residual one (S bits per row)."""
     from lowbit.runtime.ort_ops import DOMAIN
 
     n, k = fmt.out_features, fmt.in_features
@@ -305,11 +306,15 @@ def _binary_kernel(g, x, fmt: BinaryResidual, name):
     t = {"signs": fmt.signs, "group": pack_rows(group, 1), "alphas": fmt.alphas}
     if fmt.mus is not None:
         t["mus"] = fmt.mus
-    if fmt.num_salient:
-        t["salient_cols"], t["residual_signs"] = fmt.salient_cols.to(torch.int32), fmt.residual_signs
+    if fmt.num_salient:  # the salient columns' signs also compact, so the kernel reads them 8 at a time
+        sal = fmt.salient_cols.long()
+        t["salient_cols"] = fmt.salient_cols.to(torch.int32)
+        t["salient_signs"] = pack_rows(unpack_rows(fmt.signs, 1, k)[:, sal], 1)
+        t["residual_signs"] = fmt.residual_signs
     if fmt.num_outliers:
         t["outlier_cols"], t["outlier_vals"] = fmt.outlier_cols.to(torch.int32), fmt.outlier_vals
-    order = ("signs", "group", "alphas", "mus", "salient_cols", "residual_signs", "outlier_cols", "outlier_vals")
+    order = ("signs", "group", "alphas", "mus", "salient_cols", "salient_signs", "residual_signs", "outlier_cols",
+             "outlier_vals")
     ins = [x] + [g.init(f"{name}.{key}", _np(t[key].contiguous())) if key in t else "" for key in order]
     while ins[-1] == "":
         ins.pop()

@@ -14,13 +14,15 @@
 //     attributes index_bits (b), vec_dim (d), group_size (g).
 //     y = x @ W.T (+ bias), W[n, perm[j]] = scales[n, j/g] * codebook[code(n, j/d), j%d] (+ B @ A).
 //
-//   BinaryMatMul(x, signs, group, alphas, mus?, salient_cols?, residual_signs?, outlier_cols?, outlier_vals?, bias?)
+//   BinaryMatMul(x, signs, group, alphas, mus?, salient_cols?, salient_signs?, residual_signs?, outlier_cols?,
+//                outlier_vals?, bias?)
 //     lowbit's BinaryResidual format (BiLLM), its planes as stored except the group plane, which the lowering
 //     spreads over all K columns (one bit per column, so a column's signs and group bits share a byte index):
 //       signs uint8 (N, ceil(K/8)) sign of every weight (bit 1 = +1); group uint8 (N, ceil(K/8)) bit 1 = sparse part
 //       (salient and outlier columns: ignored); alphas float16 (N, nb, 4) [salient 1, salient 2, concentrated,
 //       sparse] per row and block of block_size columns; mus float16 (N, nb, 4) optional (means);
-//       salient_cols int32 (S,), residual_signs uint8 (N, ceil(S/8)); outlier_cols int32 (R,), outlier_vals
+//       salient_cols int32 (S,), salient_signs and residual_signs uint8 (N, ceil(S/8)) (the signs plane's bits of
+//       the salient columns, copied compact by the lowering, and the format's residual plane); outlier_cols int32 (R,), outlier_vals
 //       float16 (N, R) (columns kept in fp16); bias float (N,).
 //     attribute block_size. W = alpha[part] * s + mu[part]; salient: alpha0 * s + alpha1 * r (+ mu0 + mu1);
 //     outlier columns: their values.
@@ -586,7 +588,11 @@ struct BinWork {
   const uint16_t* alphas;   // (N, nb, 4)
   const uint16_t* mus;      // (N, nb, 4) or null
   const int32_t* sal;       // (S,)
+  const uint8_t* sal_signs; // (N, sb): the signs of the salient columns, compact (as res)
   const uint8_t* res;       // (N, sb)
+  const float* xs;          // (M, S8): x at the salient columns, zero-padded to a multiple of 8
+  const int32_t* sal_blk;   // (S8,): each salient column's block, 0 in the padding
+  int64_t S8;
   const int32_t* out_cols;  // (R,)
   const uint16_t* out_vals; // (N, R)
   const float* bias;
@@ -652,13 +658,28 @@ void bin_rows(const BinWork& w, int64_t n0, int64_t n1, float* out) {
         for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(mc, xc[m], _mm256_fmadd_ps(ms, xs[m], tot[m]));
       }
     }
+    if (s.S && !mu) {  // salient columns, 8 at a time: (alpha0 * s + alpha1 * r) of each column's block times x
+      alignas(32) float af[4 * 64];
+      const int64_t na = std::min<int64_t>(s.nb, 64);
+      h2f_n(a, af, na * 4);
+      const uint8_t* ss8 = w.sal_signs + n * s.sb;
+      const uint8_t* rs8 = w.res + n * s.sb;
+      for (int64_t j = 0; j < w.S8; j += 8) {
+        const __m256i bi = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.sal_blk + j)), 2);
+        const __m256 a0 = _mm256_i32gather_ps(af, bi, 4);
+        const __m256 a1 = _mm256_i32gather_ps(af + 1, bi, 4);
+        const __m256 wv = _mm256_fmadd_ps(a0, _mm256_load_ps(kBits.sign[ss8[j >> 3]]),
+                                          _mm256_mul_ps(a1, _mm256_load_ps(kBits.sign[rs8[j >> 3]])));
+        for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(w.xs + m * w.S8 + j), tot[m]);
+      }
+    }
     float t[M];
     for (int m = 0; m < M; ++m) t[m] = hsum(tot[m]);
-    for (int64_t j = 0; j < s.S; ++j) {
+    for (int64_t j = 0; j < s.S && mu; ++j) {  // mean-shifted: one by one
       const int64_t k = w.sal[j], b = k / s.bs;
       float v = h2f(a[b * 4]) * (bit_at(sg, k) ? 1.0f : -1.0f) +
                 h2f(a[b * 4 + 1]) * (bit_at(w.res + n * s.sb, j) ? 1.0f : -1.0f);
-      if (mu) v += h2f(mu[b * 4]) + h2f(mu[b * 4 + 1]);
+      v += h2f(mu[b * 4]) + h2f(mu[b * 4 + 1]);
       for (int m = 0; m < M; ++m) t[m] += v * w.x[m * s.K + k];
     }
     for (int64_t j = 0; j < s.R; ++j) {
@@ -731,8 +752,8 @@ struct BinKernel {
     Ort::KernelContext ctx(context);
     const size_t nin = ctx.GetInputCount();
     auto in = [&](size_t i) -> Ort::ConstValue { return i < nin ? ctx.GetInput(i) : Ort::ConstValue(nullptr); };
-    Ort::ConstValue X = in(0), SG = in(1), GR = in(2), AL = in(3), MU = in(4), SA = in(5), RS = in(6), OC = in(7),
-                    OV = in(8), BI = in(9);
+    Ort::ConstValue X = in(0), SG = in(1), GR = in(2), AL = in(3), MU = in(4), SA = in(5), SS = in(6), RS = in(7),
+                    OC = in(8), OV = in(9), BI = in(10);
     const auto xs = shape(X), sgs = shape(SG), grs = shape(GR), als = shape(AL);
     if (xs.empty()) throw Error("x must have at least one dimension");
     BinShape s{};
@@ -752,9 +773,9 @@ struct BinKernel {
     if (present(SA)) {
       s.S = shape(SA)[0];
       s.sb = (s.S + 7) / 8;
-      if (!present(RS) || shape(RS) != std::vector<int64_t>{s.N, s.sb})
-        throw Error("residual_signs must be uint8 (N, " + std::to_string(s.sb) + ") for " + std::to_string(s.S) +
-                    " salient columns");
+      if (!present(RS) || shape(RS) != std::vector<int64_t>{s.N, s.sb} || !present(SS) || shape(SS) != shape(RS))
+        throw Error("salient_signs and residual_signs must be uint8 (N, " + std::to_string(s.sb) + ") for " +
+                    std::to_string(s.S) + " salient columns");
     }
     if (present(OC)) {
       s.R = shape(OC)[0];
@@ -777,6 +798,7 @@ struct BinKernel {
     w.mus = present(MU) ? reinterpret_cast<const uint16_t*>(MU.GetTensorRawData()) : nullptr;
     w.sal = s.S ? SA.GetTensorData<int32_t>() : nullptr;
     w.res = s.S ? RS.GetTensorData<uint8_t>() : nullptr;
+    w.sal_signs = s.S ? SS.GetTensorData<uint8_t>() : nullptr;
     w.out_cols = s.R ? OC.GetTensorData<int32_t>() : nullptr;
     w.out_vals = s.R ? reinterpret_cast<const uint16_t*>(OV.GetTensorRawData()) : nullptr;
     w.bias = present(BI) ? BI.GetTensorData<float>() : nullptr;
@@ -800,6 +822,20 @@ struct BinKernel {
       }
       w.xr = xr.data();
     }
+    std::vector<float> xsal;
+    std::vector<int32_t> blk;
+    if (w.fast && s.S) {  // x at the salient columns and their blocks, padded to whole 8-column steps
+      w.S8 = (s.S + 7) / 8 * 8;
+      xsal.assign(s.M * w.S8, 0.0f);
+      blk.assign(w.S8, 0);
+      for (int64_t j = 0; j < s.S; ++j) {
+        blk[j] = static_cast<int32_t>(w.sal[j] / bs);
+        for (int64_t m = 0; m < s.M; ++m) xsal[m * w.S8 + j] = w.x[m * s.K + w.sal[j]];
+      }
+      if (s.nb > 64) w.fast = false;  // the per-row alpha buffer holds 64 blocks (8192 columns at b128)
+      w.xs = xsal.data();
+      w.sal_blk = blk.data();
+    }
     if (s.N * s.K < SERIAL_GEMV_WEIGHTS) {
       for (size_t t = 0; t < tasks; ++t) bin_gemv_task(&w, t);
     } else {
@@ -818,12 +854,12 @@ struct BinaryMatMulOp : Ort::CustomOpBase<BinaryMatMulOp, BinKernel, true> {
     }
   }
   const char* GetName() const { return "BinaryMatMul"; }
-  size_t GetInputTypeCount() const { return 10; }
+  size_t GetInputTypeCount() const { return 11; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
-      case 0: case 9: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-      case 1: case 2: case 6: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-      case 5: case 7: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      case 0: case 10: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      case 1: case 2: case 6: case 7: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 5: case 8: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     }
   }
