@@ -643,15 +643,16 @@ void bin_rows(const BinWork& w, int64_t n0, int64_t n1, float* out) {
         for (int m = 0; m < M; ++m) {
           const __m256 xv = _mm256_loadu_ps(w.xr + m * s.K + c);
           const __m256 t = _mm256_mul_ps(xv, sv);
-          ss[m] = _mm256_add_ps(ss[m], _mm256_and_ps(gm, t));
-          sc[m] = _mm256_add_ps(sc[m], _mm256_andnot_ps(gm, t));
+          ss[m] = _mm256_add_ps(ss[m], _mm256_and_ps(gm, t));  // sparse part
+          sc[m] = _mm256_add_ps(sc[m], t);                     // both parts (alpha_c, then alpha_s - alpha_c)
           if (mu) {
             xs[m] = _mm256_add_ps(xs[m], _mm256_and_ps(gm, xv));
             xc[m] = _mm256_add_ps(xc[m], _mm256_andnot_ps(gm, xv));
           }
         }
       }
-      const __m256 ac = _mm256_set1_ps(h2f(a[b * 4 + 2])), as = _mm256_set1_ps(h2f(a[b * 4 + 3]));
+      const float fc = h2f(a[b * 4 + 2]);
+      const __m256 ac = _mm256_set1_ps(fc), as = _mm256_set1_ps(h2f(a[b * 4 + 3]) - fc);
       for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(ac, sc[m], _mm256_fmadd_ps(as, ss[m], tot[m]));
       if (mu) {
         const __m256 mc = _mm256_set1_ps(h2f(mu[b * 4 + 2])), ms = _mm256_set1_ps(h2f(mu[b * 4 + 3]));
@@ -664,10 +665,22 @@ void bin_rows(const BinWork& w, int64_t n0, int64_t n1, float* out) {
       h2f_n(a, af, na * 4);
       const uint8_t* ss8 = w.sal_signs + n * s.sb;
       const uint8_t* rs8 = w.res + n * s.sb;
+      // up to 8 blocks (K <= 1024 at b128): the row's alpha0/alpha1 of every block in one register each, picked
+      // per salient column by a lane permute; more blocks: gathered per 8 columns
+      const bool few = s.nb <= 8;
+      __m256 a0row = _mm256_setzero_ps(), a1row = _mm256_setzero_ps();
+      if (few) {
+        const __m256i blocks = _mm256_min_epi32(_mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+                                                _mm256_set1_epi32(static_cast<int>(4 * (s.nb - 1))));
+        a0row = _mm256_i32gather_ps(af, blocks, 4);
+        a1row = _mm256_i32gather_ps(af + 1, blocks, 4);
+      }
       for (int64_t j = 0; j < w.S8; j += 8) {
-        const __m256i bi = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.sal_blk + j)), 2);
-        const __m256 a0 = _mm256_i32gather_ps(af, bi, 4);
-        const __m256 a1 = _mm256_i32gather_ps(af + 1, bi, 4);
+        const __m256i bj = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.sal_blk + j));
+        const __m256 a0 = few ? _mm256_permutevar8x32_ps(a0row, bj)
+                              : _mm256_i32gather_ps(af, _mm256_slli_epi32(bj, 2), 4);
+        const __m256 a1 = few ? _mm256_permutevar8x32_ps(a1row, bj)
+                              : _mm256_i32gather_ps(af + 1, _mm256_slli_epi32(bj, 2), 4);
         const __m256 wv = _mm256_fmadd_ps(a0, _mm256_load_ps(kBits.sign[ss8[j >> 3]]),
                                           _mm256_mul_ps(a1, _mm256_load_ps(kBits.sign[rs8[j >> 3]])));
         for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(w.xs + m * w.S8 + j), tot[m]);
