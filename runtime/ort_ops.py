@@ -1,9 +1,10 @@
 """lowbit's ONNX Runtime custom-op library (``lowbit.ort`` domain): build, locate, register.
 
-Stock ONNX Runtime has no kernel for lowbit's VQ format (ReALLM): its values lie on no uniform grid, so the stock
-decoder rounds them onto an 8-bit ``MatMulNBits`` grid (3-3.5x the packed bytes in memory) or a 4-bit one (twice
-the perplexity). ``runtime/ort_kernels/lowbit_ort_ops.cc`` reads the packed codes themselves (``lowbit.ort::VQMatMul``,
-exact); ``lowbit-export DIR --onnx --ort-kernels lowbit`` writes decoders that use it.
+Stock ONNX Runtime has no kernel for lowbit's VQ (ReALLM) and binary-residual (BiLLM) formats: their values lie on no
+uniform grid, so the stock decoder rounds them onto an 8-bit ``MatMulNBits`` grid (3-3.5x the packed bytes in memory)
+or a 4-bit one (ReALLM's perplexity doubles). ``runtime/ort_kernels/lowbit_ort_ops.cc`` reads the packed codes and
+planes themselves (``lowbit.ort::VQMatMul``, ``lowbit.ort::BinaryMatMul``, exact); ``lowbit-export DIR --onnx
+--ort-kernels lowbit`` writes decoders that use them.
 
 The library is optional: nothing else in lowbit needs it. It is compiled here, from this repository's source, with
 the C API headers of Debian's ``libonnxruntime-dev`` package (fetched from Debian's archive, sha256-checked, only
