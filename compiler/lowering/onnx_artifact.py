@@ -39,8 +39,9 @@ def export_artifact(artifact_dir, accuracy_level: int = 4, matmulnbits: bool = T
     ``vq_lowrank``: a VQ format's low-rank term in the direct decoder, ``exact`` (float MatMul pair) or ``fold``
     (added to the weight before its grid: fewer nodes, error recorded). ``grid_bits``: the grid (8 or 4 bits) that
     BiLLM's levels and VQ values x scales are rounded onto in the direct decoder (4: ORT's fastest kernel, ~17x
-    the grid error of 8). ``kernels``: ``lowbit`` runs VQ layers of the direct decoder as ``lowbit.ort::VQMatMul``
-    (exact; needs lowbit's ONNX Runtime library, :mod:`lowbit.runtime.ort_ops`, built), ``stock`` only ORT's ops."""
+    the grid error of 8). ``kernels``: ``lowbit`` runs VQ and BiLLM layers of the direct decoder as ``lowbit.ort::VQMatMul`` /
+    ``BinaryMatMul`` (exact; needs lowbit's ONNX Runtime library, :mod:`lowbit.runtime.ort_ops`, built), ``stock``
+    only ORT's ops."""
     from lowbit.runtime.artifact import load, staging_dir
 
     if decoder not in ("auto", "direct", "traced"):
