@@ -9,8 +9,8 @@ graph the way ONNX Runtime's own model builder (onnxruntime-genai) does, about 1
 * ``com.microsoft::GroupQueryAttention`` with rotary embedding (``do_rotary``, cos/sin caches from
   ``rope_theta``) and the key/value cache in ``(batch, kv_heads, past, head_dim)``;
 * every linear as the lowering of its packed format (:mod:`lowbit.compiler.lowering.ort_linears`);
-* with ``kernels="lowbit"``, VQ (ReALLM) and BiLLM linears as ``lowbit.ort::VQMatMul`` / ``BinaryMatMul`` (lowbit's ONNX Runtime library,
-  :mod:`lowbit.runtime.ort_ops`; the model then imports the ``lowbit.ort`` domain);
+* with ``kernels="lowbit"``, VQ (ReALLM) and BiLLM linears as ``lowbit.ort::VQMatMul`` / ``BinaryMatMul``
+  (lowbit's ONNX Runtime library, :mod:`lowbit.runtime.ort_ops`; the model then imports the ``lowbit.ort`` domain);
 * the MLP's SiLU as ``com.microsoft::QuickGelu`` with ``alpha`` 1 (one node instead of ``Sigmoid`` and ``Mul``);
 * the head as ``MatMulNBits`` when the artifact's ``lm_head`` is compressed, and then (tied embeddings) the
   embedding as ``com.microsoft::GatherBlockQuantized`` over the same codes; a float tied head is stored
