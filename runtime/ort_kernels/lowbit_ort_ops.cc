@@ -491,7 +491,7 @@ struct VQKernel {
     // the vector path: d of 1, 2, 4 or 8 and groups (and K) made of whole 8-code blocks
     w.fast = (d == 1 || d == 2 || d == 4 || d == 8) && g % (8 * d) == 0 && s.K % (8 * d) == 0;
     w.fast_b = static_cast<int>(b), w.fast_d = static_cast<int>(d), w.fast_cb = cb.data();
-    thread_local std::vector<float> pairs;  // scratch: rebuilt per call, so it is never resident between calls
+    thread_local std::vector<float> pairs;  // scratch, one per thread (64 KB at b6) rebuilt per call: not per layer
     if (w.fast && d == 2 && b >= 5 && b <= 6 && g % 32 == 0 && s.K % 32 == 0) {
       // pair mode: entry (c0 | c1 << b) of the product codebook is [cb[c0], cb[c1]]; the pair's 2b bits are the
       // two codes as stored (LSB first), so the stream reads unchanged as 2b-bit codes. 3072 x 576, one thread:
