@@ -111,7 +111,6 @@ def _billm(w: torch.Tensor, block: int, gen: torch.Generator):
     from lowbit.runtime.formats import BinaryResidual
 
     n, k = w.shape
-    nb = -(-k // block)
     sal = torch.zeros(k, dtype=torch.bool)
     for b0 in range(0, k, block):  # 4 salient columns per block: the largest column norms
         cols = w[:, b0:b0 + block].norm(dim=0).topk(min(4, w[:, b0:b0 + block].shape[1])).indices + b0
