@@ -522,16 +522,28 @@ struct VQKernel {
   }
 };
 
-struct VQMatMulOp : Ort::CustomOpBase<VQMatMulOp, VQKernel, true> {
+// what both ops share: kernel creation reporting errors as a status naming the op, inputs from index 4 on optional,
+// one float output. TOp gives kName, GetInputTypeCount and GetInputType.
+template <typename TOp, typename TKernel>
+struct LowbitOp : Ort::CustomOpBase<TOp, TKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {
-      *kernel = new VQKernel(api, info);
+      *kernel = new TKernel(api, info);
       return nullptr;
     } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::VQMatMul: ") + e.what()).c_str());
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::") + TOp::kName + ": " + e.what()).c_str());
     }
   }
-  const char* GetName() const { return "VQMatMul"; }
+  const char* GetName() const { return TOp::kName; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < 4 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+struct VQMatMulOp : LowbitOp<VQMatMulOp, VQKernel> {
+  static constexpr const char* kName = "VQMatMul";
   size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
@@ -542,11 +554,6 @@ struct VQMatMulOp : Ort::CustomOpBase<VQMatMulOp, VQKernel, true> {
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     }
   }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i < 4 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
 VQMatMulOp g_vq_op;
@@ -852,16 +859,8 @@ struct BinKernel {
   }
 };
 
-struct BinaryMatMulOp : Ort::CustomOpBase<BinaryMatMulOp, BinKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new BinKernel(api, info);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::BinaryMatMul: ") + e.what()).c_str());
-    }
-  }
-  const char* GetName() const { return "BinaryMatMul"; }
+struct BinaryMatMulOp : LowbitOp<BinaryMatMulOp, BinKernel> {
+  static constexpr const char* kName = "BinaryMatMul";
   size_t GetInputTypeCount() const { return 11; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
@@ -871,11 +870,6 @@ struct BinaryMatMulOp : Ort::CustomOpBase<BinaryMatMulOp, BinKernel, true> {
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     }
   }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i < 4 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
 BinaryMatMulOp g_bin_op;
