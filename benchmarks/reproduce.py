@@ -201,7 +201,7 @@ def figures(report: dict, ft: dict | None) -> dict:
     return fig
 
 
-def run_row(row: str, out: Path, force: bool, seed: int | None = None) -> dict:
+def run_row(row: str, out: Path, force: bool, seed: int | None = None, resume: bool = False) -> dict:
     label, _, prereq = ROWS[row]
     d = out / (row if seed is None else f"{row}-seed{seed}")
     cmds = commands(row, out, seed)
@@ -212,7 +212,7 @@ def run_row(row: str, out: Path, force: bool, seed: int | None = None) -> dict:
             print(f"[reproduce] {row}: done earlier ({rec['date']}), ppl {rec['figures']['ppl']}", flush=True)
             return rec
     if prereq and not (out / prereq / "row.json").is_file():
-        run_row(prereq, out, force=False)
+        run_row(prereq, out, force=False, resume=resume)
     print(f"[reproduce] {row}: {label}", flush=True)
     t0 = time.time()
     d.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +221,10 @@ def run_row(row: str, out: Path, force: bool, seed: int | None = None) -> dict:
         for c in cmds:
             print("  $ " + shlex.join(c), flush=True)
             full = [str(BIN / c[0]), *c[1:]]
+            # --resume replays the finished blocks of an interrupted calibration (same options and data: same
+            # artifact, so the recorded command stays the one without it)
+            if resume and c[0] == "lowbit-compile" and Path(f"{d}.ckpt").is_dir():
+                full.append("--resume")
             rc = subprocess.run(full, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT).returncode
             if rc != 0:
                 raise SystemExit(f"[reproduce] {row}: {c[0]} exited {rc}; see {log}")
@@ -293,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="every row, in table order")
     ap.add_argument("--force", action="store_true", help="rerun rows that are done")
     ap.add_argument("--seeds", default=None, help="comma-separated calibration seeds: record the spread of the figure")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a row whose calibration was interrupted (its OUT/ROW.ckpt/ checkpoints)")
     ap.add_argument("--background", action="store_true", help="detach; progress in OUT/reproduce.log")
     ap.add_argument("--write-readme", action="store_true", help="rewrite README's table from the recorded rows")
     ap.add_argument("--out", default=str(ROOT / "out" / "reproduce"), help="where rows run (default out/reproduce)")
@@ -313,13 +319,13 @@ def main(argv=None) -> int:
     if a.background and rows:
         out.mkdir(parents=True, exist_ok=True)
         argv2 = [sys.executable, __file__, *rows, "--out", str(out)] + (["--force"] if a.force else []) + \
-            (["--seeds", a.seeds] if a.seeds else [])
+            (["--seeds", a.seeds] if a.seeds else []) + (["--resume"] if a.resume else [])
         with open(out / "reproduce.log", "a") as lf:
             p = subprocess.Popen(argv2, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
         print(f"[reproduce] running {len(rows)} row(s) in the background (pid {p.pid}); log {out / 'reproduce.log'}")
         return 0
     for r in rows:
-        rec = run_row(r, out, a.force)
+        rec = run_row(r, out, a.force, resume=a.resume)
         if a.seeds:
             seeds = [int(s) for s in a.seeds.split(",")]
             ppls = [rec["figures"]["ppl"] if s == 0 else run_row(r, out, a.force, seed=s)["figures"]["ppl"]

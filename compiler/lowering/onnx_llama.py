@@ -10,7 +10,8 @@ graph the way ONNX Runtime's own model builder (onnxruntime-genai) does, about 1
   ``rope_theta``) and the key/value cache in ``(batch, kv_heads, past, head_dim)``;
 * every linear as the lowering of its packed format (:mod:`lowbit.compiler.lowering.ort_linears`);
 * with ``kernels="lowbit"``, VQ (ReALLM) and BiLLM linears as ``lowbit.ort::VQMatMul`` / ``BinaryMatMul``
-  (lowbit's ONNX Runtime library, :mod:`lowbit.runtime.ort_ops`; the model then imports the ``lowbit.ort`` domain);
+  (lowbit's ONNX Runtime library, :mod:`lowbit.runtime.ort_ops`; the model then imports the ``lowbit.ort`` domain),
+  and q/k/v and gate/up (with the SiLU gate) as one ``lowbit.ort::VQLinears`` node each where they are all VQ;
 * the MLP's SiLU as ``com.microsoft::QuickGelu`` with ``alpha`` 1 (one node instead of ``Sigmoid`` and ``Mul``);
 * the head as ``MatMulNBits`` when the artifact's ``lm_head`` is compressed, and then (tied embeddings) the
   embedding as ``com.microsoft::GatherBlockQuantized`` over the same codes; a float tied head is stored
@@ -32,7 +33,7 @@ import torch
 
 from lowbit.runtime.ort_ops import DOMAIN as ORT_OPS_DOMAIN
 
-from .onnx_fuse import drop_split, fuse_matmulnbits, merge_side_terms
+from .onnx_fuse import drop_split, fuse_matmulnbits, fuse_vq_linears, merge_side_terms
 from .onnx_graph import MSFT, GraphBuilder, save_deduplicated
 from .ort_linears import GRID_BITS, _np, lower_linear
 
@@ -99,8 +100,9 @@ def build_decoder(art, path: Path, accuracy_level: int = 4, max_block: int | Non
 
     ``outliers``: ``{module name: LongTensor of input channels}`` taken out of ``MatMulNBits``' int8 activation
     path at ``accuracy_level`` 4 (measured on SmolLM2 with 32-column blocks: not needed, so off by default).
-    ``fuse``: q/k/v and gate/up, where their lowerings are sibling ``MatMulNBits`` nodes, run as one node each
-    (:mod:`~lowbit.compiler.lowering.onnx_fuse`; exact, fewer kernel calls per token). ``vq_lowrank``,
+    ``fuse``: q/k/v and gate/up, where their lowerings are sibling ``MatMulNBits`` nodes (or, with lowbit's
+    kernels, ``VQMatMul`` nodes), run as one node each (:mod:`~lowbit.compiler.lowering.onnx_fuse`; exact, fewer
+    kernel calls per token). ``vq_lowrank``,
     ``grid_bits``, ``kernels``: see :func:`~lowbit.compiler.lowering.ort_linears.lower_linear`."""
     why = unsupported_reason(art)
     if why:
@@ -146,6 +148,17 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
             records[mods[0]]["ort_bytes"] += merge_side_terms(g, fused, name)  # the merged side's zeros
         return fused
 
+    def merged_vq(mods, name, gated=False):
+        """``mods`` as one lowbit.ort::VQLinears node (lowbit's kernels), or None where they do not merge."""
+        out = fuse_vq_linears(g, mods, name, gated=gated) if fuse and kernels == "lowbit" else None
+        if out is not None:
+            fusions_vq.append(name)
+            for m in mods:
+                records[m]["lowering"] += f"; one lowbit.ort::VQLinears node with {', '.join(mods)}" + \
+                    (" and the SiLU gate" if gated else "")
+        return out
+
+    fusions_vq = []  # q/k/v and gate/up merged into one VQLinears node each
     splits = {}  # (input, channels) -> (input with them zeroed, their columns): shared by q/k/v and gate/up
 
     def linear(x, mod):
@@ -226,8 +239,8 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         p = f"model.layers.{i}"
         qkv_mods = [f"{p}.self_attn.{m}_proj" for m in "qkv"]
         q, k, v = (linear(x, m) for m in qkv_mods)
-        fused = merged(qkv_mods, f"{p}.self_attn.qkv_proj")
-        if fused and [q, k, v] == list(fused["split"].output):  # nothing else after it: GQA's packed QKV input
+        fused = merged(qkv_mods, f"{p}.self_attn.qkv_proj") or merged_vq(qkv_mods, f"{p}.self_attn.qkv_proj")
+        if isinstance(fused, dict) and [q, k, v] == list(fused["split"].output):  # nothing else after it: GQA's packed QKV input
             q, k, v = drop_split(g, fused), None, None
         att, pk, pv = g.op("GroupQueryAttention", [q, k, v, in_names[2 + 2 * i], in_names[3 + 2 * i], seqlens, total,
                                                    cos, sin], n_out=3, domain=MSFT, name=f"layers.{i}.attn",
@@ -240,10 +253,15 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         x, residual = _skip_norm(g, o, residual, nw, f"layers.{i}.post_attn_norm", eps)
         gate = linear(x, f"{p}.mlp.gate_proj")
         up = linear(x, f"{p}.mlp.up_proj")
-        merged([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj")
-        # SiLU as one node: com.microsoft::QuickGelu computes x * sigmoid(alpha * x), with alpha 1 exactly SiLU
-        act = g.op("QuickGelu", [gate], domain=MSFT, name=f"layers.{i}.mlp.silu", alpha=1.0)
-        down = linear(g.op("Mul", [act, up], name=f"layers.{i}.mlp.gated"), f"{p}.mlp.down_proj")
+        mlp_mods = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
+        gated = None
+        if not merged(mlp_mods, f"{p}.mlp.gate_up_proj"):
+            gated = merged_vq(mlp_mods, f"{p}.mlp.gate_up_proj", gated=True)  # silu(gate) * up inside the node
+        if gated is None:
+            # SiLU as one node: com.microsoft::QuickGelu computes x * sigmoid(alpha * x), with alpha 1 exactly SiLU
+            act = g.op("QuickGelu", [gate], domain=MSFT, name=f"layers.{i}.mlp.silu", alpha=1.0)
+            gated = g.op("Mul", [act, up], name=f"layers.{i}.mlp.gated")
+        down = linear(gated, f"{p}.mlp.down_proj")
         last = i == L - 1
         nname = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
         x, residual = _skip_norm(g, down, residual, g.init(nname, _np(tens.need(nname).float())),
@@ -276,7 +294,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
     model.ir_version = 10
     saved = save_deduplicated(model, path)
     return {"file": Path(path).name, "builder": "direct (fused ORT ops)", "nodes": len(g.nodes),
-            "merged_matmulnbits": fusions,
+            "merged_matmulnbits": fusions, "merged_vq_linears": len(fusions_vq),
             "cache": {"layers": L, "kv_heads": kvh, "head_dim": hd, "max_positions": max_pos},
             "io": "genai", "head": head, "layers": records, "shared_bytes": saved["shared"],
             # every weight ONNX Runtime holds: the linears (head included) and the embedding table

@@ -272,8 +272,9 @@ def _vq(g, x, fmt: VQCodebook, name, accuracy_level, vq_block, fold_lowrank: boo
     return y, nb + perm_bytes, how, err
 
 
-def _vq_kernel(g, x, fmt: VQCodebook, name):
-    """One ``lowbit.ort::VQMatMul`` node over the format's own tensors (see runtime/ort_kernels/lowbit_ort_ops.cc)."""
+def _vq_kernel(g, x, fmt: VQCodebook, name, bias=None):
+    """One ``lowbit.ort::VQMatMul`` node over the format's own tensors (see runtime/ort_kernels/lowbit_ort_ops.cc),
+    the bias (if any) its last input."""
     from lowbit.runtime.ort_ops import DOMAIN
 
     t = {"codes": fmt.codes, "codebook": fmt.codebook, "scales": fmt.scales}
@@ -281,13 +282,15 @@ def _vq_kernel(g, x, fmt: VQCodebook, name):
         t["perm"] = fmt.perm.to(torch.int32)  # int16 on disk; the op reads int32 (K * 4 bytes)
     if fmt.lowrank is not None:
         t["lora_a"], t["lora_b"] = fmt.lowrank.lora_a, fmt.lowrank.lora_b
+    if bias is not None:
+        t["bias"] = bias.float()
     ins = [x] + [g.init(f"{name}.{k}", _np(t[k].contiguous())) if k in t else ""
-                 for k in ("codes", "codebook", "scales", "perm", "lora_a", "lora_b")]
+                 for k in ("codes", "codebook", "scales", "perm", "lora_a", "lora_b", "bias")]
     while ins[-1] == "":
         ins.pop()
     y = g.op("VQMatMul", ins, domain=DOMAIN, name=name, index_bits=fmt.index_bits, vec_dim=fmt.vec_dim,
              group_size=fmt.group_size)
-    nb = sum(v.numel() * v.element_size() for v in t.values())
+    nb = sum(v.numel() * v.element_size() for k, v in t.items() if k != "bias")
     how = "VQ codes read by lowbit.ort::VQMatMul (exact" + (", low-rank term included)" if fmt.lowrank else ")")
     return y, nb, how, 0.0
 
@@ -347,7 +350,8 @@ def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor |
         elif isinstance(fmt, BinaryResidual):
             y, nb, how, err = _binary(g, x, fmt, name, accuracy_level, vq_block, binary, grid_bits)
         elif isinstance(fmt, VQCodebook) and kernels == "lowbit":
-            y, nb, how, err = _vq_kernel(g, x, fmt, name)
+            y, nb, how, err = _vq_kernel(g, x, fmt, name, bias)
+            bias = None  # added inside the node
         elif isinstance(fmt, VQCodebook):
             fold = vq_lowrank == "fold" and fmt.lowrank is not None
             y, nb, how, err = _vq(g, x, fmt, name, accuracy_level, vq_block, fold, grid_bits)

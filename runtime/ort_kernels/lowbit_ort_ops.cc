@@ -45,6 +45,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -381,6 +382,172 @@ void gemm_task(void* p, size_t task) {
 }
 
 
+// One VQ linear's call: its tensors checked against x, x in stored column order, A @ x, the codebook in float.
+// prepare_vq fills everything but w.y (the caller allocates the output once N is known); run_vq runs the tasks of
+// one or several calls in one pass over the thread pool.
+struct VQCall {
+  VQWork w{};
+  std::vector<float> cb, xp_buf, lr_t, pairs;
+  std::vector<uint8_t> last_row;
+  size_t tasks = 0;
+};
+
+inline std::vector<int64_t> shape_of(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
+inline bool present(const Ort::ConstValue& v) {  // an optional input given and not empty
+  return v && v.IsTensor() && v.GetTensorTypeAndShapeInfo().GetElementCount() > 0;
+}
+
+void check_vq_attrs(int64_t b, int64_t d, int64_t g, const std::string& node) {
+  if (b < 1 || b > 8 || d < 1 || g < 1)
+    throw Error(node + ": index_bits must be 1..8, vec_dim and group_size >= 1");
+}
+
+// x: (M, K) in original column order. C, CB, S, P, LA, LB, BI: the format's tensors (P, LA, LB, BI optional).
+void prepare_vq(VQCall& call, int64_t b, int64_t d, int64_t g, const float* x, int64_t M, int64_t K,
+                const Ort::ConstValue& C, const Ort::ConstValue& CB, const Ort::ConstValue& S,
+                const Ort::ConstValue& P, const Ort::ConstValue& LA, const Ort::ConstValue& LB,
+                const Ort::ConstValue& BI) {
+  const auto cs = shape_of(C), cbs = shape_of(CB), ss = shape_of(S);
+  VQShape s{};
+  s.K = K, s.M = M;
+  s.b = b, s.d = d, s.g = g, s.E = int64_t(1) << b;
+  if (cs.size() != 2) throw Error("codes must be 2-D (N, row bytes)");
+  s.N = cs[0];
+  s.rb = cs[1];
+  if (s.K % d) throw Error("vec_dim " + std::to_string(d) + " does not divide K=" + std::to_string(s.K));
+  s.nv = s.K / d;
+  s.G = (s.K + g - 1) / g;
+  if (s.rb != (s.nv * b + 7) / 8)
+    throw Error("codes has " + std::to_string(s.rb) + " bytes per row, expected " +
+                std::to_string((s.nv * b + 7) / 8) + " for K=" + std::to_string(s.K) + ", d=" +
+                std::to_string(d) + ", " + std::to_string(b) + "-bit indices");
+  if (cbs.size() != 2 || cbs[0] != s.E || cbs[1] != d)
+    throw Error("codebook must be float16 (" + std::to_string(s.E) + ", " + std::to_string(d) + ")");
+  if (ss.size() != 2 || ss[0] != s.N || ss[1] != s.G)
+    throw Error("scales must be float16 (" + std::to_string(s.N) + ", " + std::to_string(s.G) + ")");
+  const bool has_perm = present(P);
+  if (has_perm && (shape_of(P).size() != 1 || shape_of(P)[0] != s.K))
+    throw Error("perm must be int32 (" + std::to_string(s.K) + ",)");
+  const bool has_lr = present(LA) && LB;
+  if (has_lr) {
+    const auto as = shape_of(LA), bs = shape_of(LB);
+    if (as.size() != 2 || bs.size() != 2 || as[1] != s.K || bs[0] != s.N || bs[1] != as[0])
+      throw Error("lora_a must be (r, K) and lora_b (N, r)");
+    s.r = as[0];
+  }
+  const bool has_bias = present(BI);
+  if (has_bias && BI.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(s.N))
+    throw Error("bias must have N=" + std::to_string(s.N) + " elements");
+
+  // the codebook in float, (E, d), at most 8 KB: converted on every call (~0.1 us), so the kernel keeps no state
+  // and a codebook fed as a graph input is read as it is
+  call.cb.resize(s.E * d);
+  h2f_n(reinterpret_cast<const uint16_t*>(CB.GetTensorRawData()), call.cb.data(), s.E * d);
+
+  const float* xp = x;  // x in stored column order
+  if (has_perm && M > 0) {
+    const int32_t* perm = P.GetTensorData<int32_t>();
+    for (int64_t j = 0; j < s.K; ++j)
+      if (perm[j] < 0 || perm[j] >= s.K) throw Error("perm holds an index outside 0..K-1");
+    call.xp_buf.resize(s.M * s.K);
+    for (int64_t m = 0; m < s.M; ++m)
+      for (int64_t j = 0; j < s.K; ++j) call.xp_buf[m * s.K + j] = x[m * s.K + perm[j]];
+    xp = call.xp_buf.data();
+  }
+  if (has_lr) {  // A @ x per row of x (original order): r numbers each
+    const uint16_t* a = reinterpret_cast<const uint16_t*>(LA.GetTensorRawData());
+    call.lr_t.assign(s.M * s.r, 0.0f);
+    std::vector<float> arow(s.K);
+    for (int64_t q = 0; q < s.r; ++q) {
+      h2f_n(a + q * s.K, arow.data(), s.K);
+      for (int64_t m = 0; m < s.M; ++m) call.lr_t[m * s.r + q] = dot(arow.data(), x + m * s.K, s.K);
+    }
+  }
+  VQWork& w = call.w;
+  w.s = s;
+  w.xp = xp;
+  w.codes = C.GetTensorData<uint8_t>();
+  w.scales = reinterpret_cast<const uint16_t*>(S.GetTensorRawData());
+  w.cb = call.cb.data();
+  w.lr_t = has_lr ? call.lr_t.data() : nullptr;
+  w.lora_b = has_lr ? reinterpret_cast<const uint16_t*>(LB.GetTensorRawData()) : nullptr;
+  w.bias = has_bias ? BI.GetTensorData<float>() : nullptr;
+  call.tasks = s.M == 0 ? 0 : static_cast<size_t>((s.N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+  // the vector path: d of 1, 2, 4 or 8 and groups (and K) made of whole 8-code blocks
+  w.fast = (d == 1 || d == 2 || d == 4 || d == 8) && g % (8 * d) == 0 && s.K % (8 * d) == 0;
+  w.fast_b = static_cast<int>(b), w.fast_d = static_cast<int>(d), w.fast_cb = call.cb.data();
+  if (w.fast && d == 2 && b >= 5 && b <= 6 && g % 32 == 0 && s.K % 32 == 0) {
+    // pair mode: entry (c0 | c1 << b) of the product codebook is [cb[c0], cb[c1]]; the pair's 2b bits are the
+    // two codes as stored (LSB first), so the stream reads unchanged as 2b-bit codes. 3072 x 576, one thread:
+    // d2b5 429 -> 277 us, d2b6 662 -> 453 us; d2b7 (a 256 KB table rebuilt per call) got slower, so it is left out
+    call.pairs.resize(size_t(s.E) * s.E * 4);
+    const float* cb = call.cb.data();
+    for (int64_t c1 = 0; c1 < s.E; ++c1)
+      for (int64_t c0 = 0; c0 < s.E; ++c0) {
+        float* e = call.pairs.data() + (c1 * s.E + c0) * 4;
+        e[0] = cb[c0 * 2], e[1] = cb[c0 * 2 + 1], e[2] = cb[c1 * 2], e[3] = cb[c1 * 2 + 1];
+      }
+    w.fast_b = static_cast<int>(2 * b), w.fast_d = 4, w.fast_cb = call.pairs.data();
+  }
+  if (w.fast && s.N > 0) {
+    call.last_row.assign(s.rb + 8, 0);
+    std::memcpy(call.last_row.data(), w.codes + (s.N - 1) * s.rb, s.rb);
+    w.last_row = call.last_row.data();
+  }
+}
+
+// the tasks of several calls as one range: task t belongs to the call whose first task is the last one <= t
+struct VQBatch {
+  std::vector<VQCall*> calls;
+  std::vector<size_t> first;
+};
+
+void vq_batch_task(void* p, size_t t) {
+  const VQBatch& b = *static_cast<const VQBatch*>(p);
+  const size_t i = static_cast<size_t>(std::upper_bound(b.first.begin(), b.first.end(), t) - b.first.begin()) - 1;
+  VQWork& w = b.calls[i]->w;
+  if (w.s.M > GEMV_MAX_ROWS)
+    gemm_task(&w, t - b.first[i]);
+  else
+    gemv_task(&w, t - b.first[i]);
+}
+
+void run_vq(Ort::KernelContext& ctx, std::vector<VQCall>& calls) {
+  VQBatch batch;
+  size_t total = 0;
+  int64_t weights = 0, M = 0;
+  for (auto& c : calls) {
+    batch.calls.push_back(&c);
+    batch.first.push_back(total);
+    total += c.tasks;
+    weights += c.w.s.N * c.w.s.K;
+    M = c.w.s.M;
+  }
+  if (total == 0) return;
+  if (M <= GEMV_MAX_ROWS && weights < SERIAL_GEMV_WEIGHTS) {  // waking the pool costs more than it saves
+    for (size_t t = 0; t < total; ++t) vq_batch_task(&batch, t);
+  } else {
+    ctx.ParallelFor(vq_batch_task, total, 0, &batch);
+  }
+}
+
+// rows of x: every dimension but the last
+int64_t rows_of(const std::vector<int64_t>& xs) {
+  int64_t M = 1;
+  for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
+  return M;
+}
+
+template <typename TKernel>
+OrtStatusPtr compute_status(TKernel& k, OrtKernelContext* context, const char* op) {
+  try {
+    k.Compute(context);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::") + op + ": " + e.what()).c_str());
+  }
+}
+
 struct VQKernel {
   int64_t b, d, g;
 
@@ -390,135 +557,100 @@ struct VQKernel {
     b = ki.GetAttribute<int64_t>("index_bits");
     d = ki.GetAttribute<int64_t>("vec_dim");
     g = ki.GetAttribute<int64_t>("group_size");
-    if (b < 1 || b > 8 || d < 1 || g < 1)
-      throw Error("VQMatMul " + ki.GetNodeName() + ": index_bits must be 1..8, vec_dim and group_size >= 1");
+    check_vq_attrs(b, d, g, "VQMatMul " + ki.GetNodeName());
   }
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
-      Compute(context);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::VQMatMul: ") + e.what()).c_str());
-    }
-  }
-
-  static std::vector<int64_t> shape(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "VQMatMul"); }
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const size_t nin = ctx.GetInputCount();
     auto in = [&](size_t i) -> Ort::ConstValue { return i < nin ? ctx.GetInput(i) : Ort::ConstValue(nullptr); };
-    Ort::ConstValue X = in(0), C = in(1), CB = in(2), S = in(3), P = in(4), LA = in(5), LB = in(6), BI = in(7);
-    const auto xs = shape(X), cs = shape(C), cbs = shape(CB), ss = shape(S);
+    Ort::ConstValue X = in(0);
+    const auto xs = shape_of(X);
     if (xs.empty()) throw Error("x must have at least one dimension");
-    VQShape s{};
-    s.K = xs.back();
-    s.M = 1;
-    for (size_t i = 0; i + 1 < xs.size(); ++i) s.M *= xs[i];
-    s.b = b, s.d = d, s.g = g, s.E = int64_t(1) << b;
-    if (cs.size() != 2) throw Error("codes must be 2-D (N, row bytes)");
-    s.N = cs[0];
-    s.rb = cs[1];
-    if (s.K % d) throw Error("vec_dim " + std::to_string(d) + " does not divide K=" + std::to_string(s.K));
-    s.nv = s.K / d;
-    s.G = (s.K + g - 1) / g;
-    if (s.rb != (s.nv * b + 7) / 8)
-      throw Error("codes has " + std::to_string(s.rb) + " bytes per row, expected " +
-                  std::to_string((s.nv * b + 7) / 8) + " for K=" + std::to_string(s.K) + ", d=" +
-                  std::to_string(d) + ", " + std::to_string(b) + "-bit indices");
-    if (cbs.size() != 2 || cbs[0] != s.E || cbs[1] != d)
-      throw Error("codebook must be float16 (" + std::to_string(s.E) + ", " + std::to_string(d) + ")");
-    if (ss.size() != 2 || ss[0] != s.N || ss[1] != s.G)
-      throw Error("scales must be float16 (" + std::to_string(s.N) + ", " + std::to_string(s.G) + ")");
-    const bool has_perm = P && P.IsTensor() && P.GetTensorTypeAndShapeInfo().GetElementCount() > 0;
-    if (has_perm && (shape(P).size() != 1 || shape(P)[0] != s.K))
-      throw Error("perm must be int32 (" + std::to_string(s.K) + ",)");
-    const bool has_lr = LA && LB && LA.GetTensorTypeAndShapeInfo().GetElementCount() > 0;
-    if (has_lr) {
-      const auto as = shape(LA), bs = shape(LB);
-      if (as.size() != 2 || bs.size() != 2 || as[1] != s.K || bs[0] != s.N || bs[1] != as[0])
-        throw Error("lora_a must be (r, K) and lora_b (N, r)");
-      s.r = as[0];
-    }
-    if (BI && BI.GetTensorTypeAndShapeInfo().GetElementCount() > 0 &&
-        BI.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(s.N))
-      throw Error("bias must have N=" + std::to_string(s.N) + " elements");
-
-    // the codebook in float, (E, d), at most 8 KB: converted on every call (~0.1 us), so the kernel keeps no state
-    // and a codebook fed as a graph input is read as it is
-    std::vector<float> cb(s.E * d);
-    h2f_n(reinterpret_cast<const uint16_t*>(CB.GetTensorRawData()), cb.data(), s.E * d);
-
+    std::vector<VQCall> calls(1);
+    prepare_vq(calls[0], b, d, g, X.GetTensorData<float>(), rows_of(xs), xs.back(), in(1), in(2), in(3), in(4),
+               in(5), in(6), in(7));
     std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
-    ys.push_back(s.N);
-    float* y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
-    if (s.M == 0 || s.N == 0) return;
-    const float* x = X.GetTensorData<float>();
+    ys.push_back(calls[0].w.s.N);
+    calls[0].w.y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
+    run_vq(ctx, calls);
+  }
+};
 
-    std::vector<float> xp_buf;  // x in stored column order
-    const float* xp = x;
-    if (has_perm) {
-      const int32_t* perm = P.GetTensorData<int32_t>();
-      for (int64_t j = 0; j < s.K; ++j)
-        if (perm[j] < 0 || perm[j] >= s.K) throw Error("perm holds an index outside 0..K-1");
-      xp_buf.resize(s.M * s.K);
-      for (int64_t m = 0; m < s.M; ++m)
-        for (int64_t j = 0; j < s.K; ++j) xp_buf[m * s.K + j] = x[m * s.K + perm[j]];
-      xp = xp_buf.data();
+// VQLinears: several VQ linears of one input in one node (q/k/v; gate/up), their tasks in one pass over the pool,
+// so that no small matrix runs alone on one thread and the pool is woken once. Inputs: x, then for each linear its
+// seven VQMatMul inputs (codes, codebook, scales, perm, lora_a, lora_b, bias; an empty tensor for an absent one);
+// attributes index_bits, vec_dim, group_size: one per linear. activation "silu_mul" (two linears of one width):
+// one output silu(y0) * y1 (the MLP's gate), else one output per linear.
+constexpr int VQ_PARTS = 7;
+
+struct VQLinearsKernel {
+  std::vector<int64_t> b, d, g;
+  bool gated = false;
+
+  VQLinearsKernel(const OrtApi& api, const OrtKernelInfo* info) {
+    (void)api;
+    Ort::ConstKernelInfo ki(info);
+    b = ki.GetAttributes<int64_t>("index_bits");
+    d = ki.GetAttributes<int64_t>("vec_dim");
+    g = ki.GetAttributes<int64_t>("group_size");
+    const std::string node = "VQLinears " + ki.GetNodeName();
+    if (b.empty() || d.size() != b.size() || g.size() != b.size())
+      throw Error(node + ": index_bits, vec_dim and group_size must list one value per linear");
+    for (size_t i = 0; i < b.size(); ++i) check_vq_attrs(b[i], d[i], g[i], node);
+    std::string act = "none";
+    try {
+      act = ki.GetAttribute<std::string>("activation");
+    } catch (const Ort::Exception&) {
     }
-    std::vector<float> lr_t;
-    if (has_lr) {  // A @ x per row of x (original order): r numbers each
-      const uint16_t* a = reinterpret_cast<const uint16_t*>(LA.GetTensorRawData());
-      lr_t.assign(s.M * s.r, 0.0f);
-      std::vector<float> arow(s.K);
-      for (int64_t q = 0; q < s.r; ++q) {
-        h2f_n(a + q * s.K, arow.data(), s.K);
-        for (int64_t m = 0; m < s.M; ++m) lr_t[m * s.r + q] = dot(arow.data(), x + m * s.K, s.K);
+    if (act != "none" && act != "silu_mul") throw Error(node + ": activation must be none or silu_mul, not " + act);
+    gated = act == "silu_mul";
+    if (gated && b.size() != 2) throw Error(node + ": silu_mul takes exactly two linears (gate, up)");
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "VQLinears"); }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const size_t L = b.size();
+    if (ctx.GetInputCount() != 1 + VQ_PARTS * L)
+      throw Error("expected x and " + std::to_string(VQ_PARTS) + " inputs for each of " + std::to_string(L) +
+                  " linears, got " + std::to_string(ctx.GetInputCount()) + " inputs");
+    Ort::ConstValue X = ctx.GetInput(0);
+    const auto xs = shape_of(X);
+    if (xs.empty()) throw Error("x must have at least one dimension");
+    const int64_t M = rows_of(xs);
+    std::vector<VQCall> calls(L);
+    for (size_t i = 0; i < L; ++i) {
+      const size_t o = 1 + VQ_PARTS * i;
+      try {
+        prepare_vq(calls[i], b[i], d[i], g[i], X.GetTensorData<float>(), M, xs.back(), ctx.GetInput(o),
+                   ctx.GetInput(o + 1), ctx.GetInput(o + 2), ctx.GetInput(o + 3), ctx.GetInput(o + 4),
+                   ctx.GetInput(o + 5), ctx.GetInput(o + 6));
+      } catch (const Error& e) {
+        throw Error("linear " + std::to_string(i) + ": " + e.what());
       }
     }
-    VQWork w{};
-    w.s = s;
-    w.xp = xp;
-    w.codes = C.GetTensorData<uint8_t>();
-    w.scales = reinterpret_cast<const uint16_t*>(S.GetTensorRawData());
-    w.cb = cb.data();
-    w.lr_t = has_lr ? lr_t.data() : nullptr;
-    w.lora_b = has_lr ? reinterpret_cast<const uint16_t*>(LB.GetTensorRawData()) : nullptr;
-    w.bias = (BI && BI.GetTensorTypeAndShapeInfo().GetElementCount() > 0) ? BI.GetTensorData<float>() : nullptr;
-    w.y = y;
-    const size_t tasks = static_cast<size_t>((s.N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
-    // the vector path: d of 1, 2, 4 or 8 and groups (and K) made of whole 8-code blocks
-    w.fast = (d == 1 || d == 2 || d == 4 || d == 8) && g % (8 * d) == 0 && s.K % (8 * d) == 0;
-    w.fast_b = static_cast<int>(b), w.fast_d = static_cast<int>(d), w.fast_cb = cb.data();
-    thread_local std::vector<float> pairs;  // scratch, one per thread (64 KB at b6) rebuilt per call: not per layer
-    if (w.fast && d == 2 && b >= 5 && b <= 6 && g % 32 == 0 && s.K % 32 == 0) {
-      // pair mode: entry (c0 | c1 << b) of the product codebook is [cb[c0], cb[c1]]; the pair's 2b bits are the
-      // two codes as stored (LSB first), so the stream reads unchanged as 2b-bit codes. 3072 x 576, one thread:
-      // d2b5 429 -> 277 us, d2b6 662 -> 453 us; d2b7 (a 256 KB table rebuilt per call) got slower, so it is left out
-      pairs.resize(size_t(s.E) * s.E * 4);
-      for (int64_t c1 = 0; c1 < s.E; ++c1)
-        for (int64_t c0 = 0; c0 < s.E; ++c0) {
-          float* e = pairs.data() + (c1 * s.E + c0) * 4;
-          e[0] = cb[c0 * 2], e[1] = cb[c0 * 2 + 1], e[2] = cb[c1 * 2], e[3] = cb[c1 * 2 + 1];
-        }
-      w.fast_b = static_cast<int>(2 * b), w.fast_d = 4, w.fast_cb = pairs.data();
-    }
-    std::vector<uint8_t> last_row;
-    if (w.fast) {
-      last_row.assign(s.rb + 8, 0);
-      std::memcpy(last_row.data(), w.codes + (s.N - 1) * s.rb, s.rb);
-      w.last_row = last_row.data();
-    }
-    if (s.M > GEMV_MAX_ROWS) {
-      ctx.ParallelFor(gemm_task, tasks, 0, &w);
+    std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
+    ys.push_back(0);
+    if (!gated) {
+      for (size_t i = 0; i < L; ++i) {
+        ys.back() = calls[i].w.s.N;
+        calls[i].w.y = ctx.GetOutput(i, ys).GetTensorMutableData<float>();
+      }
+      run_vq(ctx, calls);
       return;
     }
-    if (s.N * s.K < SERIAL_GEMV_WEIGHTS) {  // waking the thread pool costs more than it saves on a small matrix
-      for (size_t t = 0; t < tasks; ++t) gemv_task(&w, t);
-    } else {
-      ctx.ParallelFor(gemv_task, tasks, 0, &w);
-    }
+    const int64_t N = calls[0].w.s.N;
+    if (calls[1].w.s.N != N) throw Error("silu_mul: the two linears have different widths");
+    std::vector<float> gate(M * N), up(M * N);
+    calls[0].w.y = gate.data(), calls[1].w.y = up.data();
+    ys.back() = N;
+    float* y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
+    run_vq(ctx, calls);
+    for (int64_t i = 0; i < M * N; ++i) y[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
   }
 };
 
@@ -557,6 +689,21 @@ struct VQMatMulOp : LowbitOp<VQMatMulOp, VQKernel> {
 };
 
 VQMatMulOp g_vq_op;
+
+struct VQLinearsOp : LowbitOp<VQLinearsOp, VQLinearsKernel> {
+  static constexpr const char* kName = "VQLinears";
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_VARIADIC;
+  }
+  bool GetVariadicInputHomogeneity() const { return false; }  // uint8 codes, float16 tables, int32 perms
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const { return INPUT_OUTPUT_VARIADIC; }
+};
+
+VQLinearsOp g_vq_linears_op;
 
 // ---------------------------------------------------------------------------------------------------------------
 // BinaryMatMul: BiLLM's binary-residual format (runtime/formats.py BinaryResidual), exactly.
@@ -749,19 +896,9 @@ struct BinKernel {
     if (bs < 1) throw Error("BinaryMatMul " + ki.GetNodeName() + ": block_size must be >= 1");
   }
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
-      Compute(context);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("lowbit.ort::BinaryMatMul: ") + e.what()).c_str());
-    }
-  }
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "BinaryMatMul"); }
 
-  static std::vector<int64_t> shape(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
-  static bool present(const Ort::ConstValue& v) {
-    return v && v.IsTensor() && v.GetTensorTypeAndShapeInfo().GetElementCount() > 0;
-  }
+  static std::vector<int64_t> shape(const Ort::ConstValue& v) { return shape_of(v); }
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
@@ -887,6 +1024,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = g_api->CreateCustomOpDomain("lowbit.ort", &domain)) return st;
   if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_vq_op)) return st;
+  if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_vq_linears_op)) return st;
   if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_bin_op)) return st;
   return g_api->AddCustomOpDomain(options, domain);
 }
