@@ -75,28 +75,40 @@ def test_vq_matmul_equals_the_format_reference(lib, n, k, bits, d, g, perm, rank
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def _linears(kind, gated):
+    """Formats that differ (bits, vector length, groups, permutation, rank; BiLLM blocks, salient and outlier
+    columns, means), one of them small enough for the serial path alone; two of one width when gated."""
+    if kind == "vq":
+        return [_vq(70, 96, 8, 4, 32, True, 8, seed=1), _vq(70, 96, 6, 2, 32, False, 0, seed=2)] if gated else \
+            [_vq(96, 96, 8, 4, 32, True, 8, seed=1), _vq(33, 96, 3, 3, 12, True, 0, seed=2),
+             _vq(40, 96, 6, 2, 32, False, 4, seed=3)]
+    return [_billm(70, 256, 128, 6, 2, False, seed=1), _billm(70, 256, 64, 3, 0, True, seed=2)] if gated else \
+        [_billm(64, 256, 128, 6, 2, False, seed=1), _billm(33, 256, 64, 0, 1, True, seed=2),
+         _billm(40, 256, 32, 3, 0, False, seed=3)]
+
+
+@pytest.mark.parametrize("kind", ["vq", "billm"])
 @pytest.mark.parametrize("rows", [1, 3, 9])
 @pytest.mark.parametrize("gated", [False, True])
-def test_vq_linears_equal_their_vq_matmuls(lib, rows, gated):
-    """Several VQ linears of one x in one ``VQLinears`` node (formats, permutations, ranks and biases differing;
-    one of them small enough for the serial path alone), and the MLP's gated form silu(gate) * up."""
+def test_multi_linear_ops_equal_their_single_ops(lib, kind, rows, gated):
+    """Several linears of one x in one ``VQLinears`` / ``BinaryLinears`` node, and the MLP's gated form
+    silu(gate) * up, equal the formats' references (GEMV and tile paths)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from lowbit.compiler.lowering.onnx_fuse import fuse_vq_linears
+    from lowbit.compiler.lowering.onnx_fuse import fuse_lowbit_linears
 
-    k = 96
-    fmts = [_vq(70, k, 8, 4, 32, True, 8, seed=1), _vq(70, k, 6, 2, 32, False, 0, seed=2)] if gated else \
-        [_vq(96, k, 8, 4, 32, True, 8, seed=1), _vq(33, k, 3, 3, 12, True, 0, seed=2),
-         _vq(40, k, 6, 2, 32, False, 4, seed=3)]
+    fmts = _linears(kind, gated)
+    k = fmts[0].in_features
     biases = [None if i == 0 else np.random.default_rng(i).standard_normal(f.out_features).astype(np.float32)
               for i, f in enumerate(fmts)]
     g = GraphBuilder()
     outs = [lower_linear(g, "x", f, f"lin{i}", bias=None if b is None else torch.from_numpy(b), kernels="lowbit")[0]
             for i, (f, b) in enumerate(zip(fmts, biases))]
-    assert all(n.op_type == "VQMatMul" for n in g.nodes)  # a bias is VQMatMul's 8th input, not an Add node
-    y = fuse_vq_linears(g, [f"lin{i}" for i in range(len(fmts))], "fused", gated=gated)
-    assert y is not None and [n.op_type for n in g.nodes] == ["VQLinears"]
+    single = "VQMatMul" if kind == "vq" else "BinaryMatMul"
+    assert [n.op_type for n in g.nodes] == [single] * len(fmts)  # a bias is the op's last input, not an Add node
+    y = fuse_lowbit_linears(g, [f"lin{i}" for i in range(len(fmts))], "fused", gated=gated)
+    assert y is not None and [n.op_type for n in g.nodes] == [single.replace("MatMul", "Linears")]
     outs = [y] if gated else outs
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], g.inits)
@@ -111,19 +123,20 @@ def test_vq_linears_equal_their_vq_matmuls(lib, rows, gated):
             for f, b in zip(fmts, biases)]
     if gated:
         refs = [torch.nn.functional.silu(refs[0]) * refs[1]]
+    assert len(got) == len(refs)
     for o, r in zip(got, refs):
         assert o.shape == tuple(r.shape)
         assert np.abs(o - r.numpy()).max() <= 1e-5 * float(r.abs().max())
 
 
 def test_vq_linears_fuse_only_siblings(lib):
-    from lowbit.compiler.lowering.onnx_fuse import fuse_vq_linears
+    from lowbit.compiler.lowering.onnx_fuse import fuse_lowbit_linears
 
     g = GraphBuilder()
     lower_linear(g, "x", _vq(16, 32, 4, 2, 16), "a", kernels="lowbit")
     lower_linear(g, "z", _vq(16, 32, 4, 2, 16), "b", kernels="lowbit")  # another input
-    assert fuse_vq_linears(g, ["a", "b"], "ab") is None and len(g.nodes) == 2
-    assert fuse_vq_linears(g, ["a", "missing"], "ab") is None
+    assert fuse_lowbit_linears(g, ["a", "b"], "ab") is None and len(g.nodes) == 2
+    assert fuse_lowbit_linears(g, ["a", "missing"], "ab") is None
 
 
 def _billm(n, k, block, salient, outliers, mean_shift, seed=0):
@@ -208,11 +221,10 @@ def test_decoder_with_lowbit_kernels_is_exact_and_holds_packed_bytes(lib, tiny_d
     assert sum(r["ort_bytes"] for r in mine.values()) <= 1.25 * sum(r["packed_bytes"] for r in mine.values())
     m = onnx.load(str(d / "onnx" / "decoder.onnx"), load_external_data=False)
     assert ort_ops.uses_lowbit_ops(m)
-    if op == "VQMatMul":  # q/k/v and gate/up (with the SiLU gate) as one VQLinears node each
-        ops = [n.op_type for n in m.graph.node]
-        layers = s["cache"]["layers"]
-        assert ops.count("VQLinears") == 2 * layers and "QuickGelu" not in ops, ops
-        assert dec_info["merged_vq_linears"] == 2 * layers
+    ops = [n.op_type for n in m.graph.node]  # q/k/v and gate/up (with the SiLU gate) as one node each
+    layers = s["cache"]["layers"]
+    assert ops.count(op.replace("MatMul", "Linears")) == 2 * layers and "QuickGelu" not in ops, ops
+    assert dec_info["merged_lowbit_linears"] == 2 * layers
     assert s["check"]["decoder_max_rel_err_vs_torch"] < 1e-4, s["check"]
     art = load(d)
     ids = torch.randint(0, 100, (1, 10))

@@ -9,9 +9,9 @@ from its own bytes as before. The merged output is split back into the original 
 downstream changes; the caller may instead feed the wide output to a consumer that takes it packed
 (``GroupQueryAttention``'s packed QKV input).
 
-lowbit's own ONNX Runtime kernels get the same treatment without stacking: ``VQLinears`` takes several VQ linears
-of one input (each with its own tensors) and runs all their rows in one pass over the thread pool; for the MLP it
-also applies the SiLU gate (:func:`fuse_vq_linears`).
+lowbit's own ONNX Runtime kernels get the same treatment without stacking: ``VQLinears`` (``BinaryLinears``) takes
+several VQ (BiLLM) linears of one input, each with its own tensors, and runs all their rows in one pass over the
+thread pool; for the MLP it also applies the SiLU gate (:func:`fuse_lowbit_linears`).
 """
 
 from __future__ import annotations
@@ -186,19 +186,25 @@ def drop_split(g: GraphBuilder, fused: dict) -> str:
     return split.input[0]
 
 
-# VQMatMul's inputs after x, in order; an absent one becomes an empty tensor of its type in VQLinears
-_VQ_PARTS = (("codes", np.uint8), ("codebook", np.float16), ("scales", np.float16), ("perm", np.int32),
-             ("lora_a", np.float16), ("lora_b", np.float16), ("bias", np.float32))
+# each lowbit op's inputs after x, in order, and its per-linear attributes; in the multi-linear op an absent
+# input becomes an empty tensor of its type
+_LINEARS = {
+    "VQMatMul": ("VQLinears", (np.uint8, np.float16, np.float16, np.int32, np.float16, np.float16, np.float32),
+                 ("index_bits", "vec_dim", "group_size")),
+    "BinaryMatMul": ("BinaryLinears", (np.uint8, np.uint8, np.float16, np.float16, np.int32, np.uint8, np.uint8,
+                                       np.int32, np.float16, np.float32), ("block_size",)),
+}
 
 
-def fuse_vq_linears(g: GraphBuilder, node_names: list[str], name: str, gated: bool = False) -> str | None:
-    """Merge the ``lowbit.ort::VQMatMul`` nodes called ``node_names``, all reading one ``x``, into one
-    ``lowbit.ort::VQLinears`` node ``name`` (each linear keeps its own codes, codebook, scales, permutation and
-    low-rank term, formats may differ; exact). Without ``gated`` the node has the merged nodes' outputs, so nothing
-    downstream changes. With ``gated`` (two nodes: gate, up) it computes ``silu(gate) * up`` (the MLP's activation,
-    replacing ``QuickGelu`` and ``Mul``) and the new output's name is returned; the caller rewires its consumer.
-    Returns the node's (first) output, or ``None`` (nothing changed) where a node is missing or not a VQMatMul of
-    the same input."""
+def fuse_lowbit_linears(g: GraphBuilder, node_names: list[str], name: str, gated: bool = False) -> str | None:
+    """Merge the ``lowbit.ort::VQMatMul`` (or ``BinaryMatMul``) nodes called ``node_names``, all reading one
+    ``x``, into one ``lowbit.ort::VQLinears`` (``BinaryLinears``) node ``name``: each linear keeps its own tensors
+    (formats may differ), the kernel runs all their rows in one pass over the thread pool; exact. Without
+    ``gated`` the node has the merged nodes' outputs, so nothing downstream changes. With ``gated`` (two nodes:
+    gate, up) it computes ``silu(gate) * up`` (the MLP's activation, replacing ``QuickGelu`` and ``Mul``) and the
+    new output's name is returned; the caller rewires its consumer. Returns the node's (first) output, or ``None``
+    (nothing changed) where a node is missing, the nodes are not all one such op of the same input, or (gated) an
+    output already has a consumer."""
     from onnx import helper
 
     from lowbit.runtime.ort_ops import DOMAIN
@@ -207,10 +213,13 @@ def fuse_vq_linears(g: GraphBuilder, node_names: list[str], name: str, gated: bo
     if len(node_names) < 2 or any(n not in pos for n in node_names) or (gated and len(node_names) != 2):
         return None
     nodes = [g.nodes[pos[n]] for n in node_names]
-    if any((n.op_type, n.domain) != ("VQMatMul", DOMAIN) or n.input[0] != nodes[0].input[0] for n in nodes):
+    op = nodes[0].op_type
+    if op not in _LINEARS or any((n.op_type, n.domain) != (op, DOMAIN) or n.input[0] != nodes[0].input[0]
+                                 for n in nodes):
         return None
     if gated and any(o in node.input for node in g.nodes for n in nodes for o in n.output):
         return None  # an output already has a consumer (a side term added to it): it must stay as it is
+    fused_op, dtypes, attr_names = _LINEARS[op]
     empty = {}
 
     def placeholder(dtype):
@@ -220,13 +229,13 @@ def fuse_vq_linears(g: GraphBuilder, node_names: list[str], name: str, gated: bo
 
     ins = [nodes[0].input[0]]
     for n in nodes:
-        given = list(n.input[1:]) + [""] * (len(_VQ_PARTS) - len(n.input) + 1)
-        ins += [t if t else placeholder(dtype) for t, (_, dtype) in zip(given, _VQ_PARTS)]
+        given = list(n.input[1:]) + [""] * (len(dtypes) - len(n.input) + 1)
+        ins += [t if t else placeholder(dtype) for t, dtype in zip(given, dtypes)]
     attrs = [_attrs(n) for n in nodes]
-    lists = {k: [int(a[k]) for a in attrs] for k in ("index_bits", "vec_dim", "group_size")}
+    lists = {k: [int(a[k]) for a in attrs] for k in attr_names}
     outs = [g.name(f"{name}/out0")] if gated else [n.output[0] for n in nodes]
     first = min(pos[n] for n in node_names)
-    fused = helper.make_node("VQLinears", ins, outs, name=g.name(name), domain=DOMAIN,
+    fused = helper.make_node(fused_op, ins, outs, name=g.name(name), domain=DOMAIN,
                              activation="silu_mul" if gated else "none", **lists)
     for n in nodes:
         g.nodes.remove(n)

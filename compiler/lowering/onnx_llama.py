@@ -11,7 +11,7 @@ graph the way ONNX Runtime's own model builder (onnxruntime-genai) does, about 1
 * every linear as the lowering of its packed format (:mod:`lowbit.compiler.lowering.ort_linears`);
 * with ``kernels="lowbit"``, VQ (ReALLM) and BiLLM linears as ``lowbit.ort::VQMatMul`` / ``BinaryMatMul``
   (lowbit's ONNX Runtime library, :mod:`lowbit.runtime.ort_ops`; the model then imports the ``lowbit.ort`` domain),
-  and q/k/v and gate/up (with the SiLU gate) as one ``lowbit.ort::VQLinears`` node each where they are all VQ;
+  and q/k/v and gate/up (with the SiLU gate) as one ``lowbit.ort::VQLinears`` / ``BinaryLinears`` node each;
 * the MLP's SiLU as ``com.microsoft::QuickGelu`` with ``alpha`` 1 (one node instead of ``Sigmoid`` and ``Mul``);
 * the head as ``MatMulNBits`` when the artifact's ``lm_head`` is compressed, and then (tied embeddings) the
   embedding as ``com.microsoft::GatherBlockQuantized`` over the same codes; a float tied head is stored
@@ -33,7 +33,7 @@ import torch
 
 from lowbit.runtime.ort_ops import DOMAIN as ORT_OPS_DOMAIN
 
-from .onnx_fuse import drop_split, fuse_matmulnbits, fuse_vq_linears, merge_side_terms
+from .onnx_fuse import drop_split, fuse_lowbit_linears, fuse_matmulnbits, merge_side_terms
 from .onnx_graph import MSFT, GraphBuilder, save_deduplicated
 from .ort_linears import GRID_BITS, _np, lower_linear
 
@@ -101,7 +101,7 @@ def build_decoder(art, path: Path, accuracy_level: int = 4, max_block: int | Non
     ``outliers``: ``{module name: LongTensor of input channels}`` taken out of ``MatMulNBits``' int8 activation
     path at ``accuracy_level`` 4 (measured on SmolLM2 with 32-column blocks: not needed, so off by default).
     ``fuse``: q/k/v and gate/up, where their lowerings are sibling ``MatMulNBits`` nodes (or, with lowbit's
-    kernels, ``VQMatMul`` nodes), run as one node each (:mod:`~lowbit.compiler.lowering.onnx_fuse`; exact, fewer
+    kernels, ``VQMatMul`` or ``BinaryMatMul`` nodes), run as one node each (:mod:`~lowbit.compiler.lowering.onnx_fuse`; exact, fewer
     kernel calls per token). ``vq_lowrank``,
     ``grid_bits``, ``kernels``: see :func:`~lowbit.compiler.lowering.ort_linears.lower_linear`."""
     why = unsupported_reason(art)
@@ -148,17 +148,19 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
             records[mods[0]]["ort_bytes"] += merge_side_terms(g, fused, name)  # the merged side's zeros
         return fused
 
-    def merged_vq(mods, name, gated=False):
-        """``mods`` as one lowbit.ort::VQLinears node (lowbit's kernels), or None where they do not merge."""
-        out = fuse_vq_linears(g, mods, name, gated=gated) if fuse and kernels == "lowbit" else None
+    def merged_lowbit(mods, name, gated=False):
+        """``mods`` as one lowbit.ort::VQLinears / BinaryLinears node (lowbit's kernels), or None where they do
+        not merge."""
+        out = fuse_lowbit_linears(g, mods, name, gated=gated) if fuse and kernels == "lowbit" else None
         if out is not None:
-            fusions_vq.append(name)
+            fusions_lowbit.append(name)
+            op = g.nodes[[n.output[0] for n in g.nodes].index(out)].op_type
             for m in mods:
-                records[m]["lowering"] += f"; one lowbit.ort::VQLinears node with {', '.join(mods)}" + \
+                records[m]["lowering"] += f"; one lowbit.ort::{op} node with {', '.join(mods)}" + \
                     (" and the SiLU gate" if gated else "")
         return out
 
-    fusions_vq = []  # q/k/v and gate/up merged into one VQLinears node each
+    fusions_lowbit = []  # q/k/v and gate/up merged into one VQLinears / BinaryLinears node each
     splits = {}  # (input, channels) -> (input with them zeroed, their columns): shared by q/k/v and gate/up
 
     def linear(x, mod):
@@ -239,7 +241,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         p = f"model.layers.{i}"
         qkv_mods = [f"{p}.self_attn.{m}_proj" for m in "qkv"]
         q, k, v = (linear(x, m) for m in qkv_mods)
-        fused = merged(qkv_mods, f"{p}.self_attn.qkv_proj") or merged_vq(qkv_mods, f"{p}.self_attn.qkv_proj")
+        fused = merged(qkv_mods, f"{p}.self_attn.qkv_proj") or merged_lowbit(qkv_mods, f"{p}.self_attn.qkv_proj")
         if isinstance(fused, dict) and [q, k, v] == list(fused["split"].output):  # nothing else after it: GQA's packed QKV input
             q, k, v = drop_split(g, fused), None, None
         att, pk, pv = g.op("GroupQueryAttention", [q, k, v, in_names[2 + 2 * i], in_names[3 + 2 * i], seqlens, total,
@@ -256,7 +258,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
         mlp_mods = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
         gated = None
         if not merged(mlp_mods, f"{p}.mlp.gate_up_proj"):
-            gated = merged_vq(mlp_mods, f"{p}.mlp.gate_up_proj", gated=True)  # silu(gate) * up inside the node
+            gated = merged_lowbit(mlp_mods, f"{p}.mlp.gate_up_proj", gated=True)  # silu(gate) * up inside the node
         if gated is None:
             # SiLU as one node: com.microsoft::QuickGelu computes x * sigmoid(alpha * x), with alpha 1 exactly SiLU
             act = g.op("QuickGelu", [gate], domain=MSFT, name=f"layers.{i}.mlp.silu", alpha=1.0)
@@ -294,7 +296,7 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
     model.ir_version = 10
     saved = save_deduplicated(model, path)
     return {"file": Path(path).name, "builder": "direct (fused ORT ops)", "nodes": len(g.nodes),
-            "merged_matmulnbits": fusions, "merged_vq_linears": len(fusions_vq),
+            "merged_matmulnbits": fusions, "merged_lowbit_linears": len(fusions_lowbit),
             "cache": {"layers": L, "kv_heads": kvh, "head_dim": hd, "max_positions": max_pos},
             "io": "genai", "head": head, "layers": records, "shared_bytes": saved["shared"],
             # every weight ONNX Runtime holds: the linears (head included) and the embedding table

@@ -295,7 +295,7 @@ def _vq_kernel(g, x, fmt: VQCodebook, name, bias=None):
     return y, nb, how, 0.0
 
 
-def _binary_kernel(g, x, fmt: BinaryResidual, name):
+def _binary_kernel(g, x, fmt: BinaryResidual, name, bias=None):
     """One ``lowbit.ort::BinaryMatMul`` node over the format's planes (see runtime/ort_kernels/lowbit_ort_ops.cc);
     the group plane, stored over the non-salient columns, is spread over all K columns (bit = sparse part), and the
     salient columns' sign bits are copied into a compact plane like the residual one (S bits per row)."""
@@ -316,13 +316,15 @@ def _binary_kernel(g, x, fmt: BinaryResidual, name):
         t["residual_signs"] = fmt.residual_signs
     if fmt.num_outliers:
         t["outlier_cols"], t["outlier_vals"] = fmt.outlier_cols.to(torch.int32), fmt.outlier_vals
+    if bias is not None:
+        t["bias"] = bias.float()
     order = ("signs", "group", "alphas", "mus", "salient_cols", "salient_signs", "residual_signs", "outlier_cols",
-             "outlier_vals")
+             "outlier_vals", "bias")
     ins = [x] + [g.init(f"{name}.{key}", _np(t[key].contiguous())) if key in t else "" for key in order]
     while ins[-1] == "":
         ins.pop()
     y = g.op("BinaryMatMul", ins, domain=DOMAIN, name=name, block_size=fmt.block_size)
-    nb = sum(v.numel() * v.element_size() for v in t.values())
+    nb = sum(v.numel() * v.element_size() for k, v in t.items() if k != "bias")
     return y, nb, "BiLLM planes read by lowbit.ort::BinaryMatMul (exact)", 0.0
 
 
@@ -346,7 +348,8 @@ def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor |
         if isinstance(fmt, AffineIntK):
             y, nb, how, err = _affine(g, x, fmt, name, accuracy_level, max_block)
         elif isinstance(fmt, BinaryResidual) and kernels == "lowbit":
-            y, nb, how, err = _binary_kernel(g, x, fmt, name)
+            y, nb, how, err = _binary_kernel(g, x, fmt, name, bias)
+            bias = None  # added inside the node
         elif isinstance(fmt, BinaryResidual):
             y, nb, how, err = _binary(g, x, fmt, name, accuracy_level, vq_block, binary, grid_bits)
         elif isinstance(fmt, VQCodebook) and kernels == "lowbit":

@@ -586,74 +586,6 @@ struct VQKernel {
 // one output silu(y0) * y1 (the MLP's gate), else one output per linear.
 constexpr int VQ_PARTS = 7;
 
-struct VQLinearsKernel {
-  std::vector<int64_t> b, d, g;
-  bool gated = false;
-
-  VQLinearsKernel(const OrtApi& api, const OrtKernelInfo* info) {
-    (void)api;
-    Ort::ConstKernelInfo ki(info);
-    b = ki.GetAttributes<int64_t>("index_bits");
-    d = ki.GetAttributes<int64_t>("vec_dim");
-    g = ki.GetAttributes<int64_t>("group_size");
-    const std::string node = "VQLinears " + ki.GetNodeName();
-    if (b.empty() || d.size() != b.size() || g.size() != b.size())
-      throw Error(node + ": index_bits, vec_dim and group_size must list one value per linear");
-    for (size_t i = 0; i < b.size(); ++i) check_vq_attrs(b[i], d[i], g[i], node);
-    std::string act = "none";
-    try {
-      act = ki.GetAttribute<std::string>("activation");
-    } catch (const Ort::Exception&) {
-    }
-    if (act != "none" && act != "silu_mul") throw Error(node + ": activation must be none or silu_mul, not " + act);
-    gated = act == "silu_mul";
-    if (gated && b.size() != 2) throw Error(node + ": silu_mul takes exactly two linears (gate, up)");
-  }
-
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "VQLinears"); }
-
-  void Compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    const size_t L = b.size();
-    if (ctx.GetInputCount() != 1 + VQ_PARTS * L)
-      throw Error("expected x and " + std::to_string(VQ_PARTS) + " inputs for each of " + std::to_string(L) +
-                  " linears, got " + std::to_string(ctx.GetInputCount()) + " inputs");
-    Ort::ConstValue X = ctx.GetInput(0);
-    const auto xs = shape_of(X);
-    if (xs.empty()) throw Error("x must have at least one dimension");
-    const int64_t M = rows_of(xs);
-    std::vector<VQCall> calls(L);
-    for (size_t i = 0; i < L; ++i) {
-      const size_t o = 1 + VQ_PARTS * i;
-      try {
-        prepare_vq(calls[i], b[i], d[i], g[i], X.GetTensorData<float>(), M, xs.back(), ctx.GetInput(o),
-                   ctx.GetInput(o + 1), ctx.GetInput(o + 2), ctx.GetInput(o + 3), ctx.GetInput(o + 4),
-                   ctx.GetInput(o + 5), ctx.GetInput(o + 6));
-      } catch (const Error& e) {
-        throw Error("linear " + std::to_string(i) + ": " + e.what());
-      }
-    }
-    std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
-    ys.push_back(0);
-    if (!gated) {
-      for (size_t i = 0; i < L; ++i) {
-        ys.back() = calls[i].w.s.N;
-        calls[i].w.y = ctx.GetOutput(i, ys).GetTensorMutableData<float>();
-      }
-      run_vq(ctx, calls);
-      return;
-    }
-    const int64_t N = calls[0].w.s.N;
-    if (calls[1].w.s.N != N) throw Error("silu_mul: the two linears have different widths");
-    std::vector<float> gate(M * N), up(M * N);
-    calls[0].w.y = gate.data(), calls[1].w.y = up.data();
-    ys.back() = N;
-    float* y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
-    run_vq(ctx, calls);
-    for (int64_t i = 0; i < M * N; ++i) y[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-  }
-};
-
 // what both ops share: kernel creation reporting errors as a status naming the op, inputs from index 4 on optional,
 // one float output. TOp gives kName, GetInputTypeCount and GetInputType.
 template <typename TOp, typename TKernel>
@@ -690,20 +622,6 @@ struct VQMatMulOp : LowbitOp<VQMatMulOp, VQKernel> {
 
 VQMatMulOp g_vq_op;
 
-struct VQLinearsOp : LowbitOp<VQLinearsOp, VQLinearsKernel> {
-  static constexpr const char* kName = "VQLinears";
-  size_t GetInputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_VARIADIC;
-  }
-  bool GetVariadicInputHomogeneity() const { return false; }  // uint8 codes, float16 tables, int32 perms
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const { return INPUT_OUTPUT_VARIADIC; }
-};
-
-VQLinearsOp g_vq_linears_op;
 
 // ---------------------------------------------------------------------------------------------------------------
 // BinaryMatMul: BiLLM's binary-residual format (runtime/formats.py BinaryResidual), exactly.
@@ -887,6 +805,124 @@ void bin_gemm_task(void* p, size_t task) {
       for (int64_t n = n0; n < n1; ++n) w.y[m * s.N + n] += w.bias[n];
 }
 
+// One BiLLM linear's call (as VQCall): its planes checked against x, x's views for the GEMV
+struct BinCall {
+  BinWork w{};
+  std::vector<float> xr, xsal;
+  std::vector<int32_t> blk;
+  size_t tasks = 0;
+};
+
+// x: (M, K). SG .. BI: the format's planes (MU .. BI optional). Fills everything but w.y.
+void prepare_bin(BinCall& call, int64_t bs, const float* x, int64_t M, int64_t K, const Ort::ConstValue& SG,
+                 const Ort::ConstValue& GR, const Ort::ConstValue& AL, const Ort::ConstValue& MU,
+                 const Ort::ConstValue& SA, const Ort::ConstValue& SS, const Ort::ConstValue& RS,
+                 const Ort::ConstValue& OC, const Ort::ConstValue& OV, const Ort::ConstValue& BI) {
+  const auto sgs = shape_of(SG), grs = shape_of(GR), als = shape_of(AL);
+  BinShape s{};
+  s.K = K, s.M = M;
+  s.bs = bs;
+  s.nb = (s.K + bs - 1) / bs;
+  s.rowb = (s.K + 7) / 8;
+  if (sgs.size() != 2 || sgs[1] != s.rowb)
+    throw Error("signs must be uint8 (N, " + std::to_string(s.rowb) + ") for K=" + std::to_string(s.K));
+  s.N = sgs[0];
+  if (grs != sgs) throw Error("group must have the shape of signs (one bit per column)");
+  if (als.size() != 3 || als[0] != s.N || als[1] != s.nb || als[2] != 4)
+    throw Error("alphas must be float16 (" + std::to_string(s.N) + ", " + std::to_string(s.nb) + ", 4)");
+  if (present(MU) && shape_of(MU) != als) throw Error("mus must have the shape of alphas");
+  if (present(SA)) {
+    s.S = shape_of(SA)[0];
+    s.sb = (s.S + 7) / 8;
+    if (!present(RS) || shape_of(RS) != std::vector<int64_t>{s.N, s.sb} || !present(SS) ||
+        shape_of(SS) != shape_of(RS))
+      throw Error("salient_signs and residual_signs must be uint8 (N, " + std::to_string(s.sb) + ") for " +
+                  std::to_string(s.S) + " salient columns");
+  }
+  if (present(OC)) {
+    s.R = shape_of(OC)[0];
+    if (!present(OV) || shape_of(OV) != std::vector<int64_t>{s.N, s.R})
+      throw Error("outlier_vals must be float16 (N, " + std::to_string(s.R) + ")");
+  }
+  if (present(BI) && BI.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(s.N))
+    throw Error("bias must have N=" + std::to_string(s.N) + " elements");
+
+  BinWork& w = call.w;
+  w.s = s;
+  w.x = x;
+  w.signs = SG.GetTensorData<uint8_t>();
+  w.group = GR.GetTensorData<uint8_t>();
+  w.alphas = reinterpret_cast<const uint16_t*>(AL.GetTensorRawData());
+  w.mus = present(MU) ? reinterpret_cast<const uint16_t*>(MU.GetTensorRawData()) : nullptr;
+  w.sal = s.S ? SA.GetTensorData<int32_t>() : nullptr;
+  w.res = s.S ? RS.GetTensorData<uint8_t>() : nullptr;
+  w.sal_signs = s.S ? SS.GetTensorData<uint8_t>() : nullptr;
+  w.out_cols = s.R ? OC.GetTensorData<int32_t>() : nullptr;
+  w.out_vals = s.R ? reinterpret_cast<const uint16_t*>(OV.GetTensorRawData()) : nullptr;
+  w.bias = present(BI) ? BI.GetTensorData<float>() : nullptr;
+  for (int64_t j = 0; j < s.S; ++j)
+    if (w.sal[j] < 0 || w.sal[j] >= s.K) throw Error("salient_cols holds a column outside 0..K-1");
+  for (int64_t j = 0; j < s.R; ++j)
+    if (w.out_cols[j] < 0 || w.out_cols[j] >= s.K) throw Error("outlier_cols holds a column outside 0..K-1");
+  call.tasks = s.M == 0 ? 0 : static_cast<size_t>((s.N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+  if (s.M > GEMV_MAX_ROWS || s.M == 0) return;
+  w.fast = bs % 8 == 0 && s.K % 8 == 0;
+  if (w.fast) {  // the regular columns' view of x: salient and outlier columns zeroed (added one by one)
+    call.xr.assign(w.x, w.x + s.M * s.K);
+    for (int64_t m = 0; m < s.M; ++m) {
+      for (int64_t j = 0; j < s.S; ++j) call.xr[m * s.K + w.sal[j]] = 0.0f;
+      for (int64_t j = 0; j < s.R; ++j) call.xr[m * s.K + w.out_cols[j]] = 0.0f;
+    }
+    w.xr = call.xr.data();
+  }
+  if (w.fast && s.S) {  // x at the salient columns and their blocks, padded to whole 8-column steps
+    w.S8 = (s.S + 7) / 8 * 8;
+    call.xsal.assign(s.M * w.S8, 0.0f);
+    call.blk.assign(w.S8, 0);
+    for (int64_t j = 0; j < s.S; ++j) {
+      call.blk[j] = static_cast<int32_t>(w.sal[j] / bs);
+      for (int64_t m = 0; m < s.M; ++m) call.xsal[m * w.S8 + j] = w.x[m * s.K + w.sal[j]];
+    }
+    if (s.nb > 64) w.fast = false;  // the per-row alpha buffer holds 64 blocks (8192 columns at b128)
+    w.xs = call.xsal.data();
+    w.sal_blk = call.blk.data();
+  }
+}
+
+struct BinBatch {
+  std::vector<BinCall*> calls;
+  std::vector<size_t> first;
+};
+
+void bin_batch_task(void* p, size_t t) {
+  const BinBatch& b = *static_cast<const BinBatch*>(p);
+  const size_t i = static_cast<size_t>(std::upper_bound(b.first.begin(), b.first.end(), t) - b.first.begin()) - 1;
+  BinWork& w = b.calls[i]->w;
+  if (w.s.M > GEMV_MAX_ROWS)
+    bin_gemm_task(&w, t - b.first[i]);
+  else
+    bin_gemv_task(&w, t - b.first[i]);
+}
+
+void run_bin(Ort::KernelContext& ctx, std::vector<BinCall>& calls) {
+  BinBatch batch;
+  size_t total = 0;
+  int64_t weights = 0, M = 0;
+  for (auto& c : calls) {
+    batch.calls.push_back(&c);
+    batch.first.push_back(total);
+    total += c.tasks;
+    weights += c.w.s.N * c.w.s.K;
+    M = c.w.s.M;
+  }
+  if (total == 0) return;
+  if (M <= GEMV_MAX_ROWS && weights < SERIAL_GEMV_WEIGHTS) {
+    for (size_t t = 0; t < total; ++t) bin_batch_task(&batch, t);
+  } else {
+    ctx.ParallelFor(bin_batch_task, total, 0, &batch);
+  }
+}
+
 struct BinKernel {
   int64_t bs;
 
@@ -898,101 +934,146 @@ struct BinKernel {
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "BinaryMatMul"); }
 
-  static std::vector<int64_t> shape(const Ort::ConstValue& v) { return shape_of(v); }
-
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const size_t nin = ctx.GetInputCount();
     auto in = [&](size_t i) -> Ort::ConstValue { return i < nin ? ctx.GetInput(i) : Ort::ConstValue(nullptr); };
-    Ort::ConstValue X = in(0), SG = in(1), GR = in(2), AL = in(3), MU = in(4), SA = in(5), SS = in(6), RS = in(7),
-                    OC = in(8), OV = in(9), BI = in(10);
-    const auto xs = shape(X), sgs = shape(SG), grs = shape(GR), als = shape(AL);
+    Ort::ConstValue X = in(0);
+    const auto xs = shape_of(X);
     if (xs.empty()) throw Error("x must have at least one dimension");
-    BinShape s{};
-    s.K = xs.back();
-    s.M = 1;
-    for (size_t i = 0; i + 1 < xs.size(); ++i) s.M *= xs[i];
-    s.bs = bs;
-    s.nb = (s.K + bs - 1) / bs;
-    s.rowb = (s.K + 7) / 8;
-    if (sgs.size() != 2 || sgs[1] != s.rowb)
-      throw Error("signs must be uint8 (N, " + std::to_string(s.rowb) + ") for K=" + std::to_string(s.K));
-    s.N = sgs[0];
-    if (grs != sgs) throw Error("group must have the shape of signs (one bit per column)");
-    if (als.size() != 3 || als[0] != s.N || als[1] != s.nb || als[2] != 4)
-      throw Error("alphas must be float16 (" + std::to_string(s.N) + ", " + std::to_string(s.nb) + ", 4)");
-    if (present(MU) && shape(MU) != als) throw Error("mus must have the shape of alphas");
-    if (present(SA)) {
-      s.S = shape(SA)[0];
-      s.sb = (s.S + 7) / 8;
-      if (!present(RS) || shape(RS) != std::vector<int64_t>{s.N, s.sb} || !present(SS) || shape(SS) != shape(RS))
-        throw Error("salient_signs and residual_signs must be uint8 (N, " + std::to_string(s.sb) + ") for " +
-                    std::to_string(s.S) + " salient columns");
-    }
-    if (present(OC)) {
-      s.R = shape(OC)[0];
-      if (!present(OV) || shape(OV) != std::vector<int64_t>{s.N, s.R})
-        throw Error("outlier_vals must be float16 (N, " + std::to_string(s.R) + ")");
-    }
-    if (present(BI) && BI.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(s.N))
-      throw Error("bias must have N=" + std::to_string(s.N) + " elements");
-
+    std::vector<BinCall> calls(1);
+    prepare_bin(calls[0], bs, X.GetTensorData<float>(), rows_of(xs), xs.back(), in(1), in(2), in(3), in(4), in(5),
+                in(6), in(7), in(8), in(9), in(10));
     std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
-    ys.push_back(s.N);
-    float* y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
-    if (s.M == 0 || s.N == 0) return;
-    BinWork w{};
-    w.s = s;
-    w.x = X.GetTensorData<float>();
-    w.signs = SG.GetTensorData<uint8_t>();
-    w.group = GR.GetTensorData<uint8_t>();
-    w.alphas = reinterpret_cast<const uint16_t*>(AL.GetTensorRawData());
-    w.mus = present(MU) ? reinterpret_cast<const uint16_t*>(MU.GetTensorRawData()) : nullptr;
-    w.sal = s.S ? SA.GetTensorData<int32_t>() : nullptr;
-    w.res = s.S ? RS.GetTensorData<uint8_t>() : nullptr;
-    w.sal_signs = s.S ? SS.GetTensorData<uint8_t>() : nullptr;
-    w.out_cols = s.R ? OC.GetTensorData<int32_t>() : nullptr;
-    w.out_vals = s.R ? reinterpret_cast<const uint16_t*>(OV.GetTensorRawData()) : nullptr;
-    w.bias = present(BI) ? BI.GetTensorData<float>() : nullptr;
-    w.y = y;
-    for (int64_t j = 0; j < s.S; ++j)
-      if (w.sal[j] < 0 || w.sal[j] >= s.K) throw Error("salient_cols holds a column outside 0..K-1");
-    for (int64_t j = 0; j < s.R; ++j)
-      if (w.out_cols[j] < 0 || w.out_cols[j] >= s.K) throw Error("outlier_cols holds a column outside 0..K-1");
-    const size_t tasks = static_cast<size_t>((s.N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
-    if (s.M > GEMV_MAX_ROWS) {
-      ctx.ParallelFor(bin_gemm_task, tasks, 0, &w);
+    ys.push_back(calls[0].w.s.N);
+    calls[0].w.y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
+    run_bin(ctx, calls);
+  }
+};
+
+// BinaryLinears: several BiLLM linears of one input in one node, as VQLinears: x, then for each linear its ten
+// BinaryMatMul inputs (signs .. bias; an empty tensor for an absent one); attribute block_size: one per linear;
+// activation none or silu_mul.
+constexpr int BIN_PARTS = 10;
+
+// what the two multi-linear kernels share: per-linear attributes, the activation, outputs and the SiLU gate
+template <typename TCall>
+struct LinearsKernel {
+  bool gated = false;
+
+  void read_activation(const Ort::ConstKernelInfo& ki, size_t linears, const std::string& node) {
+    std::string act = "none";
+    try {
+      act = ki.GetAttribute<std::string>("activation");
+    } catch (const Ort::Exception&) {
+    }
+    if (act != "none" && act != "silu_mul") throw Error(node + ": activation must be none or silu_mul, not " + act);
+    gated = act == "silu_mul";
+    if (gated && linears != 2) throw Error(node + ": silu_mul takes exactly two linears (gate, up)");
+  }
+
+  // outputs for prepared calls, run(calls) runs them; the gate: silu(y0) * y1 into one output
+  template <typename Run>
+  void finish(Ort::KernelContext& ctx, const std::vector<int64_t>& xs, std::vector<TCall>& calls, Run run) {
+    std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
+    ys.push_back(0);
+    if (!gated) {
+      for (size_t i = 0; i < calls.size(); ++i) {
+        ys.back() = calls[i].w.s.N;
+        calls[i].w.y = ctx.GetOutput(i, ys).GetTensorMutableData<float>();
+      }
+      run(calls);
       return;
     }
-    w.fast = bs % 8 == 0 && s.K % 8 == 0;
-    std::vector<float> xr;
-    if (w.fast) {  // the regular columns' view of x: salient and outlier columns zeroed (added one by one)
-      xr.assign(w.x, w.x + s.M * s.K);
-      for (int64_t m = 0; m < s.M; ++m) {
-        for (int64_t j = 0; j < s.S; ++j) xr[m * s.K + w.sal[j]] = 0.0f;
-        for (int64_t j = 0; j < s.R; ++j) xr[m * s.K + w.out_cols[j]] = 0.0f;
+    const int64_t M = rows_of(xs), N = calls[0].w.s.N;
+    if (calls[1].w.s.N != N) throw Error("silu_mul: the two linears have different widths");
+    std::vector<float> gate(M * N), up(M * N);
+    calls[0].w.y = gate.data(), calls[1].w.y = up.data();
+    ys.back() = N;
+    float* y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
+    run(calls);
+    for (int64_t i = 0; i < M * N; ++i) y[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  }
+};
+
+struct BinaryLinearsKernel : LinearsKernel<BinCall> {
+  std::vector<int64_t> bs;
+
+  BinaryLinearsKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    bs = ki.GetAttributes<int64_t>("block_size");
+    const std::string node = "BinaryLinears " + ki.GetNodeName();
+    if (bs.empty()) throw Error(node + ": block_size must list one value per linear");
+    for (auto b : bs)
+      if (b < 1) throw Error(node + ": block_size must be >= 1");
+    read_activation(ki, bs.size(), node);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "BinaryLinears"); }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const size_t L = bs.size();
+    if (ctx.GetInputCount() != 1 + BIN_PARTS * L)
+      throw Error("expected x and " + std::to_string(BIN_PARTS) + " inputs for each of " + std::to_string(L) +
+                  " linears, got " + std::to_string(ctx.GetInputCount()) + " inputs");
+    Ort::ConstValue X = ctx.GetInput(0);
+    const auto xs = shape_of(X);
+    if (xs.empty()) throw Error("x must have at least one dimension");
+    std::vector<BinCall> calls(L);
+    for (size_t i = 0; i < L; ++i) {
+      const size_t o = 1 + BIN_PARTS * i;
+      auto in = [&](size_t j) { return ctx.GetInput(o + j); };
+      try {
+        prepare_bin(calls[i], bs[i], X.GetTensorData<float>(), rows_of(xs), xs.back(), in(0), in(1), in(2), in(3),
+                    in(4), in(5), in(6), in(7), in(8), in(9));
+      } catch (const Error& e) {
+        throw Error("linear " + std::to_string(i) + ": " + e.what());
       }
-      w.xr = xr.data();
     }
-    std::vector<float> xsal;
-    std::vector<int32_t> blk;
-    if (w.fast && s.S) {  // x at the salient columns and their blocks, padded to whole 8-column steps
-      w.S8 = (s.S + 7) / 8 * 8;
-      xsal.assign(s.M * w.S8, 0.0f);
-      blk.assign(w.S8, 0);
-      for (int64_t j = 0; j < s.S; ++j) {
-        blk[j] = static_cast<int32_t>(w.sal[j] / bs);
-        for (int64_t m = 0; m < s.M; ++m) xsal[m * w.S8 + j] = w.x[m * s.K + w.sal[j]];
+    finish(ctx, xs, calls, [&](std::vector<BinCall>& c) { run_bin(ctx, c); });
+  }
+};
+
+struct VQLinearsKernel : LinearsKernel<VQCall> {
+  std::vector<int64_t> b, d, g;
+
+  VQLinearsKernel(const OrtApi& api, const OrtKernelInfo* info) {
+    (void)api;
+    Ort::ConstKernelInfo ki(info);
+    b = ki.GetAttributes<int64_t>("index_bits");
+    d = ki.GetAttributes<int64_t>("vec_dim");
+    g = ki.GetAttributes<int64_t>("group_size");
+    const std::string node = "VQLinears " + ki.GetNodeName();
+    if (b.empty() || d.size() != b.size() || g.size() != b.size())
+      throw Error(node + ": index_bits, vec_dim and group_size must list one value per linear");
+    for (size_t i = 0; i < b.size(); ++i) check_vq_attrs(b[i], d[i], g[i], node);
+    read_activation(ki, b.size(), node);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "VQLinears"); }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const size_t L = b.size();
+    if (ctx.GetInputCount() != 1 + VQ_PARTS * L)
+      throw Error("expected x and " + std::to_string(VQ_PARTS) + " inputs for each of " + std::to_string(L) +
+                  " linears, got " + std::to_string(ctx.GetInputCount()) + " inputs");
+    Ort::ConstValue X = ctx.GetInput(0);
+    const auto xs = shape_of(X);
+    if (xs.empty()) throw Error("x must have at least one dimension");
+    std::vector<VQCall> calls(L);
+    for (size_t i = 0; i < L; ++i) {
+      const size_t o = 1 + VQ_PARTS * i;
+      try {
+        prepare_vq(calls[i], b[i], d[i], g[i], X.GetTensorData<float>(), rows_of(xs), xs.back(), ctx.GetInput(o),
+                   ctx.GetInput(o + 1), ctx.GetInput(o + 2), ctx.GetInput(o + 3), ctx.GetInput(o + 4),
+                   ctx.GetInput(o + 5), ctx.GetInput(o + 6));
+      } catch (const Error& e) {
+        throw Error("linear " + std::to_string(i) + ": " + e.what());
       }
-      if (s.nb > 64) w.fast = false;  // the per-row alpha buffer holds 64 blocks (8192 columns at b128)
-      w.xs = xsal.data();
-      w.sal_blk = blk.data();
     }
-    if (s.N * s.K < SERIAL_GEMV_WEIGHTS) {
-      for (size_t t = 0; t < tasks; ++t) bin_gemv_task(&w, t);
-    } else {
-      ctx.ParallelFor(bin_gemv_task, tasks, 0, &w);
-    }
+    finish(ctx, xs, calls, [&](std::vector<VQCall>& c) { run_vq(ctx, c); });
   }
 };
 
@@ -1011,6 +1092,33 @@ struct BinaryMatMulOp : LowbitOp<BinaryMatMulOp, BinKernel> {
 
 BinaryMatMulOp g_bin_op;
 
+// the multi-linear ops: x, then the linears' inputs as one variadic list of mixed types; one output per linear
+// (or the gate's one)
+template <typename TOp, typename TKernel>
+struct LinearsOp : LowbitOp<TOp, TKernel> {
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_VARIADIC;
+  }
+  bool GetVariadicInputHomogeneity() const { return false; }  // uint8 codes and planes, float16 tables, int32 columns
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const { return INPUT_OUTPUT_VARIADIC; }
+};
+
+struct VQLinearsOp : LinearsOp<VQLinearsOp, VQLinearsKernel> {
+  static constexpr const char* kName = "VQLinears";
+};
+
+VQLinearsOp g_vq_linears_op;
+
+struct BinaryLinearsOp : LinearsOp<BinaryLinearsOp, BinaryLinearsKernel> {
+  static constexpr const char* kName = "BinaryLinears";
+};
+
+BinaryLinearsOp g_bin_linears_op;
+
 }  // namespace
 
 extern "C" {
@@ -1026,6 +1134,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_vq_op)) return st;
   if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_vq_linears_op)) return st;
   if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_bin_op)) return st;
+  if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_bin_linears_op)) return st;
   return g_api->AddCustomOpDomain(options, domain);
 }
 
