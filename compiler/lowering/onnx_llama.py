@@ -156,8 +156,8 @@ def _build(cfg, tens, formats, path, accuracy_level, max_block, vq_block, max_po
             fusions_lowbit.append(name)
             op = g.nodes[[n.output[0] for n in g.nodes].index(out)].op_type
             for m in mods:
-                records[m]["lowering"] += f"; one lowbit.ort::{op} node with {', '.join(mods)}" + \
-                    (" and the SiLU gate" if gated else "")
+                records[m]["lowering"] += f"; one lowbit.ort::{op} node with " + \
+                    ", ".join(x.rsplit(".", 1)[-1] for x in mods) + (" and the SiLU gate" if gated else "")
         return out
 
     fusions_lowbit = []  # q/k/v and gate/up merged into one VQLinears / BinaryLinears node each
