@@ -3,8 +3,9 @@
 Stock ONNX Runtime has no kernel for lowbit's VQ (ReALLM) and binary-residual (BiLLM) formats: their values lie on no
 uniform grid, so the stock decoder rounds them onto an 8-bit ``MatMulNBits`` grid (3-3.5x the packed bytes in memory)
 or a 4-bit one (ReALLM's perplexity doubles). ``runtime/ort_kernels/lowbit_ort_ops.cc`` reads the packed codes and
-planes themselves (``lowbit.ort::VQMatMul``, ``lowbit.ort::BinaryMatMul``, exact); ``lowbit-export DIR --onnx
---ort-kernels lowbit`` writes decoders that use them.
+planes themselves (``lowbit.ort::VQMatMul``, ``lowbit.ort::BinaryMatMul``, exact; ``VQLinears`` /
+``BinaryLinears``: several linears of one input in one node); ``lowbit-export DIR --onnx --ort-kernels lowbit``
+writes decoders that use them.
 
 The library is optional: nothing else in lowbit needs it. It is compiled here, from this repository's source, with
 the C API headers of Debian's ``libonnxruntime-dev`` package (fetched from Debian's archive, sha256-checked, only
@@ -31,7 +32,8 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 
 DOMAIN = "lowbit.ort"
-VERSION = 1  # the ops' contract (lowbit_ort_ops_version() in the source); bumped when an op's inputs change
+VERSION = 2  # the ops' contract (lowbit_ort_ops_version() in the source); bumped when ops or their inputs change
+# (2: VQLinears, BinaryLinears; VQMatMul's bias)
 SOURCE = Path(__file__).resolve().parent / "ort_kernels" / "lowbit_ort_ops.cc"
 BUILD_DIR = SOURCE.parent / "build"
 HEADERS_DEB = ("https://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",

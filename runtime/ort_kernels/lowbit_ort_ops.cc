@@ -27,6 +27,13 @@
 //     attribute block_size. W = alpha[part] * s + mu[part]; salient: alpha0 * s + alpha1 * r (+ mu0 + mu1);
 //     outlier columns: their values.
 //
+//   VQLinears(x, [codes, codebook, scales, perm, lora_a, lora_b, bias] * L) -> y_1 .. y_L
+//   BinaryLinears(x, [signs, group, alphas, mus, salient_cols, salient_signs, residual_signs, outlier_cols,
+//                     outlier_vals, bias] * L) -> y_1 .. y_L
+//     L linears of one input (q/k/v, gate/up) in one node, each with its own tensors (an absent optional one: an
+//     empty tensor) and format (attributes as above, one value per linear); all their rows go through the thread
+//     pool in one pass. activation "silu_mul" (L = 2, one width): one output silu(y_1) * y_2, the MLP's gate.
+//
 // The weights stay the artifact's packed bytes: nothing is expanded at load. Decode (at most 4 rows of x) is a
 // GEMV that decodes each block of 8 codes once (a 64-bit load, shifts and masks, the codebook entries loaded by
 // index from the codebook in float, which stays in L1) and multiplies it with every row of x; each group's sum is
@@ -1139,5 +1146,5 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
 }
 
 // the ops' contract version (lowbit.runtime.ort_ops.VERSION, recorded in export.json)
-__attribute__((visibility("default"))) int lowbit_ort_ops_version() { return 1; }
+__attribute__((visibility("default"))) int lowbit_ort_ops_version() { return 2; }
 }
