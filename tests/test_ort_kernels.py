@@ -129,6 +129,31 @@ def test_multi_linear_ops_equal_their_single_ops(lib, kind, rows, gated):
         assert np.abs(o - r.numpy()).max() <= 1e-5 * float(r.abs().max())
 
 
+def test_multi_linear_op_names_the_bad_linear(lib):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.compiler.lowering.onnx_fuse import fuse_lowbit_linears
+
+    g = GraphBuilder()
+    for i in range(2):
+        lower_linear(g, "x", _vq(32, 64, 4, 2, 32, perm=False, seed=i), f"lin{i}", kernels="lowbit")
+    fuse_lowbit_linears(g, ["lin0", "lin1"], "fused")
+    codes = g.nodes[0].input[1 + 7]  # the second linear's codes: one byte short per row
+    t = next(t for t in g.inits if t.name == codes)
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t)[:, :-1].copy(), codes))
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in g.nodes[0].output],
+                              g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
+    m.ir_version = 10
+    opts = ort.SessionOptions()
+    ort_ops.register(opts)
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="VQLinears: linear 1: codes has 15 bytes per row, expected 16"):
+        sess.run(None, {"x": np.zeros((1, 64), np.float32)})
+
+
 def test_vq_linears_fuse_only_siblings(lib):
     from lowbit.compiler.lowering.onnx_fuse import fuse_lowbit_linears
 
