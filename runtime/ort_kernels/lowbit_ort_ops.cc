@@ -503,24 +503,24 @@ void prepare_vq(VQCall& call, int64_t b, int64_t d, int64_t g, const float* x, i
   }
 }
 
-// the tasks of several calls as one range: task t belongs to the call whose first task is the last one <= t
-struct VQBatch {
-  std::vector<VQCall*> calls;
+// the tasks of several calls as one range: task t belongs to the call whose first task is the last one <= t.
+// Call: VQCall or BinCall; Gemv, Gemm: its task functions for <= GEMV_MAX_ROWS rows of x and for more.
+template <typename Call, void (*Gemv)(void*, size_t), void (*Gemm)(void*, size_t)>
+struct Batch {
+  std::vector<Call*> calls;
   std::vector<size_t> first;
+
+  static void task(void* p, size_t t) {
+    const Batch& b = *static_cast<const Batch*>(p);
+    const size_t i = static_cast<size_t>(std::upper_bound(b.first.begin(), b.first.end(), t) - b.first.begin()) - 1;
+    auto& w = b.calls[i]->w;
+    (w.s.M > GEMV_MAX_ROWS ? Gemm : Gemv)(&w, t - b.first[i]);
+  }
 };
 
-void vq_batch_task(void* p, size_t t) {
-  const VQBatch& b = *static_cast<const VQBatch*>(p);
-  const size_t i = static_cast<size_t>(std::upper_bound(b.first.begin(), b.first.end(), t) - b.first.begin()) - 1;
-  VQWork& w = b.calls[i]->w;
-  if (w.s.M > GEMV_MAX_ROWS)
-    gemm_task(&w, t - b.first[i]);
-  else
-    gemv_task(&w, t - b.first[i]);
-}
-
-void run_vq(Ort::KernelContext& ctx, std::vector<VQCall>& calls) {
-  VQBatch batch;
+template <typename Call, void (*Gemv)(void*, size_t), void (*Gemm)(void*, size_t)>
+void run_batch(Ort::KernelContext& ctx, std::vector<Call>& calls) {
+  Batch<Call, Gemv, Gemm> batch;
   size_t total = 0;
   int64_t weights = 0, M = 0;
   for (auto& c : calls) {
@@ -532,11 +532,13 @@ void run_vq(Ort::KernelContext& ctx, std::vector<VQCall>& calls) {
   }
   if (total == 0) return;
   if (M <= GEMV_MAX_ROWS && weights < SERIAL_GEMV_WEIGHTS) {  // waking the pool costs more than it saves
-    for (size_t t = 0; t < total; ++t) vq_batch_task(&batch, t);
+    for (size_t t = 0; t < total; ++t) batch.task(&batch, t);
   } else {
-    ctx.ParallelFor(vq_batch_task, total, 0, &batch);
+    ctx.ParallelFor(batch.task, total, 0, &batch);
   }
 }
+
+void run_vq(Ort::KernelContext& ctx, std::vector<VQCall>& calls) { run_batch<VQCall, gemv_task, gemm_task>(ctx, calls); }
 
 // rows of x: every dimension but the last
 int64_t rows_of(const std::vector<int64_t>& xs) {
@@ -896,38 +898,8 @@ void prepare_bin(BinCall& call, int64_t bs, const float* x, int64_t M, int64_t K
   }
 }
 
-struct BinBatch {
-  std::vector<BinCall*> calls;
-  std::vector<size_t> first;
-};
-
-void bin_batch_task(void* p, size_t t) {
-  const BinBatch& b = *static_cast<const BinBatch*>(p);
-  const size_t i = static_cast<size_t>(std::upper_bound(b.first.begin(), b.first.end(), t) - b.first.begin()) - 1;
-  BinWork& w = b.calls[i]->w;
-  if (w.s.M > GEMV_MAX_ROWS)
-    bin_gemm_task(&w, t - b.first[i]);
-  else
-    bin_gemv_task(&w, t - b.first[i]);
-}
-
 void run_bin(Ort::KernelContext& ctx, std::vector<BinCall>& calls) {
-  BinBatch batch;
-  size_t total = 0;
-  int64_t weights = 0, M = 0;
-  for (auto& c : calls) {
-    batch.calls.push_back(&c);
-    batch.first.push_back(total);
-    total += c.tasks;
-    weights += c.w.s.N * c.w.s.K;
-    M = c.w.s.M;
-  }
-  if (total == 0) return;
-  if (M <= GEMV_MAX_ROWS && weights < SERIAL_GEMV_WEIGHTS) {
-    for (size_t t = 0; t < total; ++t) bin_batch_task(&batch, t);
-  } else {
-    ctx.ParallelFor(bin_batch_task, total, 0, &batch);
-  }
+  run_batch<BinCall, bin_gemv_task, bin_gemm_task>(ctx, calls);
 }
 
 struct BinKernel {
