@@ -34,8 +34,19 @@ def _vq(n, k, bits, d, g, perm=True, rank=0, seed=0):
                                    bits, g, perm=torch.randperm(k, generator=gen) if perm else None, lowrank=lr)
 
 
-def _session(fmt, bias=None):  # one linear lowered with kernels="lowbit", in ONNX Runtime with the library
+def _run_graph(graph):
+    """An ONNX Runtime session of ``graph`` (lowbit.ort domain imported) with lowbit's library registered."""
     import onnxruntime as ort
+    from onnx import helper
+
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
+    m.ir_version = 10
+    opts = ort.SessionOptions()
+    ort_ops.register(opts)
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _session(fmt, bias=None):  # one linear lowered with kernels="lowbit", in ONNX Runtime with the library
     from onnx import TensorProto, helper
 
     g = GraphBuilder()
@@ -45,11 +56,7 @@ def _session(fmt, bias=None):  # one linear lowered with kernels="lowbit", in ON
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                           [None, None, fmt.in_features])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], g.inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
-    m.ir_version = 10
-    opts = ort.SessionOptions()
-    ort_ops.register(opts)
-    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]), rec
+    return _run_graph(graph), rec
 
 
 @pytest.mark.parametrize("n,k,bits,d,g,perm,rank,rows", [
@@ -93,7 +100,6 @@ def _linears(kind, gated):
 def test_multi_linear_ops_equal_their_single_ops(lib, kind, rows, gated):
     """Several linears of one x in one ``VQLinears`` / ``BinaryLinears`` node, and the MLP's gated form
     silu(gate) * up, equal the formats' references (GEMV and tile paths)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from lowbit.compiler.lowering.onnx_fuse import fuse_lowbit_linears
@@ -112,11 +118,7 @@ def test_multi_linear_ops_equal_their_single_ops(lib, kind, rows, gated):
     outs = [y] if gated else outs
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], g.inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
-    m.ir_version = 10
-    opts = ort.SessionOptions()
-    ort_ops.register(opts)
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = _run_graph(graph)
     x = np.random.default_rng(5).standard_normal((2, rows, k)).astype(np.float32)
     got = sess.run(None, {"x": x})
     refs = [torch.from_numpy(x) @ f.dequantize().t() + (0 if b is None else torch.from_numpy(b))
@@ -130,7 +132,6 @@ def test_multi_linear_ops_equal_their_single_ops(lib, kind, rows, gated):
 
 
 def test_multi_linear_op_names_the_bad_linear(lib):
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from lowbit.compiler.lowering.onnx_fuse import fuse_lowbit_linears
@@ -145,11 +146,7 @@ def test_multi_linear_op_names_the_bad_linear(lib):
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in g.nodes[0].output],
                               g.inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
-    m.ir_version = 10
-    opts = ort.SessionOptions()
-    ort_ops.register(opts)
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = _run_graph(graph)
     with pytest.raises(Exception, match="VQLinears: linear 1: codes has 15 bytes per row, expected 16"):
         sess.run(None, {"x": np.zeros((1, 64), np.float32)})
 
@@ -201,7 +198,6 @@ def test_binary_matmul_equals_the_format_reference(lib, n, k, block, salient, ou
 
 
 def test_vq_matmul_rejects_inconsistent_inputs(lib):
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     fmt = _vq(32, 64, 4, 2, 32, perm=False)
@@ -211,11 +207,7 @@ def test_vq_matmul_rejects_inconsistent_inputs(lib):
                             index_bits=4, vec_dim=2, group_size=32)
     graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
-    m.ir_version = 10
-    opts = ort.SessionOptions()
-    ort_ops.register(opts)
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = _run_graph(graph)
     with pytest.raises(Exception, match="codes has 15 bytes per row, expected 16"):
         sess.run(None, {"x": np.zeros((1, 64), np.float32)})
 

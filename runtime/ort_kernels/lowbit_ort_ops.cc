@@ -935,8 +935,10 @@ struct BinKernel {
 // activation none or silu_mul.
 constexpr int BIN_PARTS = 10;
 
-// what the two multi-linear kernels share: per-linear attributes, the activation, outputs and the SiLU gate
-template <typename TCall>
+// what the two multi-linear kernels share: the activation, the input layout (x, then PARTS inputs per linear),
+// per-linear errors, outputs and the SiLU gate. TKernel gives kName, linears(), prepare(call, i, x, M, K, in) with
+// in(j) the linear's j-th input, and run(ctx, calls).
+template <typename TKernel, typename TCall, int PARTS>
 struct LinearsKernel {
   bool gated = false;
 
@@ -951,9 +953,8 @@ struct LinearsKernel {
     if (gated && linears != 2) throw Error(node + ": silu_mul takes exactly two linears (gate, up)");
   }
 
-  // outputs for prepared calls, run(calls) runs them; the gate: silu(y0) * y1 into one output
-  template <typename Run>
-  void finish(Ort::KernelContext& ctx, const std::vector<int64_t>& xs, std::vector<TCall>& calls, Run run) {
+  // outputs for the prepared calls, which then run; the gate: silu(y0) * y1 into one output
+  void finish(Ort::KernelContext& ctx, const std::vector<int64_t>& xs, std::vector<TCall>& calls) {
     std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
     ys.push_back(0);
     if (!gated) {
@@ -961,7 +962,7 @@ struct LinearsKernel {
         ys.back() = calls[i].w.s.N;
         calls[i].w.y = ctx.GetOutput(i, ys).GetTensorMutableData<float>();
       }
-      run(calls);
+      TKernel::run(ctx, calls);
       return;
     }
     const int64_t M = rows_of(xs), N = calls[0].w.s.N;
@@ -970,12 +971,37 @@ struct LinearsKernel {
     calls[0].w.y = gate.data(), calls[1].w.y = up.data();
     ys.back() = N;
     float* y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
-    run(calls);
+    TKernel::run(ctx, calls);
     for (int64_t i = 0; i < M * N; ++i) y[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, TKernel::kName); }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const TKernel& k = static_cast<const TKernel&>(*this);
+    const size_t L = k.linears();
+    if (ctx.GetInputCount() != 1 + PARTS * L)
+      throw Error("expected x and " + std::to_string(PARTS) + " inputs for each of " + std::to_string(L) +
+                  " linears, got " + std::to_string(ctx.GetInputCount()) + " inputs");
+    Ort::ConstValue X = ctx.GetInput(0);
+    const auto xs = shape_of(X);
+    if (xs.empty()) throw Error("x must have at least one dimension");
+    std::vector<TCall> calls(L);
+    for (size_t i = 0; i < L; ++i) {
+      auto in = [&](size_t j) { return ctx.GetInput(1 + PARTS * i + j); };
+      try {
+        k.prepare(calls[i], i, X.GetTensorData<float>(), rows_of(xs), xs.back(), in);
+      } catch (const Error& e) {
+        throw Error("linear " + std::to_string(i) + ": " + e.what());
+      }
+    }
+    finish(ctx, xs, calls);
   }
 };
 
-struct BinaryLinearsKernel : LinearsKernel<BinCall> {
+struct BinaryLinearsKernel : LinearsKernel<BinaryLinearsKernel, BinCall, BIN_PARTS> {
+  static constexpr const char* kName = "BinaryLinears";
   std::vector<int64_t> bs;
 
   BinaryLinearsKernel(const OrtApi&, const OrtKernelInfo* info) {
@@ -988,37 +1014,19 @@ struct BinaryLinearsKernel : LinearsKernel<BinCall> {
     read_activation(ki, bs.size(), node);
   }
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "BinaryLinears"); }
-
-  void Compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    const size_t L = bs.size();
-    if (ctx.GetInputCount() != 1 + BIN_PARTS * L)
-      throw Error("expected x and " + std::to_string(BIN_PARTS) + " inputs for each of " + std::to_string(L) +
-                  " linears, got " + std::to_string(ctx.GetInputCount()) + " inputs");
-    Ort::ConstValue X = ctx.GetInput(0);
-    const auto xs = shape_of(X);
-    if (xs.empty()) throw Error("x must have at least one dimension");
-    std::vector<BinCall> calls(L);
-    for (size_t i = 0; i < L; ++i) {
-      const size_t o = 1 + BIN_PARTS * i;
-      auto in = [&](size_t j) { return ctx.GetInput(o + j); };
-      try {
-        prepare_bin(calls[i], bs[i], X.GetTensorData<float>(), rows_of(xs), xs.back(), in(0), in(1), in(2), in(3),
-                    in(4), in(5), in(6), in(7), in(8), in(9));
-      } catch (const Error& e) {
-        throw Error("linear " + std::to_string(i) + ": " + e.what());
-      }
-    }
-    finish(ctx, xs, calls, [&](std::vector<BinCall>& c) { run_bin(ctx, c); });
+  size_t linears() const { return bs.size(); }
+  template <typename In>
+  void prepare(BinCall& call, size_t i, const float* x, int64_t M, int64_t K, In in) const {
+    prepare_bin(call, bs[i], x, M, K, in(0), in(1), in(2), in(3), in(4), in(5), in(6), in(7), in(8), in(9));
   }
+  static void run(Ort::KernelContext& ctx, std::vector<BinCall>& calls) { run_bin(ctx, calls); }
 };
 
-struct VQLinearsKernel : LinearsKernel<VQCall> {
+struct VQLinearsKernel : LinearsKernel<VQLinearsKernel, VQCall, VQ_PARTS> {
+  static constexpr const char* kName = "VQLinears";
   std::vector<int64_t> b, d, g;
 
-  VQLinearsKernel(const OrtApi& api, const OrtKernelInfo* info) {
-    (void)api;
+  VQLinearsKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     b = ki.GetAttributes<int64_t>("index_bits");
     d = ki.GetAttributes<int64_t>("vec_dim");
@@ -1030,30 +1038,12 @@ struct VQLinearsKernel : LinearsKernel<VQCall> {
     read_activation(ki, b.size(), node);
   }
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "VQLinears"); }
-
-  void Compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    const size_t L = b.size();
-    if (ctx.GetInputCount() != 1 + VQ_PARTS * L)
-      throw Error("expected x and " + std::to_string(VQ_PARTS) + " inputs for each of " + std::to_string(L) +
-                  " linears, got " + std::to_string(ctx.GetInputCount()) + " inputs");
-    Ort::ConstValue X = ctx.GetInput(0);
-    const auto xs = shape_of(X);
-    if (xs.empty()) throw Error("x must have at least one dimension");
-    std::vector<VQCall> calls(L);
-    for (size_t i = 0; i < L; ++i) {
-      const size_t o = 1 + VQ_PARTS * i;
-      try {
-        prepare_vq(calls[i], b[i], d[i], g[i], X.GetTensorData<float>(), rows_of(xs), xs.back(), ctx.GetInput(o),
-                   ctx.GetInput(o + 1), ctx.GetInput(o + 2), ctx.GetInput(o + 3), ctx.GetInput(o + 4),
-                   ctx.GetInput(o + 5), ctx.GetInput(o + 6));
-      } catch (const Error& e) {
-        throw Error("linear " + std::to_string(i) + ": " + e.what());
-      }
-    }
-    finish(ctx, xs, calls, [&](std::vector<VQCall>& c) { run_vq(ctx, c); });
+  size_t linears() const { return b.size(); }
+  template <typename In>
+  void prepare(VQCall& call, size_t i, const float* x, int64_t M, int64_t K, In in) const {
+    prepare_vq(call, b[i], d[i], g[i], x, M, K, in(0), in(1), in(2), in(3), in(4), in(5), in(6));
   }
+  static void run(Ort::KernelContext& ctx, std::vector<VQCall>& calls) { run_vq(ctx, calls); }
 };
 
 struct BinaryMatMulOp : LowbitOp<BinaryMatMulOp, BinKernel> {
