@@ -145,6 +145,18 @@ ROWS = {
     # issue 23's 1.7-bit target: 8-D codebooks of 256 entries (1 bit per weight before scales) where it costs least,
     # 4-D ones (1.5-2 bits) where it pays
     **reallm_rows("1.7", "per-matrix d8b8/d4b6/d4b8 at g128, ranks 0/8", "d8b8g128r0,d8b8g128r8,d4b6g128r0,d4b8g128r0"),
+    # the same two artifacts fine-tuned ten times longer (2.6 / 2.1 M tokens of C4 documents 0-999, batch 8 x 512):
+    # --device auto trains on a GPU where there is one (an H200: about 4 minutes each); on the CPU alone it would take
+    # about a day, so these rows were trained on a GPU and their last step resumed here (--resume)
+    "reallm-1.7-kd-long": ("reallm budget 1.7 + `lowbit-finetune --train all --distill` (5120 x 512 windows)",
+                           finetune_row("reallm-1.7", "--train", "all", "--distill", "--nsamples", "5120",
+                                        "--val-samples", "8", "--seqlen", "512", "--batch-size", "8",
+                                        "--device", "auto"), "reallm-1.7"),
+    "reallm-2.5-d4-kd-long": ("reallm budget 2.5 (d4b8/d2b5 at g128, ranks 0/8) + `lowbit-finetune --train all "
+                              "--distill` (4096 x 512 windows)",
+                              finetune_row("reallm-2.5-d4", "--train", "all", "--distill", "--nsamples", "4096",
+                                           "--val-samples", "8", "--seqlen", "512", "--batch-size", "8",
+                                           "--device", "auto"), "reallm-2.5-d4"),
     # issue 23's 4.3-bit target: 2-D codebooks of 256 entries (4 bits per weight before scales)
     **reallm_rows("4.25", "per-matrix d2b7-d2b8, g64/g128, ranks 0/8", "d2b8g128r0,d2b8g128r8,d2b7g128r8,d2b8g64r0"),
 }
@@ -198,6 +210,8 @@ def figures(report: dict, ft: dict | None) -> dict:
             fig[key] = (ft.get("eval", {}).get(data, {}).get("after") or {}).get("ppl", fig[key])
     if ft is not None:
         fig["train_s"] = ft.get("time_s")
+        # the training loop over every run of a resumed fine-tuning, and where it ran (e.g. a GPU, then the CPU)
+        fig["train_loop_s"], fig["train_devices"] = ft.get("train_s"), ft.get("devices")
     return fig
 
 
@@ -223,7 +237,8 @@ def run_row(row: str, out: Path, force: bool, seed: int | None = None, resume: b
             full = [str(BIN / c[0]), *c[1:]]
             # --resume replays the finished blocks of an interrupted calibration (same options and data: same
             # artifact, so the recorded command stays the one without it)
-            if resume and c[0] == "lowbit-compile" and Path(f"{d}.ckpt").is_dir():
+            # (lowbit-finetune: the training continues from its last checkpoint, on this machine's device)
+            if resume and c[0] in ("lowbit-compile", "lowbit-finetune") and Path(f"{d}.ckpt").is_dir():
                 full.append("--resume")
             rc = subprocess.run(full, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT).returncode
             if rc != 0:

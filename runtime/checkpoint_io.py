@@ -19,7 +19,9 @@ class CheckpointError(ValueError):
 def load_checkpoint(path: Path) -> dict:
     """The dict saved at ``path``; raises :class:`CheckpointError` for anything else."""
     try:
-        state = torch.load(path, weights_only=True)
+        # on the CPU first: a checkpoint written on a GPU resumes on a machine without one (the loop moves the
+        # tensors to its own device)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # weights_only refusals are UnpicklingError; truncation, zip and EOF errors vary
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a lowbit checkpoint (refused to load it: {first}); delete it or "

@@ -13,6 +13,7 @@ from lowbit.compiler.engine.rebuild import rebuild_model
 from lowbit.passes.methods.lora import LWCQuantizer, loftq_init
 from lowbit.passes.methods.quant import rtn_quantize
 from lowbit.runtime.artifact import load
+from lowbit.runtime.checkpoint_io import load_checkpoint
 from quality import block_output_error
 
 
@@ -141,7 +142,12 @@ def test_finetune_trains_only_lora_and_resume_is_exact(apiq_artifact, tmp_path):
     assert _finetune(apiq_artifact, part, "--stop-after", "3") == 0
     assert not part.exists() and (tmp_path / "part.ckpt" / "finetune.pt").exists()
     assert _finetune(apiq_artifact, part) == 2  # an existing checkpoint needs --resume or --overwrite
+    state = load_checkpoint(tmp_path / "part.ckpt" / "finetune.pt")
+    assert state["step"] == 3 and state["train_s"] > 0 and json.loads(state["devices"]) == ["cpu"]
     assert _finetune(apiq_artifact, part, "--resume") == 0
+    resumed = json.loads((part / "finetune.json").read_text())
+    # the training time counts both runs (a GPU run finished on the CPU reports its whole time and both devices)
+    assert resumed["train_s"] > state["train_s"] and resumed["devices"] == ["cpu"]
     a, b = _loras(full), _loras(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = torch.randint(0, 200, (1, 9))

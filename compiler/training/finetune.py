@@ -161,7 +161,9 @@ def finetune(opts: FinetuneOptions) -> dict:
     for name, m in modules.items():
         formats[name] = m.trained_format()
     report = {"source": str(opts.artifact), "options": opts.training_key(), "steps": res["steps"],
-              "trainable_params": res["trainable_params"], "time_s": train_time, "history": res["history"],
+              "trainable_params": res["trainable_params"], "time_s": train_time,
+              # the loop's time over every run of a resumed training (a GPU run finished on the CPU, say)
+              "train_s": res["train_s"], "devices": res["devices"], "history": res["history"],
               "data": info, "eval": {}}
     try:
         source_eval = json.loads((Path(source.path) / "report.json").read_text()).get("eval", {})

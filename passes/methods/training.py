@@ -272,8 +272,10 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
     AdamW (one group; with ``lr_quant``: low-rank factors at ``lr`` with ``weight_decay``, codebooks at ``lr``
     without, group scales at ``lr_quant`` without), ``warmup`` fraction of linear warm-up then cosine decay to 0, window order
     ``randperm(seed + epoch)``; validation loss on ``val`` at step 0, every ``checkpoint_every`` steps
-    and at the end; checkpoint (atomic) every ``checkpoint_every`` steps unless ``ckpt`` is None. Returns ``{"history",
-    "steps", "stopped", "step"}``; raises :class:`LowbitError` on a NaN/Inf loss."""
+    and at the end; checkpoint (atomic) every ``checkpoint_every`` steps unless ``ckpt`` is None. A checkpoint
+    written on a GPU resumes on the CPU (and back). Returns ``{"history", "steps", "stopped", "step",
+    "trainable_params", "train_s", "devices"}``: ``train_s`` is the time in the loop over every run of a resumed
+    training, ``devices`` where those runs trained; raises :class:`LowbitError` on a NaN/Inf loss."""
     named = {f"{n}.{k}": p for n, m in modules.items() for k, p in m.trainable().items()}
     dev = cfg.device or torch.device("cpu")
     params = list(named.values())
@@ -295,6 +297,7 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, cfg.warmup))
     key_s = json.dumps(key, sort_keys=True)
     step, history = 0, []
+    earlier_s, devices = 0.0, []  # training time and devices of the runs before a resume
     tag = f"[{cfg.label}]"
     if resume and ckpt is not None and ckpt.exists():
         try:
@@ -309,6 +312,8 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history = state["step"], json.loads(state["history"])
+        earlier_s = float(state.get("train_s", 0.0))  # absent in checkpoints of older lowbit versions
+        devices = json.loads(state.get("devices", "[]"))
         say(f"{tag} resumed from {ckpt} at step {step}/{total}")
     elif resume:
         say(f"{tag} no checkpoint at {ckpt}; starting from the beginning")
@@ -320,9 +325,15 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
             return float(sum(model(input_ids=v[None].to(dev), labels=v[None].to(dev), use_cache=False).loss
                              for v in val) / len(val))
 
+    here = str(dev) if dev.type != "cuda" else f"cuda ({torch.cuda.get_device_name(dev)})"
+
+    def run_devices() -> list:
+        return devices if devices[-1:] == [here] else devices + [here]
+
     def checkpoint():
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         _save_ckpt(ckpt, {"key": key_s, "step": step, "history": json.dumps(history),
+                          "train_s": earlier_s + time.perf_counter() - t0, "devices": json.dumps(run_devices()),
                           "params": {k: p.detach().clone() for k, p in named.items()},
                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
 
@@ -379,4 +390,5 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
     if stopped and ckpt is not None:
         checkpoint()
         say(f"{tag} stopped after {ran} steps at step {step}/{total}; checkpoint {ckpt} (continue with --resume)")
-    return {"history": history, "steps": total, "step": step, "stopped": stopped, "trainable_params": n_train}
+    return {"history": history, "steps": total, "step": step, "stopped": stopped, "trainable_params": n_train,
+            "train_s": earlier_s + time.perf_counter() - t0, "devices": run_devices()}
