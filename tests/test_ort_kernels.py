@@ -6,6 +6,8 @@ The library is built on first use (``lowbit.runtime.ort_ops.build``: Debian's ON
 cannot be built (no compiler, no access to Debian's archive, a CPU without AVX2) these tests are skipped; a source
 that does not compile fails them."""
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -195,6 +197,29 @@ def test_binary_matmul_equals_the_format_reference(lib, n, k, block, salient, ou
     ref = (torch.from_numpy(x) @ fmt.dequantize().t() + torch.from_numpy(bias)).numpy()
     assert got.shape == (2, rows, n)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+def test_vq_pair_table_follows_a_codebook_that_changes(lib, bits):
+    """d2b5/d2b6 read codes in pairs through a product table the node keeps between calls: a codebook fed as a graph
+    input and changed from one call to the next must give the new codebook's product, never the kept table's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    fmt = _vq(40, 128, bits, 2, 32, perm=False)
+    inits = [numpy_helper.from_array(fmt.codes.numpy(), "codes"), numpy_helper.from_array(fmt.scales.numpy(), "sc")]
+    node = helper.make_node("VQMatMul", ["x", "codes", "cb", "sc"], ["y"], domain=ort_ops.DOMAIN, name="vq",
+                            index_bits=bits, vec_dim=2, group_size=32)
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128]),
+                                            helper.make_tensor_value_info("cb", TensorProto.FLOAT16, [1 << bits, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    sess = _run_graph(graph)
+    x = np.random.default_rng(2).standard_normal((1, 128)).astype(np.float32)
+    for seed in (0, 1, 0):  # a new codebook, then the first again
+        cb = torch.randn(1 << bits, 2, generator=torch.Generator().manual_seed(seed)).half()
+        ref_fmt = dataclasses.replace(fmt, codebook=cb)
+        ref = (torch.from_numpy(x) @ ref_fmt.dequantize().t()).numpy()
+        got = sess.run(None, {"x": x, "cb": cb.numpy()})[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_vq_matmul_rejects_inconsistent_inputs(lib):
