@@ -2,11 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lowbit import api
+from lowbit.errors import LowbitError
 from lowbit.compiler.frontend.cli import compile_main, finetune_main
 from lowbit.passes.methods.training import attach
 from lowbit.compiler.engine.rebuild import rebuild_model
@@ -152,6 +154,39 @@ def test_finetune_trains_only_lora_and_resume_is_exact(apiq_artifact, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = torch.randint(0, 200, (1, 9))
     torch.testing.assert_close(load(part)(ids), after(ids), rtol=0, atol=0)
+
+
+def test_a_step_too_big_for_memory_runs_in_micro_batches_with_the_same_result(apiq_artifact, tmp_path, monkeypatch):
+    from lowbit.passes.methods import training
+    from lowbit.runtime import resources
+
+    # the choice: the largest halving of the batch that fits what is available; none fitting is refused clearly
+    art = load(apiq_artifact)
+    model = rebuild_model(art)
+    modules = attach(model, art.formats, "lora")
+    one, four = (training.training_bytes(model, modules, m, 32) for m in (1, 4))
+    monkeypatch.setattr(resources, "available_bytes", lambda: (one + four) // 2)
+    assert training.micro_batch(model, modules, 4, 32, "t") in (1, 2)
+    monkeypatch.setattr(resources, "available_bytes", lambda: four)
+    assert training.micro_batch(model, modules, 4, 32, "t") == 4
+    monkeypatch.setattr(resources, "available_bytes", lambda: one - 1)
+    with pytest.raises(LowbitError, match="one training window needs about"):
+        training.micro_batch(model, modules, 4, 32, "t")
+    monkeypatch.undo()
+
+    # the same steps through micro-batches of one window: the same tensors up to float summation order
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _finetune(apiq_artifact, whole) == 0
+    monkeypatch.setattr(training, "micro_batch", lambda *a, **k: 1)
+    assert _finetune(apiq_artifact, parts) == 0
+    a, b = _loras(whole), _loras(parts)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    assert any(not torch.equal(a[k], _loras(apiq_artifact)[k]) for k in a)  # and training did change them
+    losses = [[h["loss"] for h in json.loads((d / "finetune.json").read_text())["history"] if "loss" in h]
+              for d in (whole, parts)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)  # each step's loss: the mean over all its windows
 
 
 def test_finetune_refusals(apiq_artifact, tiny_dir, text_file, tmp_path, capsys):

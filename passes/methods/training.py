@@ -244,15 +244,25 @@ def training_bytes(model: nn.Module, modules: dict, batch: int, seqlen: int) -> 
     return acts + logits + 4 * 2 * biggest + 4 * 3 * trained
 
 
-def check_memory(model: nn.Module, modules: dict, batch: int, seqlen: int, label: str, extra: int = 0) -> None:
-    """Refuse a training phase that would not fit in the memory available now (rather than swap or be killed).
-    ``extra``: bytes a step needs beyond :func:`training_bytes` (a teacher's logits)."""
+def micro_batch(model: nn.Module, modules: dict, batch: int, seqlen: int, label: str, extra_per_window: int = 0) -> int:
+    """The most windows of a step that fit in the memory available now: ``batch`` where it fits, else the step's
+    windows go through in micro-batches of that many, their gradients accumulated (the same step, up to float
+    summation order). Refuses (rather than swap or be killed) when not even one window fits. ``extra_per_window``:
+    bytes a window needs beyond :func:`training_bytes` (a teacher's logits)."""
     from lowbit.runtime import resources
 
-    need, have = training_bytes(model, modules, batch, seqlen) + extra, resources.available_bytes()
-    if need > have:
-        raise LowbitError(f"{label}: one training step needs about {need / 2**30:.1f} GiB beyond the loaded model, "
-                          f"{have / 2**30:.1f} GiB is available: lower the batch size or --seqlen (or skip the phase)")
+    have = resources.available_bytes()
+
+    def need(m: int) -> int:
+        return training_bytes(model, modules, m, seqlen) + extra_per_window * m
+
+    m = batch
+    while m > 1 and need(m) > have:
+        m = (m + 1) // 2
+    if need(m) > have:
+        raise LowbitError(f"{label}: one training window needs about {need(1) / 2**30:.1f} GiB beyond the loaded "
+                          f"model, {have / 2**30:.1f} GiB is available: lower --seqlen (or skip the phase)")
+    return m
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -279,10 +289,11 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
     named = {f"{n}.{k}": p for n, m in modules.items() for k, p in m.trainable().items()}
     dev = cfg.device or torch.device("cpu")
     params = list(named.values())
+    micro = min(cfg.batch_size, len(train))
     if cfg.device is None or cfg.device.type == "cpu":
-        check_memory(model, modules, min(cfg.batch_size, len(train)), train.shape[1], cfg.label,
-                     extra=0 if teacher is None else 12 * min(cfg.batch_size, len(train)) * train.shape[1]
-                     * getattr(model.config, "vocab_size", 0))  # the teacher's logits, log-softmax, probabilities
+        micro = micro_batch(model, modules, micro, train.shape[1], cfg.label,
+                            extra_per_window=0 if teacher is None else 12 * train.shape[1]
+                            * getattr(model.config, "vocab_size", 0))  # the teacher's logits, log-softmax, probabilities
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     if cfg.lr_quant is None:
@@ -339,7 +350,9 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
 
     n_train = sum(p.numel() for p in params)
     say(f"{tag} {len(modules)} layers, {n_train:,} trainable parameters; {len(train)} windows x "
-        f"{train.shape[1]} tokens, batch {cfg.batch_size}, {total} steps")
+        f"{train.shape[1]} tokens, batch {cfg.batch_size}, {total} steps"
+        + (f" (each in micro-batches of {micro} windows, gradients accumulated: the memory available holds no more)"
+           if micro < min(cfg.batch_size, len(train)) else ""))
     if step == 0:
         v0 = val_loss()
         history.append({"step": 0, "val_loss": v0})
@@ -354,18 +367,24 @@ def train_loop(model: nn.Module, modules: dict, train: torch.Tensor, val: torch.
             epoch, i = divmod(step, steps_per_epoch)
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
             batch = train[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]].to(dev)
-            if teacher is None:
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            else:
-                with torch.no_grad():
-                    target = teacher(input_ids=batch, use_cache=False).logits
-                loss = distill_loss(model(input_ids=batch, use_cache=False).logits, target)
-                del target
-            if not torch.isfinite(loss):
-                raise LowbitError(f"training loss became {float(loss.detach())} at step {step + 1}; no artifact "
-                                  f"written (last good checkpoint: {ckpt if ckpt is not None and ckpt.exists() else 'none'})")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros((), device=dev)
+            for part in batch.split(micro):  # one part unless the step's windows do not fit in memory at once
+                if teacher is None:
+                    part_loss = model(input_ids=part, labels=part, use_cache=False).loss
+                else:
+                    with torch.no_grad():
+                        target = teacher(input_ids=part, use_cache=False).logits
+                    part_loss = distill_loss(model(input_ids=part, use_cache=False).logits, target)
+                    del target
+                # both losses are means over the part's tokens: weighted by its share, the sum is the batch's mean
+                part_loss = part_loss * (len(part) / len(batch))
+                if not torch.isfinite(part_loss):
+                    raise LowbitError(f"training loss became {float(part_loss.detach())} at step {step + 1}; no "
+                                      "artifact written (last good checkpoint: "
+                                      f"{ckpt if ckpt is not None and ckpt.exists() else 'none'})")
+                part_loss.backward()
+                loss = loss + part_loss.detach()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
