@@ -55,8 +55,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -394,40 +392,9 @@ void gemm_task(void* p, size_t task) {
 // One VQ linear's call: its tensors checked against x, x in stored column order, A @ x, the codebook in float.
 // prepare_vq fills everything but w.y (the caller allocates the output once N is known); run_vq runs the tasks of
 // one or several calls in one pass over the thread pool.
-// The pair table of a d = 2 codebook (2^2b entries of 4 floats: 16 KB at 5 bits, 64 KB at 6), kept by its node and
-// rebuilt only when the codebook's bytes change: rebuilt on every call it cost about 1 ms per SmolLM2 token (210
-// linears). The bytes are compared on every call (256 at d2b6), so a codebook fed as a graph input is still read as
-// it is. ONNX Runtime may run one kernel from several threads at once (concurrent Run calls): the table is shared
-// read-only by the calls that use it and replaced, never written, under the lock.
-class PairCache {
- public:
-  std::shared_ptr<const std::vector<float>> get(const uint16_t* cb16, const float* cb, int64_t E) {
-    const size_t n = size_t(E) * 2;
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!table_ || key_.size() != n || std::memcmp(key_.data(), cb16, n * sizeof(uint16_t)) != 0) {
-      auto t = std::make_shared<std::vector<float>>(size_t(E) * E * 4);
-      // entry (c0 | c1 << b) is [cb[c0], cb[c1]]: the pair's 2b bits are the two codes as stored (LSB first)
-      for (int64_t c1 = 0; c1 < E; ++c1)
-        for (int64_t c0 = 0; c0 < E; ++c0) {
-          float* e = t->data() + (c1 * E + c0) * 4;
-          e[0] = cb[c0 * 2], e[1] = cb[c0 * 2 + 1], e[2] = cb[c1 * 2], e[3] = cb[c1 * 2 + 1];
-        }
-      key_.assign(cb16, cb16 + n);
-      table_ = std::move(t);
-    }
-    return table_;
-  }
-
- private:
-  std::mutex mu_;
-  std::vector<uint16_t> key_;
-  std::shared_ptr<const std::vector<float>> table_;
-};
-
 struct VQCall {
   VQWork w{};
-  std::shared_ptr<const std::vector<float>> pairs;  // the node's pair table (pair mode), held for this call
-  std::vector<float> cb, xp_buf, lr_t;
+  std::vector<float> cb, xp_buf, lr_t, pairs;
   std::vector<uint8_t> last_row;
   size_t tasks = 0;
 };
@@ -446,7 +413,7 @@ void check_vq_attrs(int64_t b, int64_t d, int64_t g, const std::string& node) {
 void prepare_vq(VQCall& call, int64_t b, int64_t d, int64_t g, const float* x, int64_t M, int64_t K,
                 const Ort::ConstValue& C, const Ort::ConstValue& CB, const Ort::ConstValue& S,
                 const Ort::ConstValue& P, const Ort::ConstValue& LA, const Ort::ConstValue& LB,
-                const Ort::ConstValue& BI, PairCache& pair_cache) {
+                const Ort::ConstValue& BI) {
   const auto cs = shape_of(C), cbs = shape_of(CB), ss = shape_of(S);
   VQShape s{};
   s.K = K, s.M = M;
@@ -479,8 +446,8 @@ void prepare_vq(VQCall& call, int64_t b, int64_t d, int64_t g, const float* x, i
   if (has_bias && BI.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(s.N))
     throw Error("bias must have N=" + std::to_string(s.N) + " elements");
 
-  // the codebook in float, (E, d), at most 8 KB: converted on every call (~0.1 us), so that a codebook fed as a
-  // graph input is read as it is
+  // the codebook in float, (E, d), at most 8 KB: converted on every call (~0.1 us), so the kernel keeps no state
+  // and a codebook fed as a graph input is read as it is
   call.cb.resize(s.E * d);
   h2f_n(reinterpret_cast<const uint16_t*>(CB.GetTensorRawData()), call.cb.data(), s.E * d);
 
@@ -517,11 +484,17 @@ void prepare_vq(VQCall& call, int64_t b, int64_t d, int64_t g, const float* x, i
   w.fast = (d == 1 || d == 2 || d == 4 || d == 8) && g % (8 * d) == 0 && s.K % (8 * d) == 0;
   w.fast_b = static_cast<int>(b), w.fast_d = static_cast<int>(d), w.fast_cb = call.cb.data();
   if (w.fast && d == 2 && b >= 5 && b <= 6 && g % 32 == 0 && s.K % 32 == 0) {
-    // pair mode: two codes read as one 2b-bit code of a product codebook (PairCache), so the stream reads unchanged.
-    // 3072 x 576, one thread: d2b5 429 -> 277 us, d2b6 662 -> 453 us (table rebuilt per call); d2b7 (a 256 KB
-    // table, past L1 and half of L2) got slower, so it is left out
-    call.pairs = pair_cache.get(reinterpret_cast<const uint16_t*>(CB.GetTensorRawData()), call.cb.data(), s.E);
-    w.fast_b = static_cast<int>(2 * b), w.fast_d = 4, w.fast_cb = call.pairs->data();
+    // pair mode: entry (c0 | c1 << b) of the product codebook is [cb[c0], cb[c1]]; the pair's 2b bits are the
+    // two codes as stored (LSB first), so the stream reads unchanged as 2b-bit codes. 3072 x 576, one thread:
+    // d2b5 429 -> 277 us, d2b6 662 -> 453 us; d2b7 (a 256 KB table rebuilt per call) got slower, so it is left out
+    call.pairs.resize(size_t(s.E) * s.E * 4);
+    const float* cb = call.cb.data();
+    for (int64_t c1 = 0; c1 < s.E; ++c1)
+      for (int64_t c0 = 0; c0 < s.E; ++c0) {
+        float* e = call.pairs.data() + (c1 * s.E + c0) * 4;
+        e[0] = cb[c0 * 2], e[1] = cb[c0 * 2 + 1], e[2] = cb[c1 * 2], e[3] = cb[c1 * 2 + 1];
+      }
+    w.fast_b = static_cast<int>(2 * b), w.fast_d = 4, w.fast_cb = call.pairs.data();
   }
   if (w.fast && s.N > 0) {
     call.last_row.assign(s.rb + 8, 0);
@@ -586,7 +559,6 @@ OrtStatusPtr compute_status(TKernel& k, OrtKernelContext* context, const char* o
 
 struct VQKernel {
   int64_t b, d, g;
-  PairCache pairs;
 
   VQKernel(const OrtApi& api, const OrtKernelInfo* info) {
     (void)api;
@@ -608,7 +580,7 @@ struct VQKernel {
     if (xs.empty()) throw Error("x must have at least one dimension");
     std::vector<VQCall> calls(1);
     prepare_vq(calls[0], b, d, g, X.GetTensorData<float>(), rows_of(xs), xs.back(), in(1), in(2), in(3), in(4),
-               in(5), in(6), in(7), pairs);
+               in(5), in(6), in(7));
     std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
     ys.push_back(calls[0].w.s.N);
     calls[0].w.y = ctx.GetOutput(0, ys).GetTensorMutableData<float>();
@@ -1053,7 +1025,6 @@ struct BinaryLinearsKernel : LinearsKernel<BinaryLinearsKernel, BinCall, BIN_PAR
 struct VQLinearsKernel : LinearsKernel<VQLinearsKernel, VQCall, VQ_PARTS> {
   static constexpr const char* kName = "VQLinears";
   std::vector<int64_t> b, d, g;
-  std::unique_ptr<PairCache[]> pairs;  // one per linear (prepare is const: the cache is the kernel's only state)
 
   VQLinearsKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
@@ -1065,13 +1036,12 @@ struct VQLinearsKernel : LinearsKernel<VQLinearsKernel, VQCall, VQ_PARTS> {
       throw Error(node + ": index_bits, vec_dim and group_size must list one value per linear");
     for (size_t i = 0; i < b.size(); ++i) check_vq_attrs(b[i], d[i], g[i], node);
     read_activation(ki, b.size(), node);
-    pairs.reset(new PairCache[b.size()]);
   }
 
   size_t linears() const { return b.size(); }
   template <typename In>
   void prepare(VQCall& call, size_t i, const float* x, int64_t M, int64_t K, In in) const {
-    prepare_vq(call, b[i], d[i], g[i], x, M, K, in(0), in(1), in(2), in(3), in(4), in(5), in(6), pairs[i]);
+    prepare_vq(call, b[i], d[i], g[i], x, M, K, in(0), in(1), in(2), in(3), in(4), in(5), in(6));
   }
   static void run(Ort::KernelContext& ctx, std::vector<VQCall>& calls) { run_vq(ctx, calls); }
 };
