@@ -86,6 +86,15 @@ def reallm_rows(budget: str, what: str, candidates: str | None = None, tag: str 
     }
 
 
+def kd_long_row(base: str, what: str, nsamples: int) -> dict:
+    """``base`` fine-tuned by distillation ten times longer than its ``-kd`` row (``nsamples`` windows of 512 tokens,
+    batch 8), on a GPU where there is one (``--device auto``)."""
+    return {f"{base}-kd-long": (f"{what} + `lowbit-finetune --train all --distill` ({nsamples} x 512 windows)",
+                                finetune_row(base, "--train", "all", "--distill", "--nsamples", str(nsamples),
+                                             "--val-samples", "8", "--seqlen", "512", "--batch-size", "8",
+                                             "--device", "auto"), base)}
+
+
 # id -> (README label, commands, prerequisite row or None). Labels match the README table's first column.
 ROWS = {
     "float": ("float (fp32)", compile_row("--method", "rtn", "--bits", "8", "--group-size", "32", eval_float=True), None),
@@ -145,18 +154,14 @@ ROWS = {
     # issue 23's 1.7-bit target: 8-D codebooks of 256 entries (1 bit per weight before scales) where it costs least,
     # 4-D ones (1.5-2 bits) where it pays
     **reallm_rows("1.7", "per-matrix d8b8/d4b6/d4b8 at g128, ranks 0/8", "d8b8g128r0,d8b8g128r8,d4b6g128r0,d4b8g128r0"),
-    # the same two artifacts fine-tuned ten times longer (2.6 / 2.1 M tokens of C4 documents 0-999, batch 8 x 512):
-    # --device auto trains on a GPU where there is one (an H200: about 4 minutes each); on the CPU alone it would take
-    # about a day, so these rows were trained on a GPU and their last step resumed here (--resume)
-    "reallm-1.7-kd-long": ("reallm budget 1.7 + `lowbit-finetune --train all --distill` (5120 x 512 windows)",
-                           finetune_row("reallm-1.7", "--train", "all", "--distill", "--nsamples", "5120",
-                                        "--val-samples", "8", "--seqlen", "512", "--batch-size", "8",
-                                        "--device", "auto"), "reallm-1.7"),
-    "reallm-2.5-d4-kd-long": ("reallm budget 2.5 (d4b8/d2b5 at g128, ranks 0/8) + `lowbit-finetune --train all "
-                              "--distill` (4096 x 512 windows)",
-                              finetune_row("reallm-2.5-d4", "--train", "all", "--distill", "--nsamples", "4096",
-                                           "--val-samples", "8", "--seqlen", "512", "--batch-size", "8",
-                                           "--device", "auto"), "reallm-2.5-d4"),
+    # the 2.5 and 1.7 artifacts fine-tuned ten times longer (2.1 / 2.6 M tokens of C4 documents 0-999, batch 8 x 512):
+    # --device auto trains on a GPU where there is one (an H200: about 4 minutes each); on this CPU alone it would
+    # take about a day, so these rows were trained on a GPU and their last step resumed here (--resume)
+    **kd_long_row("reallm-2.5-d4", "reallm budget 2.5 (d4b8/d2b5 at g128, ranks 0/8)", 4096),
+    **kd_long_row("reallm-1.7", "reallm budget 1.7", 5120),
+    # the 2.5 target counts the file: the 2.5 budget lands at 2.501 bits on disk, 2.49 keeps it under 2.5
+    **reallm_rows("2.49", "d4b8/d2b5 at g128, ranks 0/8", "d4b8g128r0,d4b8g128r8,d2b5g128r0,d2b5g128r8", tag="-d4"),
+    **kd_long_row("reallm-2.49-d4", "reallm budget 2.49 (d4b8/d2b5 at g128, ranks 0/8)", 4096),
     # issue 23's 4.3-bit target: 2-D codebooks of 256 entries (4 bits per weight before scales)
     **reallm_rows("4.25", "per-matrix d2b7-d2b8, g64/g128, ranks 0/8", "d2b8g128r0,d2b8g128r8,d2b7g128r8,d2b8g64r0"),
 }
