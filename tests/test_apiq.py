@@ -165,10 +165,12 @@ def test_a_step_too_big_for_memory_runs_in_micro_batches_with_the_same_result(ap
     model = rebuild_model(art)
     modules = attach(model, art.formats, "lora")
     one, four = (training.training_bytes(model, modules, m, 32) for m in (1, 4))
-    monkeypatch.setattr(resources, "available_bytes", lambda: (one + four) // 2)
-    assert training.micro_batch(model, modules, 4, 32, "t") in (1, 2)
-    monkeypatch.setattr(resources, "available_bytes", lambda: four)
+    monkeypatch.setattr(resources, "available_bytes", lambda: one)  # one window, without headroom: still tried
+    assert training.micro_batch(model, modules, 4, 32, "t") == 1
+    monkeypatch.setattr(resources, "available_bytes", lambda: int(four / training.HEADROOM) + 1)
     assert training.micro_batch(model, modules, 4, 32, "t") == 4
+    monkeypatch.setattr(resources, "available_bytes", lambda: four)  # fits, but not with the estimate's headroom
+    assert training.micro_batch(model, modules, 4, 32, "t") < 4
     monkeypatch.setattr(resources, "available_bytes", lambda: one - 1)
     with pytest.raises(LowbitError, match="one training window needs about"):
         training.micro_batch(model, modules, 4, 32, "t")
