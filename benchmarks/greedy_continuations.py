@@ -34,8 +34,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--no-float", action="store_true", help="only the artifacts' columns")
     a = ap.parse_args(argv)
-    from transformers import AutoTokenizer
-
     from lowbit.compiler.engine import models
     from lowbit.runtime.artifact import load
 
@@ -46,9 +44,8 @@ def main(argv=None) -> int:
                                             for p in PROMPTS]
         del model
     for d in a.artifacts:
-        art = load(d)
-        atok = AutoTokenizer.from_pretrained(str(Path(d) / "tokenizer"))
-        cols[Path(d).name] = [continue_greedily(lambda ids: art(ids), atok, p, a.tokens) for p in PROMPTS]
+        art = load(d)  # its own tokenizer (the artifact's tokenizer/ folder)
+        cols[Path(d).name] = [continue_greedily(lambda ids: art(ids), art.tokenizer, p, a.tokens) for p in PROMPTS]
 
     def cell(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ⏎ ")
