@@ -48,12 +48,12 @@ def _run_graph(graph):
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _session(fmt, bias=None):  # one linear lowered with kernels="lowbit", in ONNX Runtime with the library
+def _session(fmt, bias=None, accuracy_level=0):  # one linear lowered with kernels="lowbit", run in ONNX Runtime
     from onnx import TensorProto, helper
 
     g = GraphBuilder()
     b = None if bias is None else torch.from_numpy(bias)
-    y, rec = lower_linear(g, "x", fmt, "lin", bias=b, kernels="lowbit")
+    y, rec = lower_linear(g, "x", fmt, "lin", bias=b, kernels="lowbit", accuracy_level=accuracy_level)
     g.nodes[-1].output[0] = "y"
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                           [None, None, fmt.in_features])],
@@ -111,8 +111,8 @@ def test_multi_linear_ops_equal_their_single_ops(lib, kind, rows, gated):
     biases = [None if i == 0 else np.random.default_rng(i).standard_normal(f.out_features).astype(np.float32)
               for i, f in enumerate(fmts)]
     g = GraphBuilder()
-    outs = [lower_linear(g, "x", f, f"lin{i}", bias=None if b is None else torch.from_numpy(b), kernels="lowbit")[0]
-            for i, (f, b) in enumerate(zip(fmts, biases))]
+    outs = [lower_linear(g, "x", f, f"lin{i}", bias=None if b is None else torch.from_numpy(b), kernels="lowbit",
+                         accuracy_level=0)[0] for i, (f, b) in enumerate(zip(fmts, biases))]
     single = "VQMatMul" if kind == "vq" else "BinaryMatMul"
     assert [n.op_type for n in g.nodes] == [single] * len(fmts)  # a bias is the op's last input, not an Add node
     y = fuse_lowbit_linears(g, [f"lin{i}" for i in range(len(fmts))], "fused", gated=gated)
@@ -185,13 +185,16 @@ def _billm(n, k, block, salient, outliers, mean_shift, seed=0):
     (70, 512, 64, 10, 0, True, 3),     # mean-shifted, 3 rows of x
     (33, 100, 32, 3, 1, False, 1),     # K not a multiple of 8: the scalar path
     (40, 128, 128, 0, 0, True, 9),     # no salient columns; 9 rows: the dequantized-tile path
+    (40, 768, 64, 30, 2, False, 2),    # 12 blocks: salient alphas from two registers
+    (24, 1152, 64, 20, 0, False, 1),   # 18 blocks: salient alphas gathered
 ])
 def test_binary_matmul_equals_the_format_reference(lib, n, k, block, salient, outliers, mean_shift, rows):
     fmt = _billm(n, k, block, salient, outliers, mean_shift)
     bias = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     sess, rec = _session(fmt, bias)
     assert rec["rel_err"] == 0.0 and "BinaryMatMul" in rec["lowering"]
-    assert rec["ort_bytes"] <= fmt.nbytes() + n * (salient // 8 + 2)  # the group plane spread over all K columns
+    # the group plane spread over all K columns and the salient columns' signs copied compact: 2 x S bits a row
+    assert rec["ort_bytes"] <= fmt.nbytes() + n * (2 * -(-salient // 8) + 1)
     x = np.random.default_rng(1).standard_normal((2, rows, k)).astype(np.float32)
     got = sess.run(None, {"x": x})[0]
     ref = (torch.from_numpy(x) @ fmt.dequantize().t() + torch.from_numpy(bias)).numpy()
@@ -236,6 +239,72 @@ def test_vq_matmul_rejects_inconsistent_inputs(lib):
     sess = _run_graph(graph)
     with pytest.raises(Exception, match="codes has 15 bytes per row, expected 16"):
         sess.run(None, {"x": np.zeros((1, 64), np.float32)})
+
+
+def _int8_reference(fmt, x):
+    """``x @ W.T`` with the regular columns' x rounded as BinaryMatMul does at accuracy_level 4: per row of x and
+    block of block_size columns, scale max|x| / 127, round half to even; salient and outlier columns exact."""
+    k, bs = fmt.in_features, fmt.block_size
+    exact = np.zeros(k, bool)
+    exact[fmt.salient_cols.numpy()] = True
+    if fmt.outlier_cols is not None:
+        exact[fmt.outlier_cols.numpy()] = True
+    xr = np.where(exact, 0.0, x).astype(np.float32)
+    xq = np.zeros_like(xr)
+    for b0 in range(0, k, bs):
+        blk = xr[..., b0:b0 + bs]
+        mx = np.abs(blk).max(-1, keepdims=True)
+        inv = np.where(mx > 0, np.float32(127.0) / np.where(mx > 0, mx, 1), 0).astype(np.float32)
+        xq[..., b0:b0 + bs] = np.rint(blk * inv) * (mx / np.float32(127.0))
+    w = fmt.dequantize().numpy().astype(np.float64)
+    return xq.astype(np.float64) @ w.T + np.where(exact, x, 0.0).astype(np.float64) @ w.T
+
+
+@pytest.mark.parametrize("n,k,block,salient,outliers,rows", [
+    (64, 256, 128, 6, 2, 1),    # b128 with salient and outlier columns, decode's one row
+    (70, 576, 128, 9, 3, 3),    # SmolLM2's K: a last block of 64 columns; 3 rows of x
+    (33, 512, 64, 0, 0, 2),     # b64, no salient columns
+    (48, 1536, 128, 40, 2, 1),  # SmolLM2's down_proj K: 12 blocks
+])
+def test_binary_matmul_int8_activations_equal_their_reference(lib, n, k, block, salient, outliers, rows):
+    """accuracy_level 4: the GEMV rounds the regular columns' x to int8 per block, exactly as stated (the weights
+    and the salient and outlier columns exact); more rows than the GEMV takes (a prompt) stay exact."""
+    fmt = _billm(n, k, block, salient, outliers, False, seed=3)
+    sess, rec = _session(fmt, accuracy_level=4)
+    assert "int8" in rec["lowering"] and rec["rel_err"] == 0.0
+    exact_sess, _ = _session(fmt)
+    x = np.random.default_rng(2).standard_normal((1, rows, k)).astype(np.float32)
+    x[..., 5] *= 30.0  # one large channel: its block's other values lose resolution, as stated
+    got = sess.run(None, {"x": x})[0].astype(np.float64)
+    ref = _int8_reference(fmt, x)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    exact = exact_sess.run(None, {"x": x})[0]
+    err = np.abs(got - exact).max() / np.abs(exact).max()
+    assert 0 < err < 0.05, err  # rounded (not the exact path), by about int8's resolution
+    many = np.random.default_rng(3).standard_normal((1, 9, k)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": many})[0], exact_sess.run(None, {"x": many})[0], rtol=0,
+                               atol=1e-5 * float(np.abs(exact_sess.run(None, {"x": many})[0]).max()))
+
+
+def test_binary_linears_keep_each_linears_accuracy_level(lib):
+    """A ``BinaryLinears`` node of an int8-activation linear and an exact one computes each as its own op would."""
+    from onnx import TensorProto, helper
+
+    from lowbit.compiler.lowering.onnx_fuse import fuse_lowbit_linears
+
+    fmts = [_billm(64, 256, 128, 6, 2, False, seed=1), _billm(40, 256, 64, 3, 0, False, seed=2)]
+    g = GraphBuilder()
+    outs = [lower_linear(g, "x", f, f"lin{i}", kernels="lowbit", accuracy_level=level)[0]
+            for i, (f, level) in enumerate(zip(fmts, (4, 0)))]
+    assert fuse_lowbit_linears(g, ["lin0", "lin1"], "fused") is not None
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 256])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], g.inits)
+    x = np.random.default_rng(4).standard_normal((1, 1, 256)).astype(np.float32)
+    y0, y1 = _run_graph(graph).run(None, {"x": x})
+    ref0 = _int8_reference(fmts[0], x)
+    assert np.abs(y0 - ref0).max() <= 1e-5 * np.abs(ref0).max()
+    ref1 = (torch.from_numpy(x) @ fmts[1].dequantize().t()).numpy()
+    assert np.abs(y1 - ref1).max() <= 1e-5 * np.abs(ref1).max()
 
 
 @pytest.mark.parametrize("name,method,op", [

@@ -382,7 +382,9 @@ def export_main(argv=None) -> int:
     p.add_argument("--static-shape", default="1,128",
                    help="--mlir: batch,sequence of the static-shape graph used for tosa and stablehlo (default 1,128)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU; 0 = exact)")
+                   help="MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU; 0 = exact); with "
+                        "--ort-kernels lowbit, 4 also gives BiLLM's BinaryMatMul int8 activations in decode (the "
+                        "regular columns, per block; weights exact), 0 keeps it exact")
     p.add_argument("--no-matmulnbits", action="store_true",
                    help="keep every weight in lowbit-domain functions (no com.microsoft ops)")
     p.add_argument("--no-kv-cache", action="store_true", help="skip the decoder graph with key/value cache")

@@ -192,7 +192,7 @@ _LINEARS = {
     "VQMatMul": ("VQLinears", (np.uint8, np.float16, np.float16, np.int32, np.float16, np.float16, np.float32),
                  ("index_bits", "vec_dim", "group_size")),
     "BinaryMatMul": ("BinaryLinears", (np.uint8, np.uint8, np.float16, np.float16, np.int32, np.uint8, np.uint8,
-                                       np.int32, np.float16, np.float32), ("block_size",)),
+                                       np.int32, np.float16, np.float32), ("block_size", "accuracy_level")),
 }
 
 

@@ -295,10 +295,12 @@ def _vq_kernel(g, x, fmt: VQCodebook, name, bias=None):
     return y, nb, how, 0.0
 
 
-def _binary_kernel(g, x, fmt: BinaryResidual, name, bias=None):
+def _binary_kernel(g, x, fmt: BinaryResidual, name, bias=None, accuracy_level: int = 0):
     """One ``lowbit.ort::BinaryMatMul`` node over the format's planes (see runtime/ort_kernels/lowbit_ort_ops.cc);
     the group plane, stored over the non-salient columns, is spread over all K columns (bit = sparse part), and the
-    salient columns' sign bits are copied into a compact plane like the residual one (S bits per row)."""
+    salient columns' sign bits are copied into a compact plane like the residual one (S bits per row).
+    ``accuracy_level`` 4: in decode the regular columns' activations are rounded to int8 per block (the weights stay
+    exact; salient and outlier columns float); else exact."""
     from lowbit.runtime.ort_ops import DOMAIN
 
     n, k = fmt.out_features, fmt.in_features
@@ -323,9 +325,11 @@ def _binary_kernel(g, x, fmt: BinaryResidual, name, bias=None):
     ins = [x] + [g.init(f"{name}.{key}", _np(t[key].contiguous())) if key in t else "" for key in order]
     while ins[-1] == "":
         ins.pop()
-    y = g.op("BinaryMatMul", ins, domain=DOMAIN, name=name, block_size=fmt.block_size)
+    level = 4 if accuracy_level == 4 else 0
+    y = g.op("BinaryMatMul", ins, domain=DOMAIN, name=name, block_size=fmt.block_size, accuracy_level=level)
     nb = sum(v.numel() * v.element_size() for k, v in t.items() if k != "bias")
-    return y, nb, "BiLLM planes read by lowbit.ort::BinaryMatMul (exact)", 0.0
+    how = ("exact weights; decode activations int8 per block (accuracy_level 4)" if level == 4 else "exact")
+    return y, nb, f"BiLLM planes read by lowbit.ort::BinaryMatMul ({how})", 0.0
 
 
 def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor | None = None,
@@ -348,7 +352,7 @@ def lower_linear(g: GraphBuilder, x: str, fmt, name: str, weight: torch.Tensor |
         if isinstance(fmt, AffineIntK):
             y, nb, how, err = _affine(g, x, fmt, name, accuracy_level, max_block)
         elif isinstance(fmt, BinaryResidual) and kernels == "lowbit":
-            y, nb, how, err = _binary_kernel(g, x, fmt, name, bias)
+            y, nb, how, err = _binary_kernel(g, x, fmt, name, bias, accuracy_level)
             bias = None  # added inside the node
         elif isinstance(fmt, BinaryResidual):
             y, nb, how, err = _binary(g, x, fmt, name, accuracy_level, vq_block, binary, grid_bits)

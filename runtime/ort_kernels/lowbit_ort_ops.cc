@@ -25,13 +25,15 @@
 //       the salient columns, copied compact by the lowering, and the format's residual plane); outlier_cols int32 (R,), outlier_vals
 //       float16 (N, R) (columns kept in fp16); bias float (N,).
 //     attribute block_size. W = alpha[part] * s + mu[part]; salient: alpha0 * s + alpha1 * r (+ mu0 + mu1);
-//     outlier columns: their values.
+//     outlier columns: their values. Optional attribute accuracy_level (as MatMulNBits'): 0 (default) exact; 4 =
+//     in the GEMV (decode), the regular columns' x rounded to int8 per block of block_size columns (scale max|x| /
+//     127), the weights still exact; salient and outlier columns stay float.
 //
 //   VQLinears(x, [codes, codebook, scales, perm, lora_a, lora_b, bias] * L) -> y_1 .. y_L
 //   BinaryLinears(x, [signs, group, alphas, mus, salient_cols, salient_signs, residual_signs, outlier_cols,
 //                     outlier_vals, bias] * L) -> y_1 .. y_L
 //     L linears of one input (q/k/v, gate/up) in one node, each with its own tensors (an absent optional one: an
-//     empty tensor) and format (attributes as above, one value per linear); all their rows go through the thread
+//     empty tensor) and format (attributes as above, one value per linear; accuracy_level optional); all their rows go through the thread
 //     pool in one pass. activation "silu_mul" (L = 2, one width): one output silu(y_1) * y_2, the MLP's gate.
 //
 // The weights stay the artifact's packed bytes: nothing is expanded at load. Decode (at most 4 rows of x) is a
@@ -670,13 +672,17 @@ struct BinWork {
   const uint8_t* sal_signs; // (N, sb): the signs of the salient columns, compact (as res)
   const uint8_t* res;       // (N, sb)
   const float* xs;          // (M, S8): x at the salient columns, zero-padded to a multiple of 8
-  const int32_t* sal_blk;   // (S8,): each salient column's block, 0 in the padding
+  const int32_t* sal_blk;   // (S8,): each salient column's block (nb <= 16: its lane, sal_lane), 0 in the padding
+  const int32_t* sal_hi;    // (S8,): -1 where the column's block is 8-15 (nb <= 16)
   int64_t S8;
   const int32_t* out_cols;  // (R,)
   const uint16_t* out_vals; // (N, R)
   const float* bias;
   float* y;
   bool fast;
+  // accuracy_level 4: the regular columns' x (xr) as int8 per block of block_size columns, each block's scale
+  const int8_t* xq;         // (M, K), or null: the float GEMV
+  const float* xq_scale;    // (M, nb)
 };
 
 // the readable reference: one weight row of the format in float
@@ -698,6 +704,83 @@ void bin_dequant_row(const BinWork& w, int64_t n, float* out) {
     out[k] = v;
   }
   for (int64_t j = 0; j < s.R; ++j) out[w.out_cols[j]] = h2f(w.out_vals[n * s.R + j]);
+}
+
+// A row's alpha0 and alpha1 (its (nb <= 16, 4) fp16 alphas) in registers without gathers: blocks 0-7 in [0], 8-15
+// in [1], in lane order 0, 2, 4, 6, 1, 3, 5, 7 (what unpacking four converted pairs of blocks gives; sal_lane)
+inline void alphas01(const uint16_t* a, int64_t nb, __m256* a0, __m256* a1) {
+  for (int h = 0; h < (nb > 8 ? 2 : 1); ++h) {
+    __m256 f[4];  // f[i]: blocks 2i and 2i+1 (of this eight) as (a0 a1 ac as | a0 a1 ac as); read inside the row
+    for (int i = 0; i < 4; ++i) {
+      const int64_t b = 8 * h + 2 * i;
+      const uint16_t* p = a + 4 * b;
+      f[i] = b + 2 <= nb ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+             : b + 1 == nb ? _mm256_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))
+             : _mm256_setzero_ps();
+    }
+    const __m256d u01 = _mm256_castps_pd(_mm256_unpacklo_ps(f[0], f[1]));
+    const __m256d u23 = _mm256_castps_pd(_mm256_unpacklo_ps(f[2], f[3]));
+    a0[h] = _mm256_castpd_ps(_mm256_unpacklo_pd(u01, u23));  // f0[0] f1[0] f2[0] f3[0] | f0[4] f1[4] f2[4] f3[4]
+    a1[h] = _mm256_castpd_ps(_mm256_unpackhi_pd(u01, u23));  // f0[1] f1[1] f2[1] f3[1] | f0[5] ...
+  }
+}
+
+// the lane of block b's alphas in alphas01's registers
+inline int32_t sal_lane(int64_t b) { return static_cast<int32_t>((b & 1) * 4 + ((b & 7) >> 1)); }
+
+// the columns added to a row's regular sum one by one or 8 at a time: salient (alpha0 * s + alpha1 * r, means added
+// one by one) and fp16 outlier columns, all in float; writes the row's outputs
+template <int M>
+__attribute__((always_inline)) inline void bin_sparse_columns(const BinWork& w, int64_t n, __m256* tot, float* out,
+                                                             int64_t n0) {
+  const BinShape& s = w.s;
+  const uint8_t* sg = w.signs + n * s.rowb;
+  const uint16_t* a = w.alphas + n * s.nb * 4;
+  const uint16_t* mu = w.mus ? w.mus + n * s.nb * 4 : nullptr;
+  if (s.S && !mu) {  // salient columns, 8 at a time: (alpha0 * s + alpha1 * r) of each column's block times x
+    const uint8_t* ss8 = w.sal_signs + n * s.sb;
+    const uint8_t* rs8 = w.res + n * s.sb;
+    if (s.nb <= 16) {  // alpha0/alpha1 of every block in registers, picked per column by a lane permute
+      __m256 a0[2], a1[2];
+      alphas01(a, s.nb, a0, a1);
+      for (int64_t j = 0; j < w.S8; j += 8) {
+        const __m256i lane = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.sal_blk + j));
+        __m256 x0 = _mm256_permutevar8x32_ps(a0[0], lane), x1 = _mm256_permutevar8x32_ps(a1[0], lane);
+        if (s.nb > 8) {
+          const __m256 hi = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.sal_hi + j)));
+          x0 = _mm256_blendv_ps(x0, _mm256_permutevar8x32_ps(a0[1], lane), hi);
+          x1 = _mm256_blendv_ps(x1, _mm256_permutevar8x32_ps(a1[1], lane), hi);
+        }
+        const __m256 wv = _mm256_fmadd_ps(x0, _mm256_load_ps(kBits.sign[ss8[j >> 3]]),
+                                          _mm256_mul_ps(x1, _mm256_load_ps(kBits.sign[rs8[j >> 3]])));
+        for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(w.xs + m * w.S8 + j), tot[m]);
+      }
+    } else {  // more blocks: gathered per 8 columns
+      alignas(32) float af[4 * 64];
+      h2f_n(a, af, std::min<int64_t>(s.nb, 64) * 4);
+      for (int64_t j = 0; j < w.S8; j += 8) {
+        const __m256i bj = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.sal_blk + j)), 2);
+        const __m256 wv = _mm256_fmadd_ps(_mm256_i32gather_ps(af, bj, 4), _mm256_load_ps(kBits.sign[ss8[j >> 3]]),
+                                          _mm256_mul_ps(_mm256_i32gather_ps(af + 1, bj, 4),
+                                                        _mm256_load_ps(kBits.sign[rs8[j >> 3]])));
+        for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(w.xs + m * w.S8 + j), tot[m]);
+      }
+    }
+  }
+  float t[M];
+  for (int m = 0; m < M; ++m) t[m] = hsum(tot[m]);
+  for (int64_t j = 0; j < s.S && mu; ++j) {  // mean-shifted: one by one
+    const int64_t k = w.sal[j], b = k / s.bs;
+    float v = h2f(a[b * 4]) * (bit_at(sg, k) ? 1.0f : -1.0f) +
+              h2f(a[b * 4 + 1]) * (bit_at(w.res + n * s.sb, j) ? 1.0f : -1.0f);
+    v += h2f(mu[b * 4]) + h2f(mu[b * 4 + 1]);
+    for (int m = 0; m < M; ++m) t[m] += v * w.x[m * s.K + k];
+  }
+  for (int64_t j = 0; j < s.R; ++j) {
+    const float v = h2f(w.out_vals[n * s.R + j]);
+    for (int m = 0; m < M; ++m) t[m] += v * w.x[m * s.K + w.out_cols[j]];
+  }
+  for (int m = 0; m < M; ++m) out[m * ROWS_PER_TASK + (n - n0)] = t[m];
 }
 
 // GEMV rows [n0, n1), all M (<= 4) rows of x. Regular columns, 8 at a time: x (its salient and outlier columns
@@ -738,47 +821,59 @@ void bin_rows(const BinWork& w, int64_t n0, int64_t n1, float* out) {
         for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(mc, xc[m], _mm256_fmadd_ps(ms, xs[m], tot[m]));
       }
     }
-    if (s.S && !mu) {  // salient columns, 8 at a time: (alpha0 * s + alpha1 * r) of each column's block times x
-      alignas(32) float af[4 * 64];
-      const int64_t na = std::min<int64_t>(s.nb, 64);
-      h2f_n(a, af, na * 4);
-      const uint8_t* ss8 = w.sal_signs + n * s.sb;
-      const uint8_t* rs8 = w.res + n * s.sb;
-      // up to 8 blocks (K <= 1024 at b128): the row's alpha0/alpha1 of every block in one register each, picked
-      // per salient column by a lane permute; more blocks: gathered per 8 columns
-      const bool few = s.nb <= 8;
-      __m256 a0row = _mm256_setzero_ps(), a1row = _mm256_setzero_ps();
-      if (few) {
-        const __m256i blocks = _mm256_min_epi32(_mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
-                                                _mm256_set1_epi32(static_cast<int>(4 * (s.nb - 1))));
-        a0row = _mm256_i32gather_ps(af, blocks, 4);
-        a1row = _mm256_i32gather_ps(af + 1, blocks, 4);
+    bin_sparse_columns<M>(w, n, tot, out, n0);
+  }
+}
+
+// accuracy_level 4: the regular columns as bytes. 32 columns per step: their sign and group bits expanded to byte
+// masks in registers (broadcast, byte shuffle, bit test), x's int8 values negated where the sign bit is 0
+// (vpsignb), the sparse part masked, both summed in 16-bit lanes (vpmaddubsw; at most block_size / 32 * 254, so
+// blocks up to 4096 columns); per block the two sums become float, scaled by the block's x scale times alpha_c and
+// alpha_s - alpha_c. Salient and outlier columns stay float (bin_sparse_columns): only the regular columns' x is
+// rounded, to 8 bits per block of block_size columns.
+// the 32 bits at p, one per byte: each byte holds its bit (sel's bit of the byte's column), else 0
+inline __m256i bits_to_bytes(const uint8_t* p, __m256i rep, __m256i sel) {
+  const __m256i v = _mm256_broadcastd_epi32(_mm_loadu_si32(p));  // one load straight into the vector register
+  return _mm256_and_si256(_mm256_shuffle_epi8(v, rep), sel);
+}
+
+template <int M>
+void bin_rows_q8(const BinWork& w, int64_t n0, int64_t n1, float* out) {
+  const BinShape& s = w.s;
+  const __m256i rep = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i sel = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* sg = w.signs + n * s.rowb;
+    const uint8_t* gr = w.group + n * s.rowb;
+    const uint16_t* a = w.alphas + n * s.nb * 4;
+    __m256 tot[M];
+    for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < s.nb; ++b) {
+      __m256i sc[M], ss[M];
+      for (int m = 0; m < M; ++m) sc[m] = ss[m] = _mm256_setzero_si256();
+      for (int64_t c = b * s.bs, c1 = std::min(s.K, (b + 1) * s.bs); c < c1; c += 32) {
+        // +1 where the sign bit is 1, -1 where it is 0: (bit ? 0 : 0xFF) | 1; 0xFF where the column is sparse
+        const __m256i sgn = _mm256_or_si256(_mm256_cmpeq_epi8(bits_to_bytes(sg + (c >> 3), rep, sel), zero), ones8);
+        const __m256i gm = _mm256_cmpeq_epi8(bits_to_bytes(gr + (c >> 3), rep, sel), sel);
+        for (int m = 0; m < M; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.xq + m * s.K + c));
+          const __m256i t = _mm256_sign_epi8(xv, sgn);
+          sc[m] = _mm256_add_epi16(sc[m], _mm256_maddubs_epi16(ones8, t));
+          ss[m] = _mm256_add_epi16(ss[m], _mm256_maddubs_epi16(ones8, _mm256_and_si256(t, gm)));
+        }
       }
-      for (int64_t j = 0; j < w.S8; j += 8) {
-        const __m256i bj = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.sal_blk + j));
-        const __m256 a0 = few ? _mm256_permutevar8x32_ps(a0row, bj)
-                              : _mm256_i32gather_ps(af, _mm256_slli_epi32(bj, 2), 4);
-        const __m256 a1 = few ? _mm256_permutevar8x32_ps(a1row, bj)
-                              : _mm256_i32gather_ps(af + 1, _mm256_slli_epi32(bj, 2), 4);
-        const __m256 wv = _mm256_fmadd_ps(a0, _mm256_load_ps(kBits.sign[ss8[j >> 3]]),
-                                          _mm256_mul_ps(a1, _mm256_load_ps(kBits.sign[rs8[j >> 3]])));
-        for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(w.xs + m * w.S8 + j), tot[m]);
+      const float fc = h2f(a[b * 4 + 2]), fs = h2f(a[b * 4 + 3]) - fc;
+      for (int m = 0; m < M; ++m) {
+        const float xs = w.xq_scale[m * s.nb + b];
+        tot[m] = _mm256_fmadd_ps(_mm256_set1_ps(xs * fc), _mm256_cvtepi32_ps(_mm256_madd_epi16(sc[m], ones16)),
+                                 tot[m]);
+        tot[m] = _mm256_fmadd_ps(_mm256_set1_ps(xs * fs), _mm256_cvtepi32_ps(_mm256_madd_epi16(ss[m], ones16)),
+                                 tot[m]);
       }
     }
-    float t[M];
-    for (int m = 0; m < M; ++m) t[m] = hsum(tot[m]);
-    for (int64_t j = 0; j < s.S && mu; ++j) {  // mean-shifted: one by one
-      const int64_t k = w.sal[j], b = k / s.bs;
-      float v = h2f(a[b * 4]) * (bit_at(sg, k) ? 1.0f : -1.0f) +
-                h2f(a[b * 4 + 1]) * (bit_at(w.res + n * s.sb, j) ? 1.0f : -1.0f);
-      v += h2f(mu[b * 4]) + h2f(mu[b * 4 + 1]);
-      for (int m = 0; m < M; ++m) t[m] += v * w.x[m * s.K + k];
-    }
-    for (int64_t j = 0; j < s.R; ++j) {
-      const float v = h2f(w.out_vals[n * s.R + j]);
-      for (int m = 0; m < M; ++m) t[m] += v * w.x[m * s.K + w.out_cols[j]];
-    }
-    for (int m = 0; m < M; ++m) out[m * ROWS_PER_TASK + (n - n0)] = t[m];
+    bin_sparse_columns<M>(w, n, tot, out, n0);
   }
 }
 
@@ -787,7 +882,14 @@ void bin_gemv_task(void* p, size_t task) {
   const BinShape& s = w.s;
   const int64_t n0 = static_cast<int64_t>(task) * ROWS_PER_TASK, n1 = std::min(s.N, n0 + ROWS_PER_TASK);
   float out[GEMV_MAX_ROWS * ROWS_PER_TASK];
-  if (w.fast) {
+  if (w.fast && w.xq) {
+    switch (s.M) {
+      case 1: bin_rows_q8<1>(w, n0, n1, out); break;
+      case 2: bin_rows_q8<2>(w, n0, n1, out); break;
+      case 3: bin_rows_q8<3>(w, n0, n1, out); break;
+      default: bin_rows_q8<4>(w, n0, n1, out); break;
+    }
+  } else if (w.fast) {
     switch (s.M) {
       case 1: bin_rows<1>(w, n0, n1, out); break;
       case 2: bin_rows<2>(w, n0, n1, out); break;
@@ -820,14 +922,35 @@ void bin_gemm_task(void* p, size_t task) {
 // One BiLLM linear's call (as VQCall): its planes checked against x, x's views for the GEMV
 struct BinCall {
   BinWork w{};
-  std::vector<float> xr, xsal;
-  std::vector<int32_t> blk;
+  std::vector<float> xr, xsal, xq_scale;
+  std::vector<int8_t> xq;
+  std::vector<int32_t> blk, hi;
   size_t tasks = 0;
 };
 
 // x: (M, K). SG .. BI: the format's planes (MU .. BI optional). Fills everything but w.y.
-void prepare_bin(BinCall& call, int64_t bs, const float* x, int64_t M, int64_t K, const Ort::ConstValue& SG,
-                 const Ort::ConstValue& GR, const Ort::ConstValue& AL, const Ort::ConstValue& MU,
+// x's regular columns (xr) as int8, one scale per row and block of bs columns: max |x| / 127, rounded to nearest
+void quantize_blocks(BinCall& call) {
+  const BinShape& s = call.w.s;
+  call.xq.resize(s.M * s.K);
+  call.xq_scale.resize(s.M * s.nb);
+  for (int64_t m = 0; m < s.M; ++m)
+    for (int64_t b = 0; b < s.nb; ++b) {
+      const float* xr = call.xr.data() + m * s.K;
+      const int64_t c0 = b * s.bs, c1 = std::min(s.K, c0 + s.bs);
+      float mx = 0.0f;
+      for (int64_t c = c0; c < c1; ++c) mx = std::max(mx, std::fabs(xr[c]));
+      const float scale = mx / 127.0f, inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+      call.xq_scale[m * s.nb + b] = scale;
+      for (int64_t c = c0; c < c1; ++c)
+        call.xq[m * s.K + c] = static_cast<int8_t>(std::nearbyint(xr[c] * inv));
+    }
+  call.w.xq = call.xq.data();
+  call.w.xq_scale = call.xq_scale.data();
+}
+
+void prepare_bin(BinCall& call, int64_t bs, int64_t accuracy_level, const float* x, int64_t M, int64_t K,
+                 const Ort::ConstValue& SG,                 const Ort::ConstValue& GR, const Ort::ConstValue& AL, const Ort::ConstValue& MU,
                  const Ort::ConstValue& SA, const Ort::ConstValue& SS, const Ort::ConstValue& RS,
                  const Ort::ConstValue& OC, const Ort::ConstValue& OV, const Ort::ConstValue& BI) {
   const auto sgs = shape_of(SG), grs = shape_of(GR), als = shape_of(AL);
@@ -891,27 +1014,54 @@ void prepare_bin(BinCall& call, int64_t bs, const float* x, int64_t M, int64_t K
     w.S8 = (s.S + 7) / 8 * 8;
     call.xsal.assign(s.M * w.S8, 0.0f);
     call.blk.assign(w.S8, 0);
+    call.hi.assign(w.S8, 0);
     for (int64_t j = 0; j < s.S; ++j) {
-      call.blk[j] = static_cast<int32_t>(w.sal[j] / bs);
+      const int64_t b = w.sal[j] / bs;
+      call.blk[j] = s.nb <= 16 ? sal_lane(b) : static_cast<int32_t>(b);
+      call.hi[j] = b >= 8 ? -1 : 0;
       for (int64_t m = 0; m < s.M; ++m) call.xsal[m * w.S8 + j] = w.x[m * s.K + w.sal[j]];
     }
     if (s.nb > 64) w.fast = false;  // the per-row alpha buffer holds 64 blocks (8192 columns at b128)
     w.xs = call.xsal.data();
     w.sal_blk = call.blk.data();
+    w.sal_hi = call.hi.data();
   }
+  // int8 activations: whole 32-column steps per block, 16-bit sums that cannot overflow, no means
+  if (w.fast && accuracy_level == 4 && bs % 32 == 0 && bs <= 4096 && s.K % 32 == 0 && !w.mus) quantize_blocks(call);
 }
 
 void run_bin(Ort::KernelContext& ctx, std::vector<BinCall>& calls) {
   run_batch<BinCall, bin_gemv_task, bin_gemm_task>(ctx, calls);
 }
 
+// accuracy_level: optional, 0 (exact) when absent; 4 = int8 activations in the GEMV (bin_rows_q8)
+int64_t accuracy_level_of(const Ort::ConstKernelInfo& ki) {
+  try {
+    return ki.GetAttribute<int64_t>("accuracy_level");
+  } catch (const Ort::Exception&) {
+    return 0;
+  }
+}
+
+std::vector<int64_t> accuracy_levels_of(const Ort::ConstKernelInfo& ki, size_t linears, const std::string& node) {
+  std::vector<int64_t> v;
+  try {
+    v = ki.GetAttributes<int64_t>("accuracy_level");
+  } catch (const Ort::Exception&) {
+    return std::vector<int64_t>(linears, 0);
+  }
+  if (v.size() != linears) throw Error(node + ": accuracy_level must list one value per linear");
+  return v;
+}
+
 struct BinKernel {
-  int64_t bs;
+  int64_t bs, level;
 
   BinKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     bs = ki.GetAttribute<int64_t>("block_size");
     if (bs < 1) throw Error("BinaryMatMul " + ki.GetNodeName() + ": block_size must be >= 1");
+    level = accuracy_level_of(ki);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute_status(*this, context, "BinaryMatMul"); }
@@ -924,7 +1074,7 @@ struct BinKernel {
     const auto xs = shape_of(X);
     if (xs.empty()) throw Error("x must have at least one dimension");
     std::vector<BinCall> calls(1);
-    prepare_bin(calls[0], bs, X.GetTensorData<float>(), rows_of(xs), xs.back(), in(1), in(2), in(3), in(4), in(5),
+    prepare_bin(calls[0], bs, level, X.GetTensorData<float>(), rows_of(xs), xs.back(), in(1), in(2), in(3), in(4), in(5),
                 in(6), in(7), in(8), in(9), in(10));
     std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
     ys.push_back(calls[0].w.s.N);
@@ -1005,7 +1155,7 @@ struct LinearsKernel {
 
 struct BinaryLinearsKernel : LinearsKernel<BinaryLinearsKernel, BinCall, BIN_PARTS> {
   static constexpr const char* kName = "BinaryLinears";
-  std::vector<int64_t> bs;
+  std::vector<int64_t> bs, levels;
 
   BinaryLinearsKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
@@ -1014,13 +1164,14 @@ struct BinaryLinearsKernel : LinearsKernel<BinaryLinearsKernel, BinCall, BIN_PAR
     if (bs.empty()) throw Error(node + ": block_size must list one value per linear");
     for (auto b : bs)
       if (b < 1) throw Error(node + ": block_size must be >= 1");
+    levels = accuracy_levels_of(ki, bs.size(), node);
     read_activation(ki, bs.size(), node);
   }
 
   size_t linears() const { return bs.size(); }
   template <typename In>
   void prepare(BinCall& call, size_t i, const float* x, int64_t M, int64_t K, In in) const {
-    prepare_bin(call, bs[i], x, M, K, in(0), in(1), in(2), in(3), in(4), in(5), in(6), in(7), in(8), in(9));
+    prepare_bin(call, bs[i], levels[i], x, M, K, in(0), in(1), in(2), in(3), in(4), in(5), in(6), in(7), in(8), in(9));
   }
   static void run(Ort::KernelContext& ctx, std::vector<BinCall>& calls) { run_bin(ctx, calls); }
 };
