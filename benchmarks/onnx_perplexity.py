@@ -4,7 +4,9 @@ Same windows as lowbit-compile's evaluation (first --windows windows of --seqlen
 the artifact's own report (computed by lowbit-compile from the same program) unless --torch recomputes it.
 
 ``--graph decoder`` (default) scores the deployed decoder (``decoder.onnx``, one full window per call with an empty
-cache), ``--graph prefill`` the traced ``model.onnx``.
+cache), ``--graph decode`` the same decoder one token per call with its key/value cache (generation's path: lowbit's
+kernels take their GEMV there, with int8 activations for BiLLM at accuracy_level 4, and a tile path for whole
+windows; ~2048 calls per window), ``--graph prefill`` the traced ``model.onnx``.
 
 Usage: python benchmarks/onnx_perplexity.py ART_DIR [--windows 32] [--seqlen 2048] [--torch] [--graph decoder]
 """
@@ -24,7 +26,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--data", default="wikitext2")
     ap.add_argument("--torch", action="store_true", help="recompute the torch perplexity instead of reading the report")
-    ap.add_argument("--graph", default="decoder", choices=["decoder", "prefill"])
+    ap.add_argument("--graph", default="decoder", choices=["decoder", "decode", "prefill"])
     a = ap.parse_args()
     from lowbit.compiler.engine import data
     from lowbit.compiler.engine.evaluate import perplexity
@@ -40,6 +42,15 @@ def main():
 
         def ort_logits(ids):
             return torch.from_numpy(dec.step(ids.numpy(), dec.empty_cache(ids.shape[0]))[0])
+    elif a.graph == "decode":
+        dec = OrtDecoder(d / "onnx")
+
+        def ort_logits(ids):
+            cache, out = dec.empty_cache(ids.shape[0]), []
+            for t in range(ids.shape[1]):
+                logits, cache = dec.step(ids[:, t:t + 1].numpy(), cache)
+                out.append(torch.from_numpy(logits))
+            return torch.cat(out, 1)
     else:
         s = session(d / "onnx")
 
