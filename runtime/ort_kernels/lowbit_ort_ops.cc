@@ -848,6 +848,8 @@ void bin_rows_q8(const BinWork& w, int64_t n0, int64_t n1, float* out) {
     const uint8_t* sg = w.signs + n * s.rowb;
     const uint8_t* gr = w.group + n * s.rowb;
     const uint16_t* a = w.alphas + n * s.nb * 4;
+    alignas(32) float af[4 * 64];  // the row's alphas in float, converted 8 at a time (a block's tail is short)
+    h2f_n(a, af, s.nb * 4);
     __m256 tot[M];
     for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < s.nb; ++b) {
@@ -864,7 +866,7 @@ void bin_rows_q8(const BinWork& w, int64_t n0, int64_t n1, float* out) {
           ss[m] = _mm256_add_epi16(ss[m], _mm256_maddubs_epi16(ones8, _mm256_and_si256(t, gm)));
         }
       }
-      const float fc = h2f(a[b * 4 + 2]), fs = h2f(a[b * 4 + 3]) - fc;
+      const float fc = af[b * 4 + 2], fs = af[b * 4 + 3] - fc;
       for (int m = 0; m < M; ++m) {
         const float xs = w.xq_scale[m * s.nb + b];
         tot[m] = _mm256_fmadd_ps(_mm256_set1_ps(xs * fc), _mm256_cvtepi32_ps(_mm256_madd_epi16(sc[m], ones16)),
@@ -938,19 +940,32 @@ void quantize_blocks(BinCall& call) {
     for (int64_t b = 0; b < s.nb; ++b) {
       const float* xr = call.xr.data() + m * s.K;
       const int64_t c0 = b * s.bs, c1 = std::min(s.K, c0 + s.bs);
-      float mx = 0.0f;
-      for (int64_t c = c0; c < c1; ++c) mx = std::max(mx, std::fabs(xr[c]));
+      // blocks of whole 32-column steps (prepare_bin's condition): 8 floats at a time, rounded to nearest even by
+      // cvtps (as std::nearbyint), packed to bytes in column order
+      const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+      __m256 vmx = _mm256_setzero_ps();
+      for (int64_t c = c0; c < c1; c += 8) vmx = _mm256_max_ps(vmx, _mm256_and_ps(absmask, _mm256_loadu_ps(xr + c)));
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      const float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
       const float scale = mx / 127.0f, inv = mx > 0.0f ? 127.0f / mx : 0.0f;
       call.xq_scale[m * s.nb + b] = scale;
-      for (int64_t c = c0; c < c1; ++c)
-        call.xq[m * s.K + c] = static_cast<int8_t>(std::nearbyint(xr[c] * inv));
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (int64_t c = c0; c < c1; c += 32) {
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + c + 8 * i), vinv));
+        // packs work per 128-bit lane: the dword order after two packs is 0 2 4 6 1 3 5 7 (in 4-byte units)
+        const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(call.xq.data() + m * s.K + c),
+                            _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      }
     }
   call.w.xq = call.xq.data();
   call.w.xq_scale = call.xq_scale.data();
 }
 
 void prepare_bin(BinCall& call, int64_t bs, int64_t accuracy_level, const float* x, int64_t M, int64_t K,
-                 const Ort::ConstValue& SG,                 const Ort::ConstValue& GR, const Ort::ConstValue& AL, const Ort::ConstValue& MU,
+                 const Ort::ConstValue& SG, const Ort::ConstValue& GR, const Ort::ConstValue& AL, const Ort::ConstValue& MU,
                  const Ort::ConstValue& SA, const Ort::ConstValue& SS, const Ort::ConstValue& RS,
                  const Ort::ConstValue& OC, const Ort::ConstValue& OV, const Ort::ConstValue& BI) {
   const auto sgs = shape_of(SG), grs = shape_of(GR), als = shape_of(AL);
@@ -1027,7 +1042,8 @@ void prepare_bin(BinCall& call, int64_t bs, int64_t accuracy_level, const float*
     w.sal_hi = call.hi.data();
   }
   // int8 activations: whole 32-column steps per block, 16-bit sums that cannot overflow, no means
-  if (w.fast && accuracy_level == 4 && bs % 32 == 0 && bs <= 4096 && s.K % 32 == 0 && !w.mus) quantize_blocks(call);
+  if (w.fast && accuracy_level == 4 && bs % 32 == 0 && bs <= 4096 && s.K % 32 == 0 && s.nb <= 64 && !w.mus)
+    quantize_blocks(call);
 }
 
 void run_bin(Ort::KernelContext& ctx, std::vector<BinCall>& calls) {
