@@ -33,8 +33,9 @@
 //   BinaryLinears(x, [signs, group, alphas, mus, salient_cols, salient_signs, residual_signs, outlier_cols,
 //                     outlier_vals, bias] * L) -> y_1 .. y_L
 //     L linears of one input (q/k/v, gate/up) in one node, each with its own tensors (an absent optional one: an
-//     empty tensor) and format (attributes as above, one value per linear; accuracy_level optional); all their rows go through the thread
-//     pool in one pass. activation "silu_mul" (L = 2, one width): one output silu(y_1) * y_2, the MLP's gate.
+//     empty tensor) and format (attributes as above, one value per linear; accuracy_level optional); all their
+//     rows go through the thread pool in one pass. activation "silu_mul" (L = 2, one width): one output
+//     silu(y_1) * y_2, the MLP's gate.
 //
 // The weights stay the artifact's packed bytes: nothing is expanded at load. Decode (at most 4 rows of x) is a
 // GEMV that decodes each block of 8 codes once (a 64-bit load, shifts and masks, the codebook entries loaded by
@@ -46,7 +47,8 @@
 // gathers (2x slower on AMD Zen 3 at SmolLM2's shapes: building the table costs as much as the lookups), and the
 // same table (d4b8) read by scalar byte and float loads in 16 KB tiles, 32 or 128 rows per tile: 0.20 ns per
 // weight against this path's 0.14 (one thread, SmolLM2's 210 linears); keeping d2b6's pair table in its node
-// instead of rebuilding it per call: 0.97x (210 tables of 64 KB evict each other from the caches).
+// instead of rebuilding it per call: 0.97x (210 tables of 64 KB evict each other from the caches); d4b8's byte codes
+// read by one byte load each instead of shifts of a 64-bit load: no gain (1.00x, 210 linears, one thread).
 //
 // Built against the C API headers of Debian's libonnxruntime-dev (ORT_API_VERSION 21) by
 // lowbit/runtime/ort_ops.py; the C API is versioned, so newer ONNX Runtime releases load it.
