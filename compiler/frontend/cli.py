@@ -412,8 +412,9 @@ def export_main(argv=None) -> int:
                    help="direct decoder: stock = only ONNX Runtime's own ops (default; runs anywhere ORT runs); "
                         "lowbit = VQ (ReALLM) and BiLLM layers as lowbit.ort::VQMatMul / BinaryMatMul (q/k/v and "
                         "gate/up as one VQLinears / BinaryLinears node each), which read the packed codes and "
-                        "planes (exact, about the packed bytes resident) in lowbit's ONNX Runtime library; build "
-                        "it first with ./scripts/build-ort-kernels")
+                        "planes (exact weights, about the packed bytes resident; BiLLM's decode takes int8 "
+                        "activations at --accuracy-level 4, 0 keeps it exact) in lowbit's ONNX Runtime library; "
+                        "build it first with ./scripts/build-ort-kernels")
     p.add_argument("--genai", action="store_true",
                    help="--onnx: also write genai_config.json and the tokenizer, so onnxruntime-genai loads DIR/onnx")
     p.add_argument("--outlier-data", default="c4",
