@@ -850,8 +850,6 @@ void bin_rows_q8(const BinWork& w, int64_t n0, int64_t n1, float* out) {
     const uint8_t* sg = w.signs + n * s.rowb;
     const uint8_t* gr = w.group + n * s.rowb;
     const uint16_t* a = w.alphas + n * s.nb * 4;
-    alignas(32) float af[4 * 64];  // the row's alphas in float, converted 8 at a time (a block's tail is short)
-    h2f_n(a, af, s.nb * 4);
     __m256 tot[M];
     for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < s.nb; ++b) {
@@ -868,7 +866,7 @@ void bin_rows_q8(const BinWork& w, int64_t n0, int64_t n1, float* out) {
           ss[m] = _mm256_add_epi16(ss[m], _mm256_maddubs_epi16(ones8, _mm256_and_si256(t, gm)));
         }
       }
-      const float fc = af[b * 4 + 2], fs = af[b * 4 + 3] - fc;
+      const float fc = h2f(a[b * 4 + 2]), fs = h2f(a[b * 4 + 3]) - fc;
       for (int m = 0; m < M; ++m) {
         const float xs = w.xq_scale[m * s.nb + b];
         tot[m] = _mm256_fmadd_ps(_mm256_set1_ps(xs * fc), _mm256_cvtepi32_ps(_mm256_madd_epi16(sc[m], ones16)),
@@ -1044,8 +1042,7 @@ void prepare_bin(BinCall& call, int64_t bs, int64_t accuracy_level, const float*
     w.sal_hi = call.hi.data();
   }
   // int8 activations: whole 32-column steps per block, 16-bit sums that cannot overflow, no means
-  if (w.fast && accuracy_level == 4 && bs % 32 == 0 && bs <= 4096 && s.K % 32 == 0 && s.nb <= 64 && !w.mus)
-    quantize_blocks(call);
+  if (w.fast && accuracy_level == 4 && bs % 32 == 0 && bs <= 4096 && s.K % 32 == 0 && !w.mus) quantize_blocks(call);
 }
 
 void run_bin(Ort::KernelContext& ctx, std::vector<BinCall>& calls) {
